@@ -1,0 +1,422 @@
+//! `homicro serve` configuration: the shipped defaults, a config file and
+//! flags, in that order, each value checked with an error that names the key
+//! and what it accepts.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use toml::{Table, Value};
+
+use crate::record::parse_duration_str;
+use crate::topics::Topics;
+
+/// The default configuration, commented; `homicro config` prints it.
+pub const DEFAULT_CONFIG: &str = include_str!("../config/homicro.toml");
+
+/// A configuration value that was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{source_name}: {key}: {message}")]
+pub struct ConfigError {
+    /// Where the value came from: a file path, "flag" or "defaults".
+    pub source_name: String,
+    pub key: String,
+    pub message: String,
+}
+
+/// The address of an MQTT broker: `mqtt://HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub host: String,
+    pub port: u16,
+}
+
+impl BrokerUrl {
+    pub const ACCEPTED: &'static str =
+        "expected mqtt://HOST:PORT (or tcp://HOST:PORT; the port defaults to 1883)";
+
+    pub fn parse(s: &str) -> Result<BrokerUrl, String> {
+        let rest = s
+            .strip_prefix("mqtt://")
+            .or_else(|| s.strip_prefix("tcp://"))
+            .ok_or_else(|| format!("{s:?} is not a broker URL: {}", Self::ACCEPTED))?;
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(':') || h.starts_with('[') => (
+                h,
+                p.parse::<u16>()
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or_else(|| format!("{s:?} has a bad port {p:?}: {}", Self::ACCEPTED))?,
+            ),
+            _ => (rest, 1883),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || host.contains(['/', '@', ' ', '?', '#']) {
+            return Err(format!("{s:?} has no usable host: {}", Self::ACCEPTED));
+        }
+        Ok(BrokerUrl {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "mqtt://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "mqtt://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Settings of the embedded rumqttd broker (see `config/homicro.toml`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerConfig {
+    pub max_connections: usize,
+    pub max_payload_size: usize,
+    pub max_retained_delivery: u64,
+    pub segment_size: usize,
+    pub segment_count: usize,
+    pub connect_timeout: Duration,
+}
+
+/// Everything `homicro serve` needs, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub broker: Option<BrokerUrl>,
+    pub prefix: String,
+    pub state_file: PathBuf,
+    pub state_flush: Duration,
+    pub log_level: String,
+    pub embedded: BrokerConfig,
+}
+
+/// Values given on the command line; `None` keeps the file's value.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub broker: Option<String>,
+    pub prefix: Option<String>,
+    pub state_file: Option<PathBuf>,
+    pub log_level: Option<String>,
+}
+
+pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+
+const TOP_KEYS: [&str; 7] = [
+    "listen",
+    "broker",
+    "prefix",
+    "state_file",
+    "state_flush",
+    "log_level",
+    "embedded",
+];
+const EMBEDDED_KEYS: [&str; 6] = [
+    "max_connections",
+    "max_payload_size",
+    "max_retained_delivery",
+    "segment_size",
+    "segment_count",
+    "connect_timeout",
+];
+
+impl ServeConfig {
+    /// The shipped defaults, then `file` (its path and text) if given, then
+    /// the flags.
+    pub fn load(file: Option<(&str, &str)>, flags: &Overrides) -> Result<ServeConfig, ConfigError> {
+        let mut table: Table = DEFAULT_CONFIG.parse().expect("the shipped config parses");
+        if let Some((path, text)) = file {
+            let user: Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
+                source_name: path.to_string(),
+                key: "(file)".into(),
+                message: format!("not valid TOML: {}", e.message()),
+            })?;
+            check_keys(path, "", &user, &TOP_KEYS)?;
+            if let Some(Value::Table(e)) = user.get("embedded") {
+                check_keys(path, "embedded.", e, &EMBEDDED_KEYS)?;
+            }
+            merge(&mut table, user);
+            return Self::from_table(path, &table, flags);
+        }
+        Self::from_table("defaults", &table, flags)
+    }
+
+    fn from_table(src: &str, t: &Table, flags: &Overrides) -> Result<ServeConfig, ConfigError> {
+        let err = |source_name: &str, key: &str, message: String| ConfigError {
+            source_name: source_name.to_string(),
+            key: key.to_string(),
+            message,
+        };
+        let pick = |key: &str, flag: &Option<String>| -> Result<(String, String), ConfigError> {
+            match flag {
+                Some(v) => Ok(("flag".to_string(), v.clone())),
+                None => Ok((src.to_string(), get_str(src, t, key)?)),
+            }
+        };
+
+        let (s, listen) = pick("listen", &flags.listen)?;
+        let listen: SocketAddr = listen.parse().map_err(|_| {
+            err(&s, "listen", format!(
+                "{listen:?} is not an address; expected IP:PORT such as 0.0.0.0:1883 or [::]:1883"
+            ))
+        })?;
+
+        let (s, broker) = pick("broker", &flags.broker)?;
+        let broker = match broker.as_str() {
+            "" => None,
+            url => Some(BrokerUrl::parse(url).map_err(|m| err(&s, "broker", m))?),
+        };
+
+        let (s, prefix) = pick("prefix", &flags.prefix)?;
+        Topics::validate_prefix(&prefix).map_err(|m| err(&s, "prefix", m))?;
+
+        let (s, state_file) = match &flags.state_file {
+            Some(p) => ("flag".to_string(), p.to_string_lossy().into_owned()),
+            None => (src.to_string(), get_str(src, t, "state_file")?),
+        };
+        if state_file.is_empty() {
+            return Err(err(
+                &s,
+                "state_file",
+                "must be a file path, got \"\"".into(),
+            ));
+        }
+
+        let state_flush = get_duration(src, t, "state_flush")?;
+        if state_flush.is_zero() || state_flush > Duration::from_secs(3600) {
+            return Err(err(src, "state_flush", "must be from 1ms to 1h".into()));
+        }
+
+        let (s, log_level) = pick("log_level", &flags.log_level)?;
+        if !LOG_LEVELS.contains(&log_level.as_str()) {
+            return Err(err(
+                &s,
+                "log_level",
+                format!(
+                    "{log_level:?} is not a log level; expected one of {}",
+                    LOG_LEVELS.join(", ")
+                ),
+            ));
+        }
+
+        let e = match t.get("embedded") {
+            Some(Value::Table(e)) => e,
+            _ => return Err(err(src, "embedded", "must be a table ([embedded])".into())),
+        };
+        let int = |key: &str, min: i64, max: i64| -> Result<i64, ConfigError> {
+            let full = format!("embedded.{key}");
+            match e.get(key) {
+                Some(Value::Integer(n)) if (min..=max).contains(n) => Ok(*n),
+                other => Err(err(
+                    src,
+                    &full,
+                    format!(
+                        "must be an integer from {min} to {max}, got {}",
+                        other.map_or("nothing".to_string(), |v| v.to_string())
+                    ),
+                )),
+            }
+        };
+        let connect_timeout = get_duration(src, e, "connect_timeout").map_err(|mut x| {
+            x.key = "embedded.connect_timeout".into();
+            x
+        })?;
+        if connect_timeout < Duration::from_millis(100) || connect_timeout > Duration::from_secs(60)
+        {
+            return Err(err(
+                src,
+                "embedded.connect_timeout",
+                "must be from 100ms to 60s".into(),
+            ));
+        }
+        let embedded = BrokerConfig {
+            max_connections: int("max_connections", 1, 1_000_000)? as usize,
+            max_payload_size: int("max_payload_size", 65_536, 268_435_455)? as usize,
+            max_retained_delivery: int("max_retained_delivery", 1_000, 100_000_000)? as u64,
+            segment_size: int("segment_size", 65_536, 1 << 30)? as usize,
+            segment_count: int("segment_count", 1, 1_000)? as usize,
+            connect_timeout,
+        };
+
+        Ok(ServeConfig {
+            listen,
+            broker,
+            prefix,
+            state_file: PathBuf::from(state_file),
+            state_flush,
+            log_level,
+            embedded,
+        })
+    }
+}
+
+fn check_keys(src: &str, at: &str, t: &Table, accepted: &[&str]) -> Result<(), ConfigError> {
+    for key in t.keys() {
+        if !accepted.contains(&key.as_str()) {
+            return Err(ConfigError {
+                source_name: src.to_string(),
+                key: format!("{at}{key}"),
+                message: format!("unknown key; accepted keys are {}", accepted.join(", ")),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn merge(base: &mut Table, over: Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(Value::Table(b)), Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+fn get_str(src: &str, t: &Table, key: &str) -> Result<String, ConfigError> {
+    match t.get(key) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        other => Err(ConfigError {
+            source_name: src.to_string(),
+            key: key.to_string(),
+            message: format!(
+                "must be a string, got {}",
+                other.map_or("nothing".to_string(), |v| v.to_string())
+            ),
+        }),
+    }
+}
+
+fn get_duration(src: &str, t: &Table, key: &str) -> Result<Duration, ConfigError> {
+    let s = get_str(src, t, key)?;
+    parse_duration_str(&s).map_err(|m| ConfigError {
+        source_name: src.to_string(),
+        key: key.to_string(),
+        message: m,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(file: &str, flags: &Overrides) -> Result<ServeConfig, ConfigError> {
+        ServeConfig::load(Some(("f.toml", file)), flags)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = ServeConfig::load(None, &Overrides::default()).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:1883".parse().unwrap());
+        assert_eq!(c.broker, None);
+        assert_eq!(c.prefix, "homicro");
+        assert_eq!(c.state_flush, Duration::from_secs(1));
+        assert_eq!(c.embedded.max_retained_delivery, 1_000_000);
+    }
+
+    #[test]
+    fn file_then_flags() {
+        let file =
+            "listen = \"127.0.0.1:2000\"\nprefix = \"home\"\n[embedded]\nmax_connections = 5\n";
+        let c = load(file, &Overrides::default()).unwrap();
+        assert_eq!(c.listen.port(), 2000);
+        assert_eq!(c.prefix, "home");
+        assert_eq!(c.embedded.max_connections, 5);
+        assert_eq!(c.embedded.segment_count, 4, "unset keys keep the default");
+        let flags = Overrides {
+            listen: Some("127.0.0.1:3000".into()),
+            broker: Some("mqtt://nas:1884".into()),
+            ..Default::default()
+        };
+        let c = load(file, &flags).unwrap();
+        assert_eq!(c.listen.port(), 3000);
+        assert_eq!(c.broker.unwrap().to_string(), "mqtt://nas:1884");
+    }
+
+    #[test]
+    fn bad_values_name_key_and_accepted_values() {
+        let flag = |f: fn(&mut Overrides)| {
+            let mut o = Overrides::default();
+            f(&mut o);
+            ServeConfig::load(None, &o).unwrap_err().to_string()
+        };
+        let e = flag(|o| o.listen = Some("1883".into()));
+        assert!(e.contains("flag: listen") && e.contains("IP:PORT"), "{e}");
+        let e = flag(|o| o.broker = Some("http://x".into()));
+        assert!(
+            e.contains("broker") && e.contains("mqtt://HOST:PORT"),
+            "{e}"
+        );
+        let e = flag(|o| o.log_level = Some("loud".into()));
+        assert!(
+            e.contains("log_level") && e.contains("error, warn, info"),
+            "{e}"
+        );
+        let e = flag(|o| o.prefix = Some("a/#".into()));
+        assert!(e.contains("prefix") && e.contains("without"), "{e}");
+
+        let cases = [
+            (
+                "nope = 1",
+                "f.toml: nope: unknown key; accepted keys are listen",
+            ),
+            (
+                "[embedded]\nmax_connections = \"x\"",
+                "embedded.max_connections: must be an integer from 1",
+            ),
+            (
+                "[embedded]\nmax_payload_size = 100",
+                "embedded.max_payload_size: must be an integer from 65536",
+            ),
+            ("[embedded]\nbogus = 1", "embedded.bogus: unknown key"),
+            (
+                "state_flush = \"soon\"",
+                "state_flush: \"soon\" is not a duration",
+            ),
+            ("state_file = \"\"", "state_file: must be a file path"),
+            ("listen = 5", "listen: must be a string, got 5"),
+            ("listen = ", "not valid TOML"),
+            (
+                "[embedded]\nconnect_timeout = \"5m\"",
+                "embedded.connect_timeout: must be from",
+            ),
+        ];
+        for (file, want) in cases {
+            let e = load(file, &Overrides::default()).unwrap_err().to_string();
+            assert!(e.contains(want), "{file:?}: {e:?} lacks {want:?}");
+        }
+    }
+
+    #[test]
+    fn broker_urls() {
+        let ok = |s: &str| BrokerUrl::parse(s).unwrap();
+        assert_eq!(
+            ok("mqtt://localhost"),
+            BrokerUrl {
+                host: "localhost".into(),
+                port: 1883
+            }
+        );
+        assert_eq!(ok("mqtt://10.0.0.2:1884").port, 1884);
+        assert_eq!(ok("tcp://h:1/").port, 1);
+        assert_eq!(ok("mqtt://[::1]:1885").host, "::1");
+        assert_eq!(ok("mqtt://[::1]:1885").to_string(), "mqtt://[::1]:1885");
+        for bad in [
+            "localhost:1883",
+            "mqtt://",
+            "mqtt://h:0",
+            "mqtt://h:x",
+            "mqtts://h",
+            "mqtt://u@h",
+        ] {
+            assert!(BrokerUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! The `homicro` binary: parses flags, sets up logging, calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use homicro::cli::{self, CliError, RegisterArgs};
+use homicro::config::{BrokerUrl, DEFAULT_CONFIG, Overrides, ServeConfig};
+use homicro::record::parse_duration_str;
+use homicro::topics::Topics;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "homicro",
+    version,
+    about = "A service registry over MQTT for home and small clusters"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker (embedded, or --broker) and the registry.
+    Serve(ServeArgs),
+    /// Print the default configuration file.
+    Config,
+    /// Register a service and keep it registered until Ctrl-C.
+    Register(RegisterCmd),
+    /// Remove a service's record.
+    Deregister {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Print the current records and exit.
+    List {
+        /// Print a JSON object NAME → record instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Print one line per registry change until Ctrl-C.
+    Watch {
+        /// Print the registry's events as JSON, one per line.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Where the embedded broker listens, IP:PORT [default: 0.0.0.0:1883].
+    #[arg(long)]
+    listen: Option<String>,
+    /// Use an existing broker, mqtt://HOST:PORT, instead of the embedded one.
+    #[arg(long)]
+    broker: Option<String>,
+    /// The registry's state file [default: homicro-state.json].
+    #[arg(long)]
+    state_file: Option<PathBuf>,
+    /// Topic prefix [default: homicro].
+    #[arg(long)]
+    prefix: Option<String>,
+    /// A configuration file (see `homicro config`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// error, warn, info, debug or trace [default: info].
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+/// How a client command reaches the registry.
+#[derive(Args)]
+struct Conn {
+    /// The broker, mqtt://HOST:PORT.
+    #[arg(long, env = "HOMICRO_BROKER", default_value = "mqtt://localhost:1883", value_parser = parse_broker)]
+    broker: BrokerUrl,
+    /// Topic prefix.
+    #[arg(long, default_value = Topics::DEFAULT_PREFIX, value_parser = parse_prefix)]
+    prefix: String,
+}
+
+#[derive(Args)]
+struct RegisterCmd {
+    /// The service name: 1-63 of a-z 0-9 . _ -
+    name: String,
+    /// Its port.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    port: Option<u16>,
+    /// Its host [default: this machine's address towards the broker].
+    #[arg(long)]
+    host: Option<String>,
+    /// Expire unless refreshed within this (heartbeats keep it); e.g. 30s.
+    /// Without it, the MQTT will clears the record when this process dies.
+    #[arg(long, value_parser = parse_duration)]
+    ttl: Option<Duration>,
+    #[arg(long)]
+    role: Option<String>,
+    /// A semver version, e.g. 1.2.0.
+    #[arg(long)]
+    version: Option<String>,
+    /// http, https, mqtt, tcp, ...
+    #[arg(long)]
+    scheme: Option<String>,
+    /// KEY=VALUE, repeatable.
+    #[arg(long, value_parser = parse_meta)]
+    meta: Vec<(String, String)>,
+    /// Health check: a path on host:port (/health) or a full URL.
+    #[arg(long)]
+    health_http: Option<String>,
+    /// Health check: a TCP connect to host:port.
+    #[arg(long)]
+    health_tcp: bool,
+    /// Publish once and exit (no heartbeats, no deregistration).
+    #[arg(long)]
+    once: bool,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+fn parse_broker(s: &str) -> Result<BrokerUrl, String> {
+    BrokerUrl::parse(s)
+}
+
+fn parse_prefix(s: &str) -> Result<String, String> {
+    Topics::validate_prefix(s).map(|_| s.to_string())
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    parse_duration_str(s)
+}
+
+fn parse_meta(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+fn init_logging(default: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default},rumqttd=warn")));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Config => {
+            print!("{DEFAULT_CONFIG}");
+            ExitCode::SUCCESS
+        }
+        Command::Serve(args) => serve(args),
+        other => {
+            init_logging("warn");
+            let rt = runtime();
+            match rt.block_on(client(other)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(CliError { code, message }) => {
+                    eprintln!("homicro: {message}");
+                    ExitCode::from(code as u8)
+                }
+            }
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let file = match &args.config {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => Some((path.display().to_string(), text)),
+            Err(e) => {
+                eprintln!("homicro: --config {}: cannot read: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    let flags = Overrides {
+        listen: args.listen,
+        broker: args.broker,
+        prefix: args.prefix,
+        state_file: args.state_file,
+        log_level: args.log_level,
+    };
+    let config =
+        match ServeConfig::load(file.as_ref().map(|(p, t)| (p.as_str(), t.as_str())), &flags) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("homicro: bad configuration: {e}");
+                return ExitCode::from(2);
+            }
+        };
+    init_logging(&config.log_level);
+    let rt = runtime();
+    match rt.block_on(homicro::serve::run(config, stop_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ homicro::serve::ServeError::Broker(_)) => {
+            eprintln!("homicro: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("homicro: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn client(cmd: Command) -> Result<(), CliError> {
+    match cmd {
+        Command::Register(r) => {
+            let args = RegisterArgs {
+                name: r.name,
+                host: r.host,
+                port: r.port,
+                ttl: r.ttl,
+                role: r.role,
+                version: r.version,
+                scheme: r.scheme,
+                meta: r.meta,
+                health_http: r.health_http,
+                health_tcp: r.health_tcp,
+                once: r.once,
+            };
+            let topics = Topics::new(&r.conn.prefix);
+            cli::register(&r.conn.broker, &topics, &args, stop_signal()).await
+        }
+        Command::Deregister { name, conn } => {
+            cli::deregister(&conn.broker, &Topics::new(&conn.prefix), &name).await
+        }
+        Command::List { json, conn } => {
+            cli::list(&conn.broker, &Topics::new(&conn.prefix), json).await
+        }
+        Command::Watch { json, conn } => {
+            cli::watch(
+                &conn.broker,
+                &Topics::new(&conn.prefix),
+                json,
+                stop_signal(),
+            )
+            .await
+        }
+        Command::Serve(_) | Command::Config => unreachable!("handled in main"),
+    }
+}

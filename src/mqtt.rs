@@ -1,0 +1,140 @@
+//! The one way homicro talks MQTT: rumqttc options that fit the protocol,
+//! and an event loop task that reconnects with backoff and reports only what
+//! callers act on.
+//!
+//! rumqttc's event loop must be polled for requests to go out, so it runs in
+//! a task of its own and forwards to the caller; the caller may then `await`
+//! publishes without deadlocking against its own reads.
+
+use std::hash::{BuildHasher, Hasher};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::config::BrokerUrl;
+
+/// Largest packet homicro sends or accepts. rumqttc's default (10 KiB) is
+/// below the record limit; a record of up to 16 KiB must pass, and larger
+/// ones must reach the registry so that it can refuse them.
+pub const MAX_PACKET: usize = 64 * 1024 * 1024;
+
+/// What the event loop task reports.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A (re)connection was accepted: subscribe and re-publish now, since a
+    /// clean session forgets subscriptions.
+    Connected,
+    /// A publish arrived; `retained` is the retain flag (set only on copies
+    /// delivered at subscribe time).
+    Message {
+        topic: String,
+        payload: Bytes,
+        retained: bool,
+    },
+    /// The broker acknowledged a subscription (in the order they were made).
+    Subscribed,
+    /// The connection failed; the task retries after a backoff.
+    Disconnected(String),
+    /// Our DISCONNECT went out: the task has stopped.
+    Closed,
+}
+
+/// A unique client id, `PREFIX-<16 hex digits>`, random per call.
+pub fn client_id(prefix: &str) -> String {
+    let n = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    format!("{prefix}-{n:016x}")
+}
+
+/// Options for a homicro client of `broker`.
+pub fn options(client_id: &str, broker: &BrokerUrl) -> MqttOptions {
+    let mut o = MqttOptions::new(client_id, broker.host.clone(), broker.port);
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_max_packet_size(MAX_PACKET, MAX_PACKET);
+    o.set_clean_session(true);
+    o.set_inflight(1000);
+    o
+}
+
+/// Creates the client and spawns its event loop; reconnects after errors
+/// with a backoff from `min_backoff` doubling to 5 s.
+pub fn connect(
+    options: MqttOptions,
+    min_backoff: Duration,
+) -> (AsyncClient, mpsc::UnboundedReceiver<Incoming>) {
+    // A large request queue: publishes wait here while the broker is away
+    // (flume allocates only what is queued).
+    let (client, mut eventloop) = AsyncClient::new(options, 1 << 20);
+    let mut net = eventloop.network_options();
+    net.set_tcp_nodelay(true);
+    net.set_connection_timeout(5);
+    eventloop.set_network_options(net);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(drive(eventloop, tx, min_backoff));
+    (client, rx)
+}
+
+async fn drive(mut el: EventLoop, tx: mpsc::UnboundedSender<Incoming>, min: Duration) {
+    let max = Duration::from_secs(5).max(min);
+    let mut backoff = min;
+    loop {
+        let incoming = match el.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff = min;
+                Incoming::Connected
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => Incoming::Message {
+                topic: p.topic,
+                payload: p.payload,
+                retained: p.retain,
+            },
+            Ok(Event::Incoming(Packet::SubAck(_))) => Incoming::Subscribed,
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                let _ = tx.send(Incoming::Closed);
+                return;
+            }
+            Ok(_) => continue,
+            Err(ConnectionError::RequestsDone) => {
+                let _ = tx.send(Incoming::Closed);
+                return;
+            }
+            Err(e) => {
+                debug!(error = %e, "mqtt connection failed");
+                if tx.send(Incoming::Disconnected(e.to_string())).is_err() {
+                    return;
+                }
+                tokio::time::sleep(jitter(backoff)).await;
+                backoff = (backoff * 2).min(max);
+                continue;
+            }
+        };
+        if tx.send(incoming).is_err() {
+            warn!("mqtt receiver gone; stopping the event loop");
+            return;
+        }
+    }
+}
+
+/// `d` plus up to a quarter of it, so that many clients that lost the same
+/// broker do not all come back in the same millisecond.
+fn jitter(d: Duration) -> Duration {
+    let r = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    d + d.mul_f64((r % 1000) as f64 / 4000.0)
+}
+
+/// Publishes `payload` retained at QoS 1.
+pub async fn publish_retained(
+    client: &AsyncClient,
+    topic: &str,
+    payload: Bytes,
+) -> Result<(), rumqttc::ClientError> {
+    client
+        .publish_bytes(topic, QoS::AtLeastOnce, true, payload)
+        .await
+}

@@ -1,0 +1,599 @@
+//! Names, endpoints and registration records: parsing and validation.
+//!
+//! Pure code shared by the registry, the CLI and the Rust helper, so that a
+//! value is judged the same way wherever it is checked.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+/// The largest record the registry accepts, in bytes (protocol: 16 KiB).
+pub const MAX_RECORD_SIZE: usize = 16 * 1024;
+
+/// The longest `ttl` or health duration accepted (a year); longer values
+/// would only overflow deadlines.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// Why a name, record or heartbeat was refused. The variants map onto the
+/// protocol's error codes (see [`RecordError::code`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("bad name {name:?}: {reason}")]
+    BadName { name: String, reason: &'static str },
+    #[error("record is {size} bytes, the limit is {MAX_RECORD_SIZE}")]
+    TooLarge { size: usize },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl RecordError {
+    /// The protocol's error code: `bad_name`, `too_large` or `invalid`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RecordError::BadName { .. } => "bad_name",
+            RecordError::TooLarge { .. } => "too_large",
+            RecordError::Invalid(_) => "invalid",
+        }
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> RecordError {
+    RecordError::Invalid(msg.into())
+}
+
+/// A service name (and role): one topic level of 1 to 63 characters of
+/// `a-z 0-9 . _ -`, starting with a letter or digit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Name(String);
+
+impl Name {
+    pub fn parse(s: &str) -> Result<Name, RecordError> {
+        let bad = |reason| {
+            Err(RecordError::BadName {
+                name: s.to_string(),
+                reason,
+            })
+        };
+        if s.is_empty() {
+            return bad("empty");
+        }
+        if s.len() > 63 {
+            return bad("longer than 63 characters");
+        }
+        let first = s.as_bytes()[0];
+        if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
+            return bad("must start with a-z or 0-9");
+        }
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        {
+            return bad("only a-z, 0-9, '.', '_' and '-' are allowed");
+        }
+        Ok(Name(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for Name {
+    type Err = RecordError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Name::parse(s)
+    }
+}
+
+/// Where a service is reached; the owner of a name. The host is lower-cased,
+/// and "no port" is a value of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: Option<u16>,
+}
+
+impl Endpoint {
+    pub fn new(host: &str, port: Option<u16>) -> Result<Endpoint, RecordError> {
+        validate_host(host)?;
+        Ok(Endpoint {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+
+    /// Parses a heartbeat payload: `{"host": …, "port": …}`.
+    pub fn from_heartbeat(payload: &[u8]) -> Result<Endpoint, RecordError> {
+        let obj = parse_object(payload, "heartbeat")?;
+        let host = match obj.get("host") {
+            Some(Value::String(h)) => h.as_str(),
+            Some(other) => return Err(invalid(format!("`host` must be a string, got {other}"))),
+            None => return Err(invalid("heartbeat needs `host`")),
+        };
+        Endpoint::new(host, parse_port(&obj)?)
+    }
+
+    /// The JSON form used in heartbeats and error payloads.
+    pub fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("host".into(), Value::String(self.host.clone()));
+        if let Some(p) = self.port {
+            m.insert("port".into(), Value::from(p));
+        }
+        Value::Object(m)
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let host: &str = &self.host;
+        match (self.port, host.contains(':')) {
+            (Some(p), true) => write!(f, "[{host}]:{p}"),
+            (Some(p), false) => write!(f, "{host}:{p}"),
+            (None, _) => f.write_str(host),
+        }
+    }
+}
+
+fn validate_host(host: &str) -> Result<(), RecordError> {
+    if host.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "`host` {host:?} is neither an IP address nor a host name"
+        )))
+    }
+}
+
+/// How the registry probes a service (see the protocol's Health section).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    pub check: HealthCheck,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub failures: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthCheck {
+    /// A path on host:port (starting with `/`) or a full `http(s)://` URL.
+    Http(String),
+    Tcp,
+}
+
+impl Health {
+    pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+    pub const DEFAULT_FAILURES: u32 = 3;
+
+    fn parse(v: &Value) -> Result<Health, RecordError> {
+        let Value::Object(obj) = v else {
+            return Err(invalid(format!("`health` must be an object, got {v}")));
+        };
+        for key in obj.keys() {
+            if !["http", "tcp", "interval", "timeout", "failures"].contains(&key.as_str()) {
+                return Err(invalid(format!(
+                    "`health` has unknown key `{key}`; expected http, tcp, interval, timeout, failures"
+                )));
+            }
+        }
+        let check = match (obj.get("http"), obj.get("tcp")) {
+            (Some(_), Some(_)) => return Err(invalid("`health` takes `http` or `tcp`, not both")),
+            (Some(Value::String(s)), None) => {
+                let is_url = s.starts_with("http://") || s.starts_with("https://");
+                if !(s.starts_with('/') || is_url) || s.chars().any(char::is_whitespace) {
+                    return Err(invalid(format!(
+                        "`health.http` must be a path starting with '/' or an http(s):// URL, got {s:?}"
+                    )));
+                }
+                HealthCheck::Http(s.clone())
+            }
+            (Some(other), None) => {
+                return Err(invalid(format!(
+                    "`health.http` must be a string, got {other}"
+                )));
+            }
+            (None, Some(Value::Bool(true))) => HealthCheck::Tcp,
+            (None, Some(other)) => {
+                return Err(invalid(format!("`health.tcp` must be true, got {other}")));
+            }
+            (None, None) => return Err(invalid("`health` needs `http` or `tcp`")),
+        };
+        let duration = |key: &str, default: Duration| -> Result<Duration, RecordError> {
+            match obj.get(key) {
+                None => Ok(default),
+                Some(v) => match parse_duration(v, &format!("health.{key}"))? {
+                    d if d.is_zero() => Err(invalid(format!("`health.{key}` must be above 0"))),
+                    d => Ok(d),
+                },
+            }
+        };
+        let failures = match obj.get("failures") {
+            None => Self::DEFAULT_FAILURES,
+            Some(v) => match v.as_u64() {
+                Some(n @ 1..=1000) => n as u32,
+                _ => {
+                    return Err(invalid(format!(
+                        "`health.failures` must be an integer from 1 to 1000, got {v}"
+                    )));
+                }
+            },
+        };
+        Ok(Health {
+            check,
+            interval: duration("interval", Self::DEFAULT_INTERVAL)?,
+            timeout: duration("timeout", Self::DEFAULT_TIMEOUT)?,
+            failures,
+        })
+    }
+}
+
+/// A validated registration record. The payload's bytes are kept exactly as
+/// published (unknown fields included), so a re-publish is byte-identical.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub endpoint: Endpoint,
+    pub ttl: Option<Duration>,
+    pub role: Name,
+    pub version: Option<semver::Version>,
+    pub scheme: Option<String>,
+    pub health: Option<Health>,
+    pub meta: Map<String, Value>,
+    payload: Bytes,
+}
+
+impl Record {
+    /// Validates a payload published for `name`.
+    pub fn parse(name: &Name, payload: Bytes) -> Result<Record, RecordError> {
+        if payload.len() > MAX_RECORD_SIZE {
+            return Err(RecordError::TooLarge {
+                size: payload.len(),
+            });
+        }
+        let obj = parse_object(&payload, "record")?;
+        let host = match obj.get("host") {
+            Some(Value::String(h)) => h.as_str(),
+            Some(other) => return Err(invalid(format!("`host` must be a string, got {other}"))),
+            None => return Err(invalid("`host` is required")),
+        };
+        let endpoint = Endpoint::new(host, parse_port(&obj)?)?;
+        let ttl = match (obj.get("ttl"), obj.get("expire")) {
+            (Some(_), Some(_)) => {
+                return Err(invalid("give `ttl` or its synonym `expire`, not both"));
+            }
+            (Some(v), None) => parse_duration(v, "ttl")?,
+            (None, Some(v)) => parse_duration(v, "expire")?,
+            (None, None) => Duration::ZERO,
+        };
+        let role = match obj.get("role") {
+            None => name.clone(),
+            Some(Value::String(r)) => Name::parse(r).map_err(|e| match e {
+                RecordError::BadName { reason, .. } => {
+                    invalid(format!("`role` {r:?} is not a valid name: {reason}"))
+                }
+                other => other,
+            })?,
+            Some(other) => return Err(invalid(format!("`role` must be a string, got {other}"))),
+        };
+        let version =
+            match obj.get("version") {
+                None => None,
+                Some(Value::String(v)) => Some(semver::Version::parse(v).map_err(|e| {
+                    invalid(format!("`version` {v:?} is not a semver version: {e}"))
+                })?),
+                Some(other) => {
+                    return Err(invalid(format!(
+                        "`version` must be a semver string, got {other}"
+                    )));
+                }
+            };
+        let scheme = match obj.get("scheme") {
+            None => None,
+            Some(Value::String(s)) if valid_scheme(s) => Some(s.clone()),
+            Some(other) => {
+                return Err(invalid(format!(
+                    "`scheme` must be a URI scheme such as \"http\" or \"mqtt\", got {other}"
+                )));
+            }
+        };
+        let health = obj.get("health").map(Health::parse).transpose()?;
+        let meta = match obj.get("meta") {
+            None => Map::new(),
+            Some(Value::Object(m)) => m.clone(),
+            Some(other) => return Err(invalid(format!("`meta` must be an object, got {other}"))),
+        };
+        Ok(Record {
+            endpoint,
+            ttl: (!ttl.is_zero()).then_some(ttl),
+            role,
+            version,
+            scheme,
+            health,
+            meta,
+            payload,
+        })
+    }
+
+    /// The record exactly as published.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// The record as a JSON object.
+    pub fn to_json(&self) -> Value {
+        serde_json::from_slice(&self.payload).expect("a record's payload is a validated object")
+    }
+}
+
+fn valid_scheme(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 32
+        && b[0].is_ascii_alphabetic()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"+.-".contains(c))
+}
+
+fn parse_object(payload: &[u8], what: &str) -> Result<Map<String, Value>, RecordError> {
+    let text =
+        std::str::from_utf8(payload).map_err(|e| invalid(format!("{what} is not UTF-8: {e}")))?;
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(other) => Err(invalid(format!(
+            "{what} must be a JSON object, got {}",
+            json_kind(&other)
+        ))),
+        Err(e) => Err(invalid(format!("{what} is not JSON: {e}"))),
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn parse_port(obj: &Map<String, Value>) -> Result<Option<u16>, RecordError> {
+    match obj.get("port") {
+        None => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(p @ 1..=65535) => Ok(Some(p as u16)),
+            _ => Err(invalid(format!(
+                "`port` must be an integer from 1 to 65535, got {v}"
+            ))),
+        },
+    }
+}
+
+/// A duration given as integer seconds or as a string such as `"30s"`.
+pub fn parse_duration(v: &Value, key: &str) -> Result<Duration, RecordError> {
+    let d = match v {
+        Value::Number(n) => match n.as_u64() {
+            Some(s) => Duration::from_secs(s),
+            None => {
+                return Err(invalid(format!(
+                    "`{key}` must be whole seconds (0 or more) or a duration such as \"30s\", got {n}"
+                )));
+            }
+        },
+        Value::String(s) => parse_duration_str(s).map_err(|e| invalid(format!("`{key}`: {e}")))?,
+        other => {
+            return Err(invalid(format!(
+                "`{key}` must be seconds or a duration string such as \"30s\", got {other}"
+            )));
+        }
+    };
+    if d > MAX_DURATION {
+        return Err(invalid(format!("`{key}` is longer than a year")));
+    }
+    Ok(d)
+}
+
+/// Parses `"30s"`, `"5m"`, `"1h 30m"` (humantime) or plain seconds `"30"`.
+pub fn parse_duration_str(s: &str) -> Result<Duration, String> {
+    if let Ok(secs) = s.trim().parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration such as \"30s\" or \"5m\" ({e})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> Name {
+        Name::parse(s).unwrap()
+    }
+
+    fn parse(json: &str) -> Result<Record, RecordError> {
+        Record::parse(&name("svc"), Bytes::from(json.to_string()))
+    }
+
+    fn err(json: &str) -> String {
+        parse(json).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["a", "0", "printer-2", "nas.local", "a_b", &"x".repeat(63)] {
+            assert!(Name::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "-a",
+            ".a",
+            "_a",
+            "A",
+            "a/b",
+            "a+",
+            "#",
+            "a b",
+            "é",
+            &"x".repeat(64),
+        ] {
+            let e = Name::parse(bad).unwrap_err();
+            assert_eq!(e.code(), "bad_name", "{bad}");
+        }
+    }
+
+    #[test]
+    fn full_record() {
+        let r = parse(
+            r#"{"host":"NAS.Local","port":8080,"ttl":"1m","role":"web","version":"1.2.3",
+            "scheme":"http","health":{"http":"/health","interval":"10s","failures":2},
+            "meta":{"k":"v"},"future":[1]}"#,
+        )
+        .unwrap();
+        assert_eq!(r.endpoint.to_string(), "nas.local:8080");
+        assert_eq!(r.ttl, Some(Duration::from_secs(60)));
+        assert_eq!(r.role.as_str(), "web");
+        assert_eq!(r.version.as_ref().unwrap().to_string(), "1.2.3");
+        let h = r.health.clone().unwrap();
+        assert_eq!(h.check, HealthCheck::Http("/health".into()));
+        assert_eq!(h.interval, Duration::from_secs(10));
+        assert_eq!(h.timeout, Health::DEFAULT_TIMEOUT);
+        assert_eq!(h.failures, 2);
+        assert_eq!(r.meta["k"], "v");
+        assert_eq!(r.to_json()["future"][0], 1);
+    }
+
+    #[test]
+    fn defaults() {
+        let r = parse(r#"{"host":"10.0.0.5"}"#).unwrap();
+        assert_eq!(r.endpoint.port, None);
+        assert_eq!(r.ttl, None);
+        assert_eq!(r.role.as_str(), "svc");
+        assert_eq!(parse(r#"{"host":"h","ttl":0}"#).unwrap().ttl, None);
+        assert_eq!(
+            parse(r#"{"host":"h","expire":30}"#).unwrap().ttl,
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse(r#"{"host":"::1","port":1}"#)
+                .unwrap()
+                .endpoint
+                .to_string(),
+            "[::1]:1"
+        );
+    }
+
+    #[test]
+    fn invalid_records_say_what_is_wrong() {
+        let cases = [
+            ("not json", "record is not JSON"),
+            ("[1]", "must be a JSON object, got an array"),
+            ("{}", "`host` is required"),
+            (r#"{"host":5}"#, "`host` must be a string"),
+            (r#"{"host":"a b"}"#, "neither an IP address nor a host name"),
+            (
+                r#"{"host":"h","port":0}"#,
+                "`port` must be an integer from 1",
+            ),
+            (r#"{"host":"h","port":"80"}"#, "`port` must be an integer"),
+            (r#"{"host":"h","port":70000}"#, "`port` must be an integer"),
+            (r#"{"host":"h","ttl":-1}"#, "`ttl` must be whole seconds"),
+            (r#"{"host":"h","ttl":1.5}"#, "`ttl` must be whole seconds"),
+            (
+                r#"{"host":"h","ttl":"soon"}"#,
+                "`ttl`: \"soon\" is not a duration",
+            ),
+            (r#"{"host":"h","ttl":true}"#, "`ttl` must be seconds"),
+            (r#"{"host":"h","ttl":1,"expire":1}"#, "not both"),
+            (r#"{"host":"h","ttl":"400d"}"#, "longer than a year"),
+            (
+                r#"{"host":"h","role":"Bad"}"#,
+                "`role` \"Bad\" is not a valid name",
+            ),
+            (r#"{"host":"h","role":1}"#, "`role` must be a string"),
+            (r#"{"host":"h","version":"1.2"}"#, "not a semver version"),
+            (
+                r#"{"host":"h","version":1}"#,
+                "`version` must be a semver string",
+            ),
+            (
+                r#"{"host":"h","scheme":""}"#,
+                "`scheme` must be a URI scheme",
+            ),
+            (r#"{"host":"h","meta":[]}"#, "`meta` must be an object"),
+            (r#"{"host":"h","health":1}"#, "`health` must be an object"),
+            (r#"{"host":"h","health":{}}"#, "needs `http` or `tcp`"),
+            (r#"{"host":"h","health":{"http":"x"}}"#, "must be a path"),
+            (
+                r#"{"host":"h","health":{"tcp":false}}"#,
+                "`health.tcp` must be true",
+            ),
+            (
+                r#"{"host":"h","health":{"tcp":true,"http":"/"}}"#,
+                "not both",
+            ),
+            (
+                r#"{"host":"h","health":{"tcp":true,"x":1}}"#,
+                "unknown key `x`",
+            ),
+            (
+                r#"{"host":"h","health":{"tcp":true,"interval":0}}"#,
+                "above 0",
+            ),
+            (
+                r#"{"host":"h","health":{"tcp":true,"failures":0}}"#,
+                "`health.failures`",
+            ),
+        ];
+        for (json, want) in cases {
+            let got = err(json);
+            assert!(got.contains(want), "{json}: {got:?} lacks {want:?}");
+            assert_eq!(parse(json).unwrap_err().code(), "invalid");
+        }
+        assert!(
+            Record::parse(&name("a"), Bytes::from_static(b"\xff"))
+                .unwrap_err()
+                .to_string()
+                .contains("not UTF-8")
+        );
+    }
+
+    #[test]
+    fn size_limit() {
+        let pad = "x".repeat(MAX_RECORD_SIZE);
+        let e = parse(&format!(r#"{{"host":"h","meta":{{"p":"{pad}"}}}}"#)).unwrap_err();
+        assert_eq!(e.code(), "too_large");
+        let fits = "x".repeat(MAX_RECORD_SIZE - 40);
+        assert!(parse(&format!(r#"{{"host":"h","meta":{{"p":"{fits}"}}}}"#)).is_ok());
+    }
+
+    #[test]
+    fn heartbeats() {
+        let e = Endpoint::from_heartbeat(br#"{"host":"H","port":1}"#).unwrap();
+        assert_eq!(e, Endpoint::new("h", Some(1)).unwrap());
+        assert!(Endpoint::from_heartbeat(b"").is_err());
+        assert!(Endpoint::from_heartbeat(br#"{"port":1}"#).is_err());
+        assert!(Endpoint::from_heartbeat(br#"{"host":"h","port":-1}"#).is_err());
+    }
+}

@@ -1,0 +1,204 @@
+//! The registry actor: moves messages between the broker and the rules in
+//! `state.rs`, keeps the clock (ttl deadlines) and the state file.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, QoS};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep_until, timeout};
+use tracing::{debug, error, info, warn};
+
+use super::state::{Delivery, Publish, Registry, Stats};
+use crate::mqtt::Incoming;
+use crate::statefile;
+
+/// Requests from the handle.
+pub(super) enum Request {
+    Stats(oneshot::Sender<Stats>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+pub(super) struct Actor {
+    pub state: Registry,
+    pub client: AsyncClient,
+    pub incoming: mpsc::UnboundedReceiver<Incoming>,
+    pub requests: mpsc::Receiver<Request>,
+    pub state_file: PathBuf,
+    pub flush_every: Duration,
+    pub persist: bool,
+}
+
+impl Actor {
+    pub async fn run(mut self) {
+        let writer = Writer::spawn(self.state_file.clone(), self.persist);
+        let mut flushed = self.state.changes();
+        let mut flush_at: Option<Instant> = None;
+        let shutdown = loop {
+            if flush_at.is_none() && self.state.changes() != flushed {
+                flush_at = Some(Instant::now() + self.flush_every);
+            }
+            let deadline = self.state.next_deadline();
+            tokio::select! {
+                req = self.requests.recv() => match req {
+                    Some(Request::Stats(tx)) => { let _ = tx.send(self.state.stats().clone()); }
+                    Some(Request::Shutdown(tx)) => break Some(tx),
+                    None => break None,
+                },
+                msg = self.incoming.recv() => match msg {
+                    Some(m) => self.on_incoming(m).await,
+                    None => { error!("mqtt event loop ended"); break None; }
+                },
+                _ = sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
+                    let out = self.state.on_tick(Instant::now());
+                    self.publish_all(out).await;
+                }
+                _ = sleep_until(flush_at.unwrap_or_else(far_future)), if flush_at.is_some() => {
+                    if writer.offer(self.encode()) {
+                        flushed = self.state.changes();
+                    }
+                    flush_at = None;
+                }
+            }
+        };
+        self.stop(writer).await;
+        if let Some(tx) = shutdown {
+            let _ = tx.send(());
+        }
+    }
+
+    async fn on_incoming(&mut self, m: Incoming) {
+        match m {
+            Incoming::Connected => {
+                info!(records = self.state.len(), "connected to the broker");
+                let out = self.state.on_connected();
+                self.publish_all(out).await;
+                let mut filters: Vec<String> = self.state.topics().registry_filters().into();
+                filters.push(self.state.topics().registry());
+                for f in filters {
+                    if let Err(e) = self.client.subscribe(f, QoS::AtMostOnce).await {
+                        error!(error = %e, "subscribe failed");
+                    }
+                }
+            }
+            Incoming::Message {
+                topic,
+                payload,
+                retained,
+            } => {
+                let delivery = if retained {
+                    Delivery::Retained
+                } else {
+                    Delivery::Live
+                };
+                let out = self
+                    .state
+                    .on_message(Instant::now(), &topic, payload, delivery);
+                self.publish_all(out).await;
+            }
+            Incoming::Disconnected(e) => warn!(error = %e, "lost the broker; reconnecting"),
+            Incoming::Closed | Incoming::Subscribed => {}
+        }
+    }
+
+    async fn publish_all(&self, out: Vec<Publish>) {
+        for p in out {
+            // QoS 1 for what must not be lost (records, clears, online
+            // state); errors and events are advisory.
+            let qos = if p.retain {
+                QoS::AtLeastOnce
+            } else {
+                QoS::AtMostOnce
+            };
+            if let Err(e) = self
+                .client
+                .publish_bytes(p.topic, qos, p.retain, p.payload)
+                .await
+            {
+                error!(error = %e, "publish failed: mqtt client closed");
+            }
+        }
+    }
+
+    fn encode(&self) -> Arc<Vec<u8>> {
+        Arc::new(statefile::encode(self.state.records()))
+    }
+
+    /// Announces `offline`, waits (briefly) until the broker has it, writes
+    /// the final state and disconnects.
+    async fn stop(&mut self, writer: Writer) {
+        let offline = self.state.offline();
+        self.publish_all(vec![offline.clone()]).await;
+        let seen = timeout(Duration::from_millis(800), async {
+            while let Some(m) = self.incoming.recv().await {
+                if let Incoming::Message { topic, payload, .. } = m {
+                    if topic == offline.topic && payload == offline.payload {
+                        return;
+                    }
+                }
+            }
+        })
+        .await;
+        if seen.is_err() {
+            warn!("offline state not confirmed by the broker");
+        }
+        writer.finish(self.encode()).await;
+        let _ = self.client.disconnect().await;
+        let _ = timeout(Duration::from_millis(300), async {
+            while let Some(m) = self.incoming.recv().await {
+                if matches!(m, Incoming::Closed) {
+                    return;
+                }
+            }
+        })
+        .await;
+        info!(records = self.state.len(), "registry stopped");
+    }
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
+}
+
+/// Writes the state file off the actor's task. Holds at most one pending
+/// snapshot; `offer` says whether the snapshot was taken.
+struct Writer {
+    tx: Option<mpsc::Sender<Arc<Vec<u8>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    fn spawn(path: PathBuf, persist: bool) -> Writer {
+        let (tx, mut rx) = mpsc::channel::<Arc<Vec<u8>>>(1);
+        let task = tokio::spawn(async move {
+            while let Some(bytes) = rx.recv().await {
+                if !persist {
+                    continue;
+                }
+                let p = path.clone();
+                let result =
+                    tokio::task::spawn_blocking(move || statefile::write(&p, &bytes)).await;
+                match result {
+                    Ok(Ok(())) => debug!(path = %path.display(), "state file written"),
+                    Ok(Err(e)) => error!(error = %e, "state file not written"),
+                    Err(e) => error!(error = %e, "state file writer failed"),
+                }
+            }
+        });
+        Writer { tx: Some(tx), task }
+    }
+
+    fn offer(&self, bytes: Arc<Vec<u8>>) -> bool {
+        self.tx
+            .as_ref()
+            .is_some_and(|tx| tx.try_send(bytes).is_ok())
+    }
+
+    async fn finish(mut self, last: Arc<Vec<u8>>) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(last).await;
+        }
+        let _ = (&mut self.task).await;
+    }
+}

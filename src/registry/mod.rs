@@ -1,0 +1,114 @@
+//! The registry: a pure rule set (`state`), the actor that runs it against a
+//! broker (`actor`), and the handle the rest of the program holds.
+
+mod actor;
+pub mod state;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rumqttc::{LastWill, QoS};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use crate::config::BrokerUrl;
+use crate::statefile::{self, Loaded};
+use crate::topics::Topics;
+use actor::{Actor, Request};
+pub use state::{Delivery, Publish, Registry, Stats};
+
+/// Where and how the registry runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub broker: BrokerUrl,
+    pub prefix: String,
+    pub state_file: PathBuf,
+    pub state_flush: Duration,
+    /// Set the MQTT will to `offline` (for an external broker).
+    pub will: bool,
+}
+
+/// The registry actor is gone.
+#[derive(Debug, thiserror::Error)]
+#[error("the registry has stopped")]
+pub struct Stopped;
+
+/// A handle to the running registry actor.
+#[derive(Clone)]
+pub struct Handle {
+    tx: mpsc::Sender<Request>,
+}
+
+impl Handle {
+    /// Loads the state file and starts the actor on the current runtime.
+    pub fn spawn(opts: Options) -> Handle {
+        let topics = Topics::new(&opts.prefix);
+        let mut state = Registry::new(topics, env!("CARGO_PKG_VERSION"));
+        let persist = match statefile::load(&opts.state_file) {
+            Loaded::Missing => {
+                info!(path = %opts.state_file.display(), "no state file yet; starting empty");
+                true
+            }
+            Loaded::Records(records) => {
+                info!(path = %opts.state_file.display(), records = records.len(), "state loaded");
+                state.load(Instant::now(), records);
+                true
+            }
+            Loaded::Discarded { error, moved_to } => {
+                match &moved_to {
+                    Some(to) => error!(error = %error, moved_to = %to.display(),
+                        "state file unusable; moved aside, starting empty"),
+                    None => error!(error = %error,
+                        "state file unusable and cannot be moved aside; starting empty \
+                         and NOT writing state, so that it is not overwritten"),
+                }
+                moved_to.is_some()
+            }
+        };
+        let mut mqtt =
+            crate::mqtt::options(&crate::mqtt::client_id("homicro-registry"), &opts.broker);
+        if opts.will {
+            let off = state.offline();
+            mqtt.set_last_will(LastWill::new(
+                off.topic,
+                off.payload,
+                QoS::AtLeastOnce,
+                true,
+            ));
+        }
+        let (client, incoming) = crate::mqtt::connect(mqtt, Duration::from_millis(200));
+        let (tx, requests) = mpsc::channel(16);
+        let actor = Actor {
+            state,
+            client,
+            incoming,
+            requests,
+            state_file: opts.state_file,
+            flush_every: opts.state_flush,
+            persist,
+        };
+        tokio::spawn(actor.run());
+        Handle { tx }
+    }
+
+    /// Counters of what the registry has done.
+    pub async fn stats(&self) -> Result<Stats, Stopped> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Stats(tx))
+            .await
+            .map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
+    }
+
+    /// Announces `offline`, writes the state file and stops the actor.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Request::Shutdown(tx)).await.is_err() {
+            warn!("registry already stopped");
+            return;
+        }
+        let _ = rx.await;
+    }
+}

@@ -1,0 +1,447 @@
+//! The registry's rules as a pure state machine: a message or a moment in,
+//! the publishes to make out. No I/O and no clock of its own; the actor
+//! feeds it and carries its output to the broker.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::record::{Endpoint, Name, Record};
+use crate::topics::{Incoming, Topics};
+
+/// One MQTT publish the registry wants made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    pub topic: String,
+    pub payload: Bytes,
+    pub retain: bool,
+}
+
+/// Whether a message was forwarded live or delivered from the broker's
+/// retained store at subscribe time (retain flag set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Live,
+    Retained,
+}
+
+/// Counters for logs and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub registrations: u64,
+    pub updates: u64,
+    pub refusals: u64,
+    pub expiries: u64,
+    pub deregistrations: u64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    record: Record,
+    deadline: Option<Instant>,
+}
+
+/// How many of its own publishes per topic the registry remembers while
+/// waiting for them to come back. A queue this long means the broker drops
+/// our echoes; forgetting the oldest then only risks one missed refresh.
+const MAX_ECHOES: usize = 64;
+
+/// The registry: every record, its deadline, and the echoes of its own
+/// publishes still on their way back through the broker.
+#[derive(Debug)]
+pub struct Registry {
+    topics: Topics,
+    online: Bytes,
+    offline: Bytes,
+    records: HashMap<Name, Entry>,
+    deadlines: BTreeSet<(Instant, Name)>,
+    echoes: HashMap<String, VecDeque<Bytes>>,
+    restored: Vec<Name>,
+    changes: u64,
+    stats: Stats,
+}
+
+impl Registry {
+    pub fn new(topics: Topics, version: &str) -> Registry {
+        let state = |s: &str| Bytes::from(json!({"state": s, "version": version}).to_string());
+        Registry {
+            topics,
+            online: state("online"),
+            offline: state("offline"),
+            records: HashMap::new(),
+            deadlines: BTreeSet::new(),
+            echoes: HashMap::new(),
+            restored: Vec::new(),
+            changes: 0,
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn topics(&self) -> &Topics {
+        &self.topics
+    }
+
+    /// The retained `registry` message while the registry enforces.
+    pub fn online(&self) -> Publish {
+        self.registry_state(self.online.clone())
+    }
+
+    /// The retained `registry` message on shutdown, and the will.
+    pub fn offline(&self) -> Publish {
+        self.registry_state(self.offline.clone())
+    }
+
+    fn registry_state(&self, payload: Bytes) -> Publish {
+        Publish {
+            topic: self.topics.registry(),
+            payload,
+            retain: true,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    pub fn get(&self, name: &Name) -> Option<&Record> {
+        self.records.get(name).map(|e| &e.record)
+    }
+
+    pub fn records(&self) -> impl Iterator<Item = (&Name, &Record)> {
+        self.records.iter().map(|(n, e)| (n, &e.record))
+    }
+
+    /// Bumped on every change worth persisting (not on a `ttl` refresh).
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The earliest `ttl` deadline, for the actor's timer.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.first().map(|(t, _)| *t)
+    }
+
+    /// Takes the records of a state file after a restart; each `ttl` starts
+    /// afresh at `now`. They are re-published on the next connect.
+    pub fn load(&mut self, now: Instant, records: Vec<(Name, Record)>) {
+        for (name, record) in records {
+            self.restored.push(name.clone());
+            self.insert(now, name, record);
+        }
+    }
+
+    /// The connection to the broker is (re)established: announce the
+    /// registry and re-publish every record, so a broker that lost its
+    /// retained messages gets them back. The caller publishes these before
+    /// it subscribes; the copies then come back as retained deliveries.
+    pub fn on_connected(&mut self) -> Vec<Publish> {
+        self.echoes.clear();
+        let mut out = vec![self.online()];
+        let mut names: Vec<&Name> = self.records.keys().collect();
+        names.sort();
+        out.extend(names.into_iter().map(|n| Publish {
+            topic: self.topics.service(n.as_str()),
+            payload: self.records[n].record.payload().clone(),
+            retain: true,
+        }));
+        for name in std::mem::take(&mut self.restored) {
+            if let Some(e) = self.records.get(&name) {
+                info!(name = %name, owner = %e.record.endpoint, "restored from state file");
+                out.push(self.event(&name, "restored", Some(&e.record.endpoint)));
+            }
+        }
+        out
+    }
+
+    /// A message arrived on one of the registry's subscriptions.
+    pub fn on_message(
+        &mut self,
+        now: Instant,
+        topic: &str,
+        payload: Bytes,
+        delivery: Delivery,
+    ) -> Vec<Publish> {
+        match self.topics.classify(topic) {
+            Incoming::Service(raw) => {
+                let raw = raw.to_string();
+                if delivery == Delivery::Live && self.take_echo(&raw, &payload) {
+                    return Vec::new();
+                }
+                let reassert = delivery == Delivery::Live && self.echoes.contains_key(&raw);
+                let mut out = self.on_record(now, &raw, payload, delivery);
+                if reassert && !out.iter().any(|p| p.retain) {
+                    // One of our publishes to this topic is still on its way
+                    // and will overwrite what just arrived: assert the
+                    // outcome again after it.
+                    out.push(self.current(&raw));
+                }
+                self.note_echoes(&out);
+                out
+            }
+            Incoming::Heartbeat(raw) => self.on_heartbeat(now, &raw.to_string(), &payload),
+            Incoming::Registry | Incoming::Other => Vec::new(),
+        }
+    }
+
+    /// Expires every record whose deadline is at or before `now`.
+    pub fn on_tick(&mut self, now: Instant) -> Vec<Publish> {
+        let mut out = Vec::new();
+        while let Some((t, name)) = self.deadlines.first().cloned() {
+            if t > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            let Some(entry) = self.records.remove(&name) else {
+                continue;
+            };
+            self.changes += 1;
+            self.stats.expiries += 1;
+            info!(name = %name, owner = %entry.record.endpoint, "expired");
+            out.push(self.clear(name.as_str()));
+            out.push(self.event(&name, "expired", Some(&entry.record.endpoint)));
+        }
+        self.note_echoes(&out);
+        out
+    }
+
+    fn on_record(
+        &mut self,
+        now: Instant,
+        raw: &str,
+        payload: Bytes,
+        delivery: Delivery,
+    ) -> Vec<Publish> {
+        let name = match Name::parse(raw) {
+            Ok(n) => n,
+            Err(e) if payload.is_empty() => {
+                debug!(name = raw, error = %e, "empty publish to a bad name ignored");
+                return Vec::new();
+            }
+            Err(e) => return self.refuse(raw, e.code(), e.to_string(), None, None),
+        };
+        if payload.is_empty() {
+            return match self.remove(&name) {
+                Some(record) => {
+                    self.stats.deregistrations += 1;
+                    info!(name = %name, owner = %record.endpoint, "deregistered");
+                    vec![self.event(&name, "deregistered", Some(&record.endpoint))]
+                }
+                None => Vec::new(),
+            };
+        }
+        let record = match Record::parse(&name, payload) {
+            Ok(r) => r,
+            Err(e) => return self.refuse(raw, e.code(), e.to_string(), None, None),
+        };
+        let Some(existing) = self.records.get(&name) else {
+            self.stats.registrations += 1;
+            info!(name = %name, owner = %record.endpoint, "registered");
+            let ev = self.event(&name, "registered", Some(&record.endpoint));
+            self.insert(now, name, record);
+            return vec![ev];
+        };
+        if existing.record.endpoint != record.endpoint {
+            let owner = existing.record.endpoint.clone();
+            let detail = owned_detail(&owner, &record.endpoint);
+            return self.refuse(raw, "owned", detail, Some(&owner), Some(&record.endpoint));
+        }
+        if delivery == Delivery::Retained && existing.record.payload() == record.payload() {
+            // The broker still holds what we hold: not a refresh.
+            return Vec::new();
+        }
+        let changed = existing.record.payload() != record.payload();
+        self.stats.updates += 1;
+        if changed {
+            info!(name = %name, owner = %record.endpoint, "updated");
+        } else {
+            debug!(name = %name, owner = %record.endpoint, "refreshed");
+        }
+        let mut ev = self.event(&name, "updated", Some(&record.endpoint));
+        ev.payload = with_field(&ev.payload, "changed", Value::Bool(changed));
+        if changed {
+            self.insert(now, name, record);
+        } else {
+            self.refresh(now, &name);
+        }
+        vec![ev]
+    }
+
+    fn on_heartbeat(&mut self, now: Instant, raw: &str, payload: &[u8]) -> Vec<Publish> {
+        let name = match Name::parse(raw) {
+            Ok(n) => n,
+            Err(e) => return vec![self.error(raw, e.code(), &e.to_string(), None)],
+        };
+        let from = match Endpoint::from_heartbeat(payload) {
+            Ok(ep) => ep,
+            Err(e) => return vec![self.error(raw, e.code(), &e.to_string(), None)],
+        };
+        let Some(entry) = self.records.get(&name) else {
+            debug!(name = %name, from = %from, "heartbeat for an unregistered name");
+            let detail = format!("{name} is not registered; publish its record again");
+            let mut p = self.error(raw, "unknown", &detail, None);
+            p.payload = with_field(&p.payload, "endpoint", from.to_json());
+            return vec![p];
+        };
+        if entry.record.endpoint != from {
+            let owner = &entry.record.endpoint;
+            let mut p = self.error(raw, "owned", &owned_detail(owner, &from), Some(owner));
+            p.payload = with_field(&p.payload, "endpoint", from.to_json());
+            return vec![p];
+        }
+        self.refresh(now, &name);
+        Vec::new()
+    }
+
+    /// Refuses a publish: error, event, and the previous record restored or
+    /// the topic cleared. `from` is the refused publisher's endpoint.
+    fn refuse(
+        &mut self,
+        raw: &str,
+        code: &str,
+        detail: String,
+        owner: Option<&Endpoint>,
+        from: Option<&Endpoint>,
+    ) -> Vec<Publish> {
+        self.stats.refusals += 1;
+        let restore = self.current(raw);
+        warn!(name = raw, error = code, detail = %detail, restored = !restore.payload.is_empty(), "refused");
+        let mut err = self.error(raw, code, &detail, owner);
+        if let Some(from) = from {
+            err.payload = with_field(&err.payload, "endpoint", from.to_json());
+        }
+        let mut ev = self.event_raw(raw, "rejected", from);
+        ev.payload = with_field(&ev.payload, "error", Value::from(code));
+        vec![restore, err, ev]
+    }
+
+    /// What the topic of `raw` should hold now: the record, or nothing.
+    fn current(&self, raw: &str) -> Publish {
+        let record = Name::parse(raw).ok().and_then(|n| self.records.get(&n));
+        match record {
+            Some(e) => Publish {
+                topic: self.topics.service(raw),
+                payload: e.record.payload().clone(),
+                retain: true,
+            },
+            None => self.clear(raw),
+        }
+    }
+
+    fn clear(&self, raw: &str) -> Publish {
+        Publish {
+            topic: self.topics.service(raw),
+            payload: Bytes::new(),
+            retain: true,
+        }
+    }
+
+    fn insert(&mut self, now: Instant, name: Name, record: Record) {
+        self.remove(&name);
+        let deadline = record.ttl.map(|ttl| now + ttl);
+        if let Some(t) = deadline {
+            self.deadlines.insert((t, name.clone()));
+        }
+        self.records.insert(name, Entry { record, deadline });
+        self.changes += 1;
+    }
+
+    fn remove(&mut self, name: &Name) -> Option<Record> {
+        let entry = self.records.remove(name)?;
+        if let Some(t) = entry.deadline {
+            self.deadlines.remove(&(t, name.clone()));
+        }
+        self.changes += 1;
+        Some(entry.record)
+    }
+
+    fn refresh(&mut self, now: Instant, name: &Name) {
+        let Some(entry) = self.records.get_mut(name) else {
+            return;
+        };
+        if let Some(ttl) = entry.record.ttl {
+            if let Some(old) = entry.deadline {
+                self.deadlines.remove(&(old, name.clone()));
+            }
+            entry.deadline = Some(now + ttl);
+            self.deadlines.insert((now + ttl, name.clone()));
+        }
+    }
+
+    fn take_echo(&mut self, raw: &str, payload: &Bytes) -> bool {
+        let Some(queue) = self.echoes.get_mut(raw) else {
+            return false;
+        };
+        if queue.front() != Some(payload) {
+            return false;
+        }
+        queue.pop_front();
+        if queue.is_empty() {
+            self.echoes.remove(raw);
+        }
+        true
+    }
+
+    fn note_echoes(&mut self, out: &[Publish]) {
+        for p in out.iter().filter(|p| p.retain) {
+            if let Incoming::Service(raw) = self.topics.classify(&p.topic) {
+                let queue = self.echoes.entry(raw.to_string()).or_default();
+                if queue.len() == MAX_ECHOES {
+                    queue.pop_front();
+                }
+                queue.push_back(p.payload.clone());
+            }
+        }
+    }
+
+    fn error(&self, raw: &str, code: &str, detail: &str, owner: Option<&Endpoint>) -> Publish {
+        let mut v = json!({"name": raw, "error": code, "detail": detail});
+        if let Some(o) = owner {
+            v["owner"] = o.to_json();
+        }
+        Publish {
+            topic: self.topics.error(raw),
+            payload: Bytes::from(v.to_string()),
+            retain: false,
+        }
+    }
+
+    fn event(&self, name: &Name, event: &str, endpoint: Option<&Endpoint>) -> Publish {
+        self.event_raw(name.as_str(), event, endpoint)
+    }
+
+    fn event_raw(&self, raw: &str, event: &str, endpoint: Option<&Endpoint>) -> Publish {
+        let mut v = json!({"name": raw, "event": event});
+        if let Some(ep) = endpoint {
+            v["endpoint"] = Value::String(ep.to_string());
+        }
+        Publish {
+            topic: self.topics.event(raw),
+            payload: Bytes::from(v.to_string()),
+            retain: false,
+        }
+    }
+}
+
+fn owned_detail(owner: &Endpoint, from: &Endpoint) -> String {
+    format!("owned by {owner}; refused {from}")
+}
+
+fn with_field(payload: &Bytes, key: &str, value: Value) -> Bytes {
+    let mut v: Value = serde_json::from_slice(payload).expect("our own JSON");
+    v[key] = value;
+    Bytes::from(v.to_string())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,205 @@
+//! The registry's state file: every record as published, written atomically
+//! (temporary file, fsync, rename) and read back at start.
+//!
+//! Format: `{"version":1,"records":{"NAME":"<record JSON as published>"}}`.
+//! Records are kept as strings so that a re-publish after a restart is
+//! byte-identical to what the owner published.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::record::{Name, Record};
+
+const VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct File {
+    version: u32,
+    records: BTreeMap<String, String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateFileError {
+    #[error("cannot read state file {path}: {source}")]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("state file {path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("cannot write state file {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What loading found.
+#[derive(Debug)]
+pub enum Loaded {
+    /// No state file yet: a first start.
+    Missing,
+    Records(Vec<(Name, Record)>),
+    /// The file could not be used; it was moved to `moved_to` (or could not
+    /// be moved, `None`) and serve starts empty.
+    Discarded {
+        error: StateFileError,
+        moved_to: Option<PathBuf>,
+    },
+}
+
+/// Reads the state file. Individual records that no longer validate are
+/// skipped with a warning; a file that cannot be used at all is moved aside,
+/// never overwritten.
+pub fn load(path: &Path) -> Loaded {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Loaded::Missing,
+        Err(source) => {
+            let error = StateFileError::Unreadable {
+                path: path.to_path_buf(),
+                source,
+            };
+            return discard(path, error);
+        }
+    };
+    let file: File = match serde_json::from_slice(&text) {
+        Ok(f) => f,
+        Err(e) => {
+            let error = StateFileError::Corrupt {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            };
+            return discard(path, error);
+        }
+    };
+    if file.version != VERSION {
+        let error = StateFileError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!("version {} is not {VERSION}", file.version),
+        };
+        return discard(path, error);
+    }
+    let mut records = Vec::with_capacity(file.records.len());
+    for (name, payload) in file.records {
+        let parsed = Name::parse(&name)
+            .and_then(|n| Record::parse(&n, Bytes::from(payload)).map(|r| (n, r)));
+        match parsed {
+            Ok(nr) => records.push(nr),
+            Err(e) => warn!(path = %path.display(), name, error = %e, "skipped a stored record"),
+        }
+    }
+    Loaded::Records(records)
+}
+
+fn discard(path: &Path, error: StateFileError) -> Loaded {
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".bad-{stamp}"));
+    let aside = PathBuf::from(aside);
+    let moved_to = std::fs::rename(path, &aside).ok().map(|_| aside);
+    Loaded::Discarded { error, moved_to }
+}
+
+/// Serialises records for [`write`]; cheap enough to call once per flush.
+pub fn encode<'a>(records: impl Iterator<Item = (&'a Name, &'a Record)>) -> Vec<u8> {
+    let file = File {
+        version: VERSION,
+        records: records
+            .map(|(n, r)| {
+                let text = String::from_utf8_lossy(r.payload()).into_owned();
+                (n.to_string(), text)
+            })
+            .collect(),
+    };
+    serde_json::to_vec_pretty(&file).expect("plain data serialises")
+}
+
+/// Writes `contents` to `path` atomically: a crash leaves the old file or the
+/// new one, never half of either.
+pub fn write(path: &Path, contents: &[u8]) -> Result<(), StateFileError> {
+    let err = |source| StateFileError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp).map_err(err)?;
+    f.write_all(contents).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(err)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // Persist the rename itself; not every filesystem allows this.
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(name: &str, json: &str) -> (Name, Record) {
+        let n = Name::parse(name).unwrap();
+        let r = Record::parse(&n, Bytes::from(json.to_string())).unwrap();
+        (n, r)
+    }
+
+    #[test]
+    fn round_trip_keeps_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.json");
+        assert!(matches!(load(&path), Loaded::Missing));
+        let recs = [
+            rec("web", r#"{"port":1, "host":"h","x":[1]}"#),
+            rec("nas", r#"{"host":"n"}"#),
+        ];
+        write(&path, &encode(recs.iter().map(|(n, r)| (n, r)))).unwrap();
+        let Loaded::Records(mut got) = load(&path) else {
+            panic!("not loaded")
+        };
+        got.sort_by(|a, b| b.0.cmp(&a.0));
+        assert_eq!(got, recs.to_vec());
+        assert!(!dir.path().join("s.json.tmp").exists());
+    }
+
+    #[test]
+    fn corrupt_file_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.json");
+        std::fs::write(&path, "{ half").unwrap();
+        let Loaded::Discarded { error, moved_to } = load(&path) else {
+            panic!("not discarded")
+        };
+        assert!(error.to_string().contains("is corrupt"), "{error}");
+        let moved = moved_to.unwrap();
+        assert_eq!(std::fs::read_to_string(moved).unwrap(), "{ half");
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn bad_records_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.json");
+        std::fs::write(
+            &path,
+            r#"{"version":1,"records":{"ok":"{\"host\":\"h\"}","Bad":"{\"host\":\"h\"}","x":"[]"}}"#,
+        )
+        .unwrap();
+        let Loaded::Records(got) = load(&path) else {
+            panic!()
+        };
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0.as_str(), "ok");
+    }
+}

@@ -1,0 +1,141 @@
+//! The protocol's topic tree under one prefix (`homicro` by default).
+
+use crate::record::Name;
+
+/// Builds and recognises the topics of one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    prefix: String,
+    services: String,
+    heartbeat: String,
+}
+
+/// What an incoming topic is, with the rest of the topic after the kind's
+/// level (which may still be a bad name, e.g. `a/b` or `UPPER`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Incoming<'a> {
+    Service(&'a str),
+    Heartbeat(&'a str),
+    Registry,
+    Other,
+}
+
+impl Topics {
+    pub const DEFAULT_PREFIX: &'static str = "homicro";
+
+    /// `prefix` must pass [`Topics::validate_prefix`].
+    pub fn new(prefix: &str) -> Topics {
+        Topics {
+            prefix: prefix.to_string(),
+            services: format!("{prefix}/services/"),
+            heartbeat: format!("{prefix}/heartbeat/"),
+        }
+    }
+
+    /// A prefix is one or more non-empty topic levels without wildcards.
+    pub fn validate_prefix(prefix: &str) -> Result<(), String> {
+        if prefix.is_empty()
+            || prefix.starts_with('$')
+            || prefix
+                .split('/')
+                .any(|l| l.is_empty() || l.contains(['+', '#', '\0']))
+        {
+            return Err(format!(
+                "{prefix:?} is not a topic prefix: use one or more non-empty levels without \
+                 '+', '#' or a leading '$', e.g. \"homicro\" or \"home/homicro\""
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn service(&self, name: &str) -> String {
+        format!("{}{name}", self.services)
+    }
+
+    pub fn heartbeat(&self, name: &str) -> String {
+        format!("{}{name}", self.heartbeat)
+    }
+
+    pub fn error(&self, name: &str) -> String {
+        format!("{}/errors/{name}", self.prefix)
+    }
+
+    pub fn event(&self, name: &str) -> String {
+        format!("{}/events/{name}", self.prefix)
+    }
+
+    pub fn registry(&self) -> String {
+        format!("{}/registry", self.prefix)
+    }
+
+    /// What the registry subscribes to: every record (deeper topics too, so
+    /// they can be refused), every heartbeat.
+    pub fn registry_filters(&self) -> [String; 2] {
+        [
+            format!("{}#", self.services),
+            format!("{}+", self.heartbeat),
+        ]
+    }
+
+    /// What a discovering client subscribes to.
+    pub fn services_filter(&self) -> String {
+        format!("{}+", self.services)
+    }
+
+    pub fn events_filter(&self) -> String {
+        format!("{}/events/+", self.prefix)
+    }
+
+    pub fn classify<'a>(&self, topic: &'a str) -> Incoming<'a> {
+        if let Some(rest) = topic.strip_prefix(self.services.as_str()) {
+            Incoming::Service(rest)
+        } else if let Some(rest) = topic.strip_prefix(self.heartbeat.as_str()) {
+            Incoming::Heartbeat(rest)
+        } else if topic.len() == self.prefix.len() + "/registry".len()
+            && topic.starts_with(&self.prefix)
+            && topic.ends_with("/registry")
+        {
+            Incoming::Registry
+        } else {
+            Incoming::Other
+        }
+    }
+
+    /// The name in a service topic, if the topic is one.
+    pub fn service_name(&self, topic: &str) -> Option<Name> {
+        match self.classify(topic) {
+            Incoming::Service(rest) => Name::parse(rest).ok(),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify() {
+        let t = Topics::new("home/hm");
+        assert_eq!(t.classify("home/hm/services/a"), Incoming::Service("a"));
+        assert_eq!(t.classify("home/hm/services/a/b"), Incoming::Service("a/b"));
+        assert_eq!(t.classify("home/hm/heartbeat/x"), Incoming::Heartbeat("x"));
+        assert_eq!(t.classify("home/hm/registry"), Incoming::Registry);
+        assert_eq!(t.classify("home/hm/events/a"), Incoming::Other);
+        assert_eq!(t.classify("homicro/services/a"), Incoming::Other);
+        assert_eq!(t.registry_filters()[0], "home/hm/services/#");
+    }
+
+    #[test]
+    fn prefixes() {
+        assert!(Topics::validate_prefix("homicro").is_ok());
+        assert!(Topics::validate_prefix("a/b").is_ok());
+        for bad in ["", "a/", "/a", "a/+", "#", "$SYS"] {
+            assert!(Topics::validate_prefix(bad).is_err(), "{bad}");
+        }
+    }
+}
