@@ -124,22 +124,15 @@ impl Session {
             .map_err(|e| fail(format!("publish: {e}")))
     }
 
-    /// Every retained record under `filter`, complete: after the filter's
-    /// SUBACK, a second subscription and a publish to it come back only
-    /// after the broker has queued all retained copies of the first.
+    /// Every current record, complete (see [`mqtt::snapshot`]).
     async fn snapshot(&mut self, topics: &Topics) -> Result<BTreeMap<String, Bytes>, CliError> {
-        let mut early = Vec::new();
-        self.subscribe(&[topics.services_filter()], &mut early)
-            .await?;
         let sync = format!("{}/sync/{}", topics.prefix(), mqtt::client_id("list"));
-        self.subscribe(std::slice::from_ref(&sync), &mut early)
-            .await?;
-        self.client
-            .publish(sync.clone(), QoS::AtMostOnce, false, "sync")
+        let filter = topics.services_filter();
+        let messages = mqtt::snapshot(&self.client, &mut self.rx, &filter, &sync, ANSWER_TIMEOUT)
             .await
-            .map_err(|e| fail(format!("publish: {e}")))?;
+            .map_err(|e| fail(format!("{}: {e}", self.broker)))?;
         let mut records = BTreeMap::new();
-        let mut absorb = |topic: String, payload: Bytes| {
+        for (topic, payload, _) in messages {
             if let Some(name) = topics.service_name(&topic) {
                 if payload.is_empty() {
                     records.remove(name.as_str());
@@ -147,17 +140,8 @@ impl Session {
                     records.insert(name.to_string(), payload);
                 }
             }
-        };
-        for (t, p, _) in early {
-            absorb(t, p);
         }
-        loop {
-            match self.next(ANSWER_TIMEOUT).await? {
-                Incoming::Message { topic, .. } if topic == sync => return Ok(records),
-                Incoming::Message { topic, payload, .. } => absorb(topic, payload),
-                _ => {}
-            }
-        }
+        Ok(records)
     }
 }
 

@@ -146,9 +146,11 @@ fn parse_meta(s: &str) -> Result<(String, String), String> {
 
 fn init_logging(default: &str) {
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("{default},rumqttd=warn")));
+        // rumqttd's router logs every ordinary disconnect as an error.
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default},rumqttd=warn,rumqttd::router=off")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
 }

@@ -138,3 +138,71 @@ pub async fn publish_retained(
         .publish_bytes(topic, QoS::AtLeastOnce, true, payload)
         .await
 }
+
+/// A message as delivered: topic, payload, retain flag.
+pub type Message = (String, Bytes, bool);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("no answer from the broker within {0:?}")]
+    Timeout(Duration),
+    #[error("lost the broker: {0}")]
+    Disconnected(String),
+    #[error("mqtt client closed")]
+    Closed,
+}
+
+/// Subscribes to `filter` and returns every message received until the
+/// broker has delivered all retained copies for it.
+///
+/// Completeness: brokers queue a subscription's retained copies when they
+/// handle the SUBSCRIBE (rumqttd right after the SUBACK, Mosquitto right
+/// after it too). So after the SUBACK for `filter` arrives, a second
+/// subscription to the private topic `sync_topic` and a publish to it come
+/// back behind every retained copy of the first. Messages for other topics
+/// that arrive meanwhile are returned too, in order.
+pub async fn snapshot(
+    client: &AsyncClient,
+    rx: &mut mpsc::UnboundedReceiver<Incoming>,
+    filter: &str,
+    sync_topic: &str,
+    wait: Duration,
+) -> Result<Vec<Message>, SnapshotError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut out = Vec::new();
+    let mut next = async |out: &mut Vec<Message>| -> Result<Option<Incoming>, SnapshotError> {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Err(_) => Err(SnapshotError::Timeout(wait)),
+            Ok(None) => Err(SnapshotError::Closed),
+            Ok(Some(Incoming::Disconnected(e))) => Err(SnapshotError::Disconnected(e)),
+            Ok(Some(Incoming::Message {
+                topic,
+                payload,
+                retained,
+            })) => {
+                out.push((topic, payload, retained));
+                Ok(None)
+            }
+            Ok(Some(other)) => Ok(Some(other)),
+        }
+    };
+    for f in [filter, sync_topic] {
+        client
+            .subscribe(f, QoS::AtMostOnce)
+            .await
+            .map_err(|_| SnapshotError::Closed)?;
+        while !matches!(next(&mut out).await?, Some(Incoming::Subscribed)) {}
+    }
+    client
+        .publish(sync_topic, QoS::AtMostOnce, false, "sync")
+        .await
+        .map_err(|_| SnapshotError::Closed)?;
+    loop {
+        next(&mut out).await?;
+        if out.last().is_some_and(|(t, ..)| t == sync_topic) {
+            out.pop();
+            let _ = client.unsubscribe(sync_topic).await;
+            return Ok(out);
+        }
+    }
+}

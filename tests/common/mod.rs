@@ -1,0 +1,465 @@
+//! The one shared test helper: starts `homicro serve` (the real binary) on a
+//! free port and waits until the registry announces itself online; starts a
+//! real `mosquitto` on a free port; and wraps rumqttc and the mosquitto
+//! command-line clients. No sleeps: every wait is for a message or a line.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use homicro::config::BrokerUrl;
+use homicro::mqtt::{self, Incoming};
+use rumqttc::{AsyncClient, QoS};
+use serde_json::Value;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_homicro")
+}
+
+/// A running `homicro serve` child process; killed on drop.
+pub struct Serve {
+    pub child: Child,
+    pub url: BrokerUrl,
+    pub dir: PathBuf,
+    pub state_file: PathBuf,
+    log: Arc<Mutex<Vec<String>>>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Serve {
+    /// `serve` on 127.0.0.1 with a free port and a fresh state file.
+    pub async fn start() -> Serve {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state.json");
+        let mut s = Serve::start_with(&["--listen", "127.0.0.1:0"], &state).await;
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// `serve` with `args` and the state file `state`; waits until online.
+    pub async fn start_with(args: &[&str], state: &Path) -> Serve {
+        let mut child = Command::new(bin())
+            .arg("serve")
+            .args(args)
+            .arg("--state-file")
+            .arg(state)
+            .env("RUST_LOG", "info,rumqttd=warn,rumqttd::router=off")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn homicro serve");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("homicro serving") {
+                    let url = line
+                        .split("listen=")
+                        .nth(1)
+                        .and_then(|r| r.split_whitespace().next());
+                    let _ = tx.send(url.map(str::to_string));
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let url = tokio::task::spawn_blocking(move || rx.recv_timeout(WAIT))
+            .await
+            .unwrap()
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("serve did not start: {:?}", log.lock().unwrap()));
+        let url = BrokerUrl::parse(&url).unwrap();
+        let s = Serve {
+            child,
+            url,
+            dir: state.parent().unwrap().to_path_buf(),
+            state_file: state.to_path_buf(),
+            log,
+            _tmp: None,
+        };
+        s.wait_online().await;
+        s
+    }
+
+    /// Waits until `PREFIX/registry` says online (retained).
+    pub async fn wait_online(&self) {
+        let mut c = Client::connect(&self.url).await;
+        c.subscribe("homicro/registry").await;
+        c.expect("homicro/registry", |v| v["state"] == "online")
+            .await;
+    }
+
+    pub fn port(&self) -> u16 {
+        self.url.port
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Waits for a log line containing `needle`.
+    pub async fn wait_log(&self, needle: &str) {
+        let start = Instant::now();
+        while !self.log().contains(needle) {
+            assert!(
+                start.elapsed() < WAIT,
+                "no log line with {needle:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// SIGTERM, then wait; returns the status and how long it took.
+    pub async fn terminate(&mut self) -> (ExitStatus, Duration) {
+        let start = Instant::now();
+        signal(self.child.id(), "TERM");
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return (st, start.elapsed());
+            }
+            assert!(start.elapsed() < WAIT, "serve did not exit after SIGTERM");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+/// A free TCP port on 127.0.0.1 (for processes that cannot take port 0).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real `mosquitto` on a free port; killed on drop.
+pub struct Mosquitto {
+    pub child: Child,
+    pub url: BrokerUrl,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    pub async fn start() -> Mosquitto {
+        Mosquitto::start_on(free_port()).await
+    }
+
+    pub async fn start_on(port: u16) -> Mosquitto {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                 set_tcp_nodelay true\n"
+            ),
+        )
+        .unwrap();
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto is installed (scripts/test installs it)");
+        let url = BrokerUrl {
+            host: "127.0.0.1".into(),
+            port,
+        };
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < WAIT, "mosquitto did not start");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Mosquitto {
+            child,
+            url,
+            _dir: dir,
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A rumqttc client with helpers to wait for messages.
+pub struct Client {
+    pub client: AsyncClient,
+    pub rx: UnboundedReceiver<Incoming>,
+    /// Messages received and not yet consumed by an `expect`.
+    pub seen: Vec<(String, Bytes, bool)>,
+}
+
+impl Client {
+    pub async fn connect(url: &BrokerUrl) -> Client {
+        Client::connect_with(mqtt::options(&mqtt::client_id("test"), url)).await
+    }
+
+    pub async fn connect_with(opts: rumqttc::MqttOptions) -> Client {
+        let (client, mut rx) = mqtt::connect(opts, Duration::from_millis(100));
+        tokio::time::timeout(WAIT, async {
+            loop {
+                if let Some(Incoming::Connected) = rx.recv().await {
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("connect");
+        Client {
+            client,
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Subscribes at QoS 0 and waits for the SUBACK.
+    pub async fn subscribe(&mut self, filter: &str) {
+        self.client
+            .subscribe(filter, QoS::AtMostOnce)
+            .await
+            .unwrap();
+        loop {
+            match self.recv().await {
+                Incoming::Subscribed => return,
+                Incoming::Message {
+                    topic,
+                    payload,
+                    retained,
+                } => self.seen.push((topic, payload, retained)),
+                _ => {}
+            }
+        }
+    }
+
+    pub async fn publish(&self, topic: &str, payload: impl Into<Bytes>, retain: bool) {
+        self.client
+            .publish_bytes(topic, QoS::AtLeastOnce, retain, payload.into())
+            .await
+            .unwrap();
+    }
+
+    pub async fn recv(&mut self) -> Incoming {
+        tokio::time::timeout(WAIT, self.rx.recv())
+            .await
+            .expect("timed out waiting for MQTT")
+            .expect("connection task ended")
+    }
+
+    /// Waits for a message on `topic` whose JSON payload satisfies `pred`;
+    /// returns it. Earlier non-matching messages are kept in `seen`.
+    pub async fn expect(&mut self, topic: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let matches = |t: &str, p: &Bytes| {
+            t == topic && serde_json::from_slice::<Value>(p).is_ok_and(|v| pred(&v))
+        };
+        if let Some(i) = self.seen.iter().position(|(t, p, _)| matches(t, p)) {
+            let (_, p, _) = self.seen.remove(i);
+            return serde_json::from_slice(&p).unwrap();
+        }
+        loop {
+            if let Incoming::Message {
+                topic: t,
+                payload,
+                retained,
+            } = self.recv().await
+            {
+                if matches(&t, &payload) {
+                    return serde_json::from_slice(&payload).unwrap();
+                }
+                self.seen.push((t, payload, retained));
+            }
+        }
+    }
+
+    /// Every message up to the end of `filter`'s retained copies.
+    pub async fn snapshot(&mut self, filter: &str) -> Vec<(String, Bytes, bool)> {
+        let sync = format!("test/sync/{}", mqtt::client_id("s"));
+        mqtt::snapshot(&self.client, &mut self.rx, filter, &sync, WAIT)
+            .await
+            .expect("snapshot")
+    }
+
+    /// Waits for a raw payload on `topic` equal to `want`.
+    pub async fn expect_raw(&mut self, topic: &str, want: &[u8]) {
+        if let Some(i) = self
+            .seen
+            .iter()
+            .position(|(t, p, _)| t == topic && p == want)
+        {
+            self.seen.remove(i);
+            return;
+        }
+        loop {
+            if let Incoming::Message {
+                topic: t,
+                payload,
+                retained,
+            } = self.recv().await
+            {
+                if t == topic && payload == want {
+                    return;
+                }
+                self.seen.push((t, payload, retained));
+            }
+        }
+    }
+}
+
+/// Every retained record a fresh rumqttc subscriber at QoS 0 receives,
+/// as name → payload, complete (see `homicro list`).
+pub async fn records(url: &BrokerUrl) -> std::collections::BTreeMap<String, String> {
+    let out = homicro_cmd(&["list", "--json", "--broker", &url.to_string()]);
+    assert!(out.status.success(), "list failed: {}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_string()))
+        .collect()
+}
+
+/// Runs `homicro ARGS` to completion.
+pub fn homicro_cmd(args: &[&str]) -> Output {
+    Command::new(bin()).args(args).output().unwrap()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `mosquitto_pub -p PORT ARGS`.
+pub fn mosquitto_pub(url: &BrokerUrl, args: &[&str]) {
+    let out = Command::new("mosquitto_pub")
+        .args(["-h", &url.host, "-p", &url.port.to_string()])
+        .args(args)
+        .output()
+        .expect("mosquitto_pub is installed");
+    assert!(
+        out.status.success(),
+        "mosquitto_pub {args:?}: {}",
+        stderr(&out)
+    );
+}
+
+/// A running `mosquitto_sub`; its output lines are collected.
+pub struct MosquittoSub {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl MosquittoSub {
+    /// `mosquitto_sub -v ARGS`; waits until subscribed (its `-d` SUBACK line).
+    pub async fn start(url: &BrokerUrl, args: &[&str]) -> MosquittoSub {
+        // stdbuf: mosquitto_sub block-buffers its output into a pipe.
+        let mut child = Command::new("stdbuf")
+            .args([
+                "-oL",
+                "mosquitto_sub",
+                "-h",
+                &url.host,
+                "-p",
+                &url.port.to_string(),
+                "-v",
+                "-d",
+            ])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto_sub is installed");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let s = MosquittoSub { child, lines };
+        s.wait_for(|l| l.contains("SUBACK")).await;
+        s
+    }
+
+    /// Waits for a line satisfying `pred`; returns it.
+    pub async fn wait_for(&self, pred: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(l) = self.lines.lock().unwrap().iter().find(|l| pred(l)) {
+                return l.clone();
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "mosquitto_sub saw no such line: {:?}",
+                self.lines.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Message lines (`TOPIC PAYLOAD`) so far, without the debug lines.
+    pub fn messages(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| !l.starts_with("Client ") && !l.starts_with("Subscribed"))
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for MosquittoSub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
