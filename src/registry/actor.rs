@@ -140,8 +140,11 @@ impl Actor {
             }
         })
         .await;
-        if seen.is_err() {
-            warn!("offline state not confirmed by the broker");
+        match seen {
+            // The broker forwards to every subscriber at once; an embedded
+            // one dies with this process, so give its writes a moment.
+            Ok(()) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(_) => warn!("offline state not confirmed by the broker"),
         }
         writer.finish(self.encode()).await;
         let _ = self.client.disconnect().await;

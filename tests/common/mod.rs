@@ -284,11 +284,16 @@ impl Client {
             .unwrap();
     }
 
+    /// The next event; panics on a lost connection or after `WAIT`.
     pub async fn recv(&mut self) -> Incoming {
-        tokio::time::timeout(WAIT, self.rx.recv())
-            .await
-            .expect("timed out waiting for MQTT")
-            .expect("connection task ended")
+        match tokio::time::timeout(WAIT, self.rx.recv()).await {
+            Ok(Some(Incoming::Disconnected(e))) => {
+                panic!("lost the broker: {e}; seen {:?}", self.seen)
+            }
+            Ok(Some(m)) => m,
+            Ok(None) => panic!("connection task ended"),
+            Err(_) => panic!("timed out waiting for MQTT; seen {:?}", self.seen),
+        }
     }
 
     /// Waits for a message on `topic` whose JSON payload satisfies `pred`;
