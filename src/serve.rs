@@ -28,14 +28,14 @@ pub struct Running {
 }
 
 /// Starts the broker (if embedded) and the registry.
-pub fn start(config: &ServeConfig) -> Result<Running, ServeError> {
+pub async fn start(config: &ServeConfig) -> Result<Running, ServeError> {
     let (embedded, actor_url, public) = match &config.broker {
         Some(url) => {
             info!(broker = %url, "using an external broker");
             (None, url.clone(), url.clone())
         }
         None => {
-            let b = EmbeddedBroker::start(&config.embedded, config.listen)?;
+            let b = EmbeddedBroker::start(&config.embedded, config.listen).await?;
             let internal = url_of(b.internal);
             let public = url_of(b.listen);
             (Some(b), internal, public)
@@ -62,7 +62,7 @@ pub async fn run(
     config: ServeConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let running = start(&config)?;
+    let running = start(&config).await?;
     tokio::pin!(shutdown);
     let mut check = tokio::time::interval(Duration::from_secs(1));
     let result = loop {

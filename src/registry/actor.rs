@@ -132,10 +132,11 @@ impl Actor {
         self.publish_all(vec![offline.clone()]).await;
         let seen = timeout(Duration::from_millis(800), async {
             while let Some(m) = self.incoming.recv().await {
-                if let Incoming::Message { topic, payload, .. } = m {
-                    if topic == offline.topic && payload == offline.payload {
-                        return;
-                    }
+                if let Incoming::Message { topic, payload, .. } = m
+                    && topic == offline.topic
+                    && payload == offline.payload
+                {
+                    return;
                 }
             }
         })

@@ -189,7 +189,7 @@ impl Registry {
                 self.note_echoes(&out);
                 out
             }
-            Incoming::Heartbeat(raw) => self.on_heartbeat(now, &raw.to_string(), &payload),
+            Incoming::Heartbeat(raw) => self.on_heartbeat(now, raw, &payload),
             Incoming::Registry | Incoming::Other => Vec::new(),
         }
     }
