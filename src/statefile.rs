@@ -188,6 +188,22 @@ mod tests {
     }
 
     #[test]
+    fn unreadable_file_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.json");
+        std::fs::create_dir(&path).unwrap();
+        let Loaded::Discarded { error, moved_to } = load(&path) else {
+            panic!("not discarded")
+        };
+        assert!(
+            error.to_string().starts_with("cannot read state file"),
+            "{error}"
+        );
+        assert!(moved_to.unwrap().is_dir());
+        assert!(!path.exists());
+    }
+
+    #[test]
     fn bad_records_are_skipped() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.json");

@@ -2,71 +2,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
 use common::*;
-
-/// A long-running `homicro` command whose stdout lines are collected.
-struct Running {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Running {
-    fn start(args: &[&str]) -> Running {
-        let mut child = Command::new(bin())
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        let out = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(l);
-            }
-        });
-        Running { child, lines }
-    }
-
-    async fn wait_line(&self, pred: impl Fn(&str) -> bool) -> String {
-        let start = Instant::now();
-        loop {
-            if let Some(l) = self.lines.lock().unwrap().iter().find(|l| pred(l)) {
-                return l.clone();
-            }
-            assert!(
-                start.elapsed() < WAIT,
-                "no such line in {:?}",
-                self.lines.lock().unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    async fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(start.elapsed() < WAIT, "did not exit");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[tokio::test]
 async fn register_heartbeats_then_deregisters_on_sigterm() {
@@ -75,7 +11,7 @@ async fn register_heartbeats_then_deregisters_on_sigterm() {
     let mut ev = Client::connect(&s.url).await;
     ev.subscribe("homicro/events/api").await;
     ev.subscribe("homicro/heartbeat/api").await;
-    let mut reg = Running::start(&[
+    let mut reg = Proc::homicro(&[
         "register",
         "api",
         "--port",
@@ -125,7 +61,7 @@ async fn register_without_ttl_is_cleared_by_the_will_when_killed() {
     let b = s.url.to_string();
     let mut ev = Client::connect(&s.url).await;
     ev.subscribe("homicro/events/tv").await;
-    let mut reg = Running::start(&["register", "tv", "--port", "8009", "--broker", &b]);
+    let mut reg = Proc::homicro(&["register", "tv", "--port", "8009", "--broker", &b]);
     let line = reg.wait_line(|l| l.starts_with("registered tv")).await;
     // Without --host: the local address of the connection to the broker.
     assert!(line.contains("at 127.0.0.1:8009"), "{line}");
@@ -205,7 +141,7 @@ async fn list_as_table_and_json_then_deregister() {
 async fn watch_prints_one_line_per_change() {
     let s = Serve::start().await;
     let b = s.url.to_string();
-    let w = Running::start(&["watch", "--broker", &b]);
+    let w = Proc::homicro(&["watch", "--broker", &b]);
     w.wait_line(|l| l == "registry online").await;
     mosquitto_pub(
         &s.url,

@@ -11,20 +11,6 @@ use common::*;
 const WEB: &str = r#"{"host":"10.0.0.5","port":8080,"ttl":60}"#;
 const NAS: &str = r#"{"host":"nas.local"}"#;
 
-async fn register(c: &mut Client, name: &str, record: &str) {
-    c.subscribe(&format!("homicro/events/{name}")).await;
-    c.publish(
-        &format!("homicro/services/{name}"),
-        record.to_string(),
-        true,
-    )
-    .await;
-    c.expect(&format!("homicro/events/{name}"), |v| {
-        v["event"] == "registered"
-    })
-    .await;
-}
-
 #[test]
 fn bad_flags_and_config_exit_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -109,7 +95,7 @@ fn config_prints_the_shipped_defaults_and_serve_reads_them() {
 async fn sigterm_goes_offline_flushes_state_and_exits_quickly() {
     let mut s = Serve::start().await;
     let mut c = Client::connect(&s.url).await;
-    register(&mut c, "web", WEB).await;
+    c.register("web", WEB).await;
     c.subscribe("homicro/registry").await;
     c.expect("homicro/registry", |v| v["state"] == "online")
         .await;
@@ -128,8 +114,8 @@ async fn a_restart_loses_no_registration() {
     let state = dir.path().join("state.json");
     let mut s = Serve::start_with(&["--listen", "127.0.0.1:0"], &state).await;
     let mut c = Client::connect(&s.url).await;
-    register(&mut c, "web", WEB).await;
-    register(&mut c, "nas", NAS).await;
+    c.register("web", WEB).await;
+    c.register("nas", NAS).await;
     // The state file is written soon after the change, without a shutdown.
     let start = std::time::Instant::now();
     while !std::fs::read_to_string(&state).is_ok_and(|t| t.contains("nas.local")) {
@@ -184,7 +170,7 @@ async fn a_corrupt_state_file_is_moved_aside_and_serve_starts_empty() {
         "{\"version\":1,\"records\":"
     );
     let mut c = Client::connect(&s.url).await;
-    register(&mut c, "web", WEB).await;
+    c.register("web", WEB).await;
     assert_eq!(records(&s.url).await.len(), 1);
 }
 
@@ -198,7 +184,7 @@ async fn external_broker_mode_against_mosquitto() {
     assert_eq!(s.url, mosq.url);
 
     let mut c = Client::connect(&mosq.url).await;
-    register(&mut c, "web", WEB).await;
+    c.register("web", WEB).await;
     c.subscribe("homicro/errors/web").await;
     mosquitto_pub(
         &mosq.url,
@@ -235,8 +221,8 @@ async fn external_broker_restart_gets_every_record_back() {
     let state = dir.path().join("state.json");
     let s = Serve::start_with(&["--broker", &mosq.url.to_string()], &state).await;
     let mut c = Client::connect(&mosq.url).await;
-    register(&mut c, "web", WEB).await;
-    register(&mut c, "nas", NAS).await;
+    c.register("web", WEB).await;
+    c.register("nas", NAS).await;
     drop(c);
 
     // mosquitto without persistence forgets every retained message.
@@ -278,4 +264,37 @@ async fn external_broker_snapshot_is_taken_over() {
         .await;
     let recs = records(&mosq.url).await;
     assert_eq!(recs.keys().collect::<Vec<_>>(), ["old"]);
+}
+
+#[tokio::test]
+async fn the_state_file_is_not_written_once_per_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    // Count writes through the actor's debug log.
+    let s = Serve::start_with(&["--listen", "127.0.0.1:0", "--log-level", "debug"], &state).await;
+    let c = Client::connect(&s.url).await;
+    let start = std::time::Instant::now();
+    let n = 3000;
+    for i in 0..n {
+        let rec = format!(r#"{{"host":"10.2.{}.{}","ttl":60}}"#, i / 250, i % 250);
+        c.publish(&format!("homicro/services/load-{i}"), rec, true)
+            .await;
+    }
+    let mut ev = Client::connect(&s.url).await;
+    ev.register("last", NAS).await;
+    let took = start.elapsed();
+    let saved = loop {
+        let text = std::fs::read_to_string(&state).unwrap_or_default();
+        if text.contains("\"last\"") {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(saved.contains("load-2999"));
+    let writes = s.log().matches("state file written").count();
+    println!("{n} registrations in {took:?}: {writes} state file writes");
+    assert!(
+        writes as u64 <= took.as_secs() + 3,
+        "{writes} writes for {n} registrations in {took:?}"
+    );
 }

@@ -13,13 +13,13 @@ const WEB: &str = r#"{"host":"10.0.0.5","port":8080,"role":"web","version":"1.2.
 #[tokio::test]
 async fn register_discover_and_deregister_with_mosquitto_clients() {
     let s = Serve::start().await;
-    let sub = MosquittoSub::start(
+    let sub = Proc::mosquitto_sub(
         &s.url,
         &["-t", "homicro/services/+", "-t", "homicro/events/+"],
     )
     .await;
     mosquitto_pub(&s.url, &["-t", "homicro/services/web", "-r", "-m", WEB]);
-    sub.wait_for(|l| l.starts_with("homicro/events/web") && l.contains("\"registered\""))
+    sub.wait_line(|l| l.starts_with("homicro/events/web") && l.contains("\"registered\""))
         .await;
     assert!(
         sub.messages()
@@ -28,13 +28,13 @@ async fn register_discover_and_deregister_with_mosquitto_clients() {
     );
 
     // A newcomer gets the retained record at once.
-    let late = MosquittoSub::start(&s.url, &["-t", "homicro/services/+", "-C", "1"]).await;
-    late.wait_for(|l| l == format!("homicro/services/web {WEB}"))
+    let late = Proc::mosquitto_sub(&s.url, &["-t", "homicro/services/+", "-C", "1"]).await;
+    late.wait_line(|l| l == format!("homicro/services/web {WEB}"))
         .await;
     assert_eq!(records(&s.url).await.len(), 1);
 
     mosquitto_pub(&s.url, &["-t", "homicro/services/web", "-r", "-n"]);
-    sub.wait_for(|l| l.contains("\"deregistered\"")).await;
+    sub.wait_line(|l| l.contains("\"deregistered\"")).await;
     assert!(records(&s.url).await.is_empty());
 }
 

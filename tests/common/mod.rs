@@ -52,7 +52,7 @@ impl Serve {
             .args(args)
             .arg("--state-file")
             .arg(state)
-            .env("RUST_LOG", "info,rumqttd=warn,rumqttd::router=off")
+            .env("RUST_LOG", log_filter(args))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -148,6 +148,16 @@ impl Drop for Serve {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// RUST_LOG for a serve started with `args` (honours `--log-level`).
+fn log_filter(args: &[&str]) -> String {
+    let level = args
+        .iter()
+        .position(|a| *a == "--log-level")
+        .and_then(|i| args.get(i + 1))
+        .unwrap_or(&"info");
+    format!("{level},rumqttd=warn,rumqttd::router=off")
 }
 
 pub fn signal(pid: u32, sig: &str) {
@@ -329,6 +339,19 @@ impl Client {
             .expect("snapshot")
     }
 
+    /// Registers NAME with `record` and waits for the registry's `registered`.
+    pub async fn register(&mut self, name: &str, record: &str) {
+        let events = format!("homicro/events/{name}");
+        self.subscribe(&events).await;
+        self.publish(
+            &format!("homicro/services/{name}"),
+            record.to_string(),
+            true,
+        )
+        .await;
+        self.expect(&events, |v| v["event"] == "registered").await;
+    }
+
     /// Waits for a raw payload on `topic` equal to `want`.
     pub async fn expect_raw(&mut self, topic: &str, want: &[u8]) {
         if let Some(i) = self
@@ -395,32 +418,19 @@ pub fn mosquitto_pub(url: &BrokerUrl, args: &[&str]) {
     );
 }
 
-/// A running `mosquitto_sub`; its output lines are collected.
-pub struct MosquittoSub {
-    child: Child,
+/// A child process whose stdout lines are collected; killed on drop.
+pub struct Proc {
+    pub child: Child,
     lines: Arc<Mutex<Vec<String>>>,
 }
 
-impl MosquittoSub {
-    /// `mosquitto_sub -v ARGS`; waits until subscribed (its `-d` SUBACK line).
-    pub async fn start(url: &BrokerUrl, args: &[&str]) -> MosquittoSub {
-        // stdbuf: mosquitto_sub block-buffers its output into a pipe.
-        let mut child = Command::new("stdbuf")
-            .args([
-                "-oL",
-                "mosquitto_sub",
-                "-h",
-                &url.host,
-                "-p",
-                &url.port.to_string(),
-                "-v",
-                "-d",
-            ])
-            .args(args)
+impl Proc {
+    pub fn spawn(cmd: &mut Command) -> Proc {
+        let mut child = cmd
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::inherit())
             .spawn()
-            .expect("mosquitto_sub is installed");
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();
         let out = child.stdout.take().unwrap();
@@ -429,42 +439,73 @@ impl MosquittoSub {
                 sink.lock().unwrap().push(line);
             }
         });
-        let s = MosquittoSub { child, lines };
-        s.wait_for(|l| l.contains("SUBACK")).await;
-        s
+        Proc { child, lines }
+    }
+
+    /// `homicro ARGS`.
+    pub fn homicro(args: &[&str]) -> Proc {
+        Proc::spawn(Command::new(bin()).args(args))
+    }
+
+    /// `mosquitto_sub -v -d ARGS`; waits until subscribed (its SUBACK line).
+    pub async fn mosquitto_sub(url: &BrokerUrl, args: &[&str]) -> Proc {
+        // stdbuf: mosquitto_sub block-buffers its output into a pipe.
+        let p = Proc::spawn(
+            Command::new("stdbuf")
+                .args(["-oL", "mosquitto_sub", "-h", &url.host])
+                .args(["-p", &url.port.to_string(), "-v", "-d"])
+                .args(args)
+                .stderr(Stdio::null()),
+        );
+        p.wait_line(|l| l.contains("SUBACK")).await;
+        p
     }
 
     /// Waits for a line satisfying `pred`; returns it.
-    pub async fn wait_for(&self, pred: impl Fn(&str) -> bool) -> String {
-        let start = Instant::now();
-        loop {
-            if let Some(l) = self.lines.lock().unwrap().iter().find(|l| pred(l)) {
-                return l.clone();
-            }
-            assert!(
-                start.elapsed() < WAIT,
-                "mosquitto_sub saw no such line: {:?}",
-                self.lines.lock().unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    pub async fn wait_line(&self, pred: impl Fn(&str) -> bool) -> String {
+        let found = || self.lines.lock().unwrap().iter().find(|l| pred(l)).cloned();
+        wait_until(&found, || {
+            format!("no such line in {:?}", self.lines.lock().unwrap())
+        })
+        .await
     }
 
-    /// Message lines (`TOPIC PAYLOAD`) so far, without the debug lines.
+    /// Output lines so far, without mosquitto_sub's debug lines.
     pub fn messages(&self) -> Vec<String> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| !l.starts_with("Client ") && !l.starts_with("Subscribed"))
-            .cloned()
-            .collect()
+        let lines = self.lines.lock().unwrap();
+        let debug = |l: &&String| l.starts_with("Client ") || l.starts_with("Subscribed");
+        lines.iter().filter(|l| !debug(l)).cloned().collect()
+    }
+
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        let child = &mut self.child;
+        let mut status = || child.try_wait().unwrap();
+        let mut last = None;
+        let start = Instant::now();
+        while last.is_none() {
+            last = status();
+            assert!(start.elapsed() < WAIT, "did not exit");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        last.unwrap()
     }
 }
 
-impl Drop for MosquittoSub {
+impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Polls `probe` every 10 ms until it returns a value; fails after `WAIT`.
+pub async fn wait_until<T>(probe: impl Fn() -> Option<T>, why: impl Fn() -> String) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(start.elapsed() < WAIT, "{}", why());
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
