@@ -19,6 +19,7 @@
 
 pub mod broker;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod mqtt;
 pub mod record;

@@ -257,23 +257,14 @@ async fn client(cmd: Command) -> Result<(), CliError> {
                 health_tcp: r.health_tcp,
                 once: r.once,
             };
-            let topics = Topics::new(&r.conn.prefix);
-            cli::register(&r.conn.broker, &topics, &args, stop_signal()).await
+            cli::register(&r.conn.broker, &r.conn.prefix, &args, stop_signal()).await
         }
         Command::Deregister { name, conn } => {
-            cli::deregister(&conn.broker, &Topics::new(&conn.prefix), &name).await
+            cli::deregister(&conn.broker, &conn.prefix, &name).await
         }
-        Command::List { json, conn } => {
-            cli::list(&conn.broker, &Topics::new(&conn.prefix), json).await
-        }
+        Command::List { json, conn } => cli::list(&conn.broker, &conn.prefix, json).await,
         Command::Watch { json, conn } => {
-            cli::watch(
-                &conn.broker,
-                &Topics::new(&conn.prefix),
-                json,
-                stop_signal(),
-            )
-            .await
+            cli::watch(&conn.broker, &conn.prefix, json, stop_signal()).await
         }
         Command::Serve(_) | Command::Config => unreachable!("handled in main"),
     }

@@ -245,7 +245,7 @@ async fn without_a_broker_or_registry_commands_say_so() {
     let out = homicro_cmd(&["register", "x", "--host", "h", "--once", "--broker", &b]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("no registry on this broker"),
+        stderr(&out).contains("the registry is offline or absent"),
         "{}",
         stderr(&out)
     );

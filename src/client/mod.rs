@@ -1,0 +1,355 @@
+//! The helper for Rust services: register and stay registered, and keep a
+//! live local directory of every service. Built on rumqttc; the CLI uses it
+//! too.
+//!
+//! A service registers in three lines and deregisters on shutdown:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use homicro::client::{Broker, Registration};
+//! let broker = Broker::parse("mqtt://localhost:1883")?;
+//! let reg = Registration::builder("web").port(8080).ttl_secs(30).version("1.2.0")
+//!     .health_http("/health").register(&broker).await?;
+//! // ... serve ...
+//! reg.deregister().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! A consumer finds a live instance of a role and version range:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use homicro::client::{Broker, Directory};
+//! let dir = Directory::connect(&Broker::parse("mqtt://localhost:1883")?).await?;
+//! dir.ready().await;
+//! if let Some(api) = dir.pick("api@^1.2")? {
+//!     println!("calling {}", api.endpoint());
+//! }
+//! # Ok(()) }
+//! ```
+
+mod directory;
+mod registration;
+
+use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::{AsyncClient, LastWill, QoS};
+use serde_json::Value;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::time::{Instant, timeout_at};
+
+pub use crate::config::BrokerUrl as Broker;
+pub use crate::record::{Endpoint, Name, Record};
+pub use directory::{
+    Change, Directory, DirectoryError, Options as DirectoryOptions, Service, Strategy,
+};
+pub use registration::{RegisterError, Registration, RegistrationBuilder};
+
+use crate::mqtt::{self, Incoming, SnapshotError};
+use crate::topics::Topics;
+
+/// How long the helper waits for the broker or the registry to answer.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the broker could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectionError {
+    #[error("cannot connect to {broker}: {reason}")]
+    Connect { broker: String, reason: String },
+    #[error("lost the broker {broker}: {reason}")]
+    Lost { broker: String, reason: String },
+    #[error("no answer from {broker} within {wait:?}")]
+    Timeout { broker: String, wait: Duration },
+    #[error("the MQTT client has stopped")]
+    Closed,
+}
+
+/// One MQTT session: a rumqttc client and the events of its event loop.
+pub(crate) struct Connection {
+    pub client: AsyncClient,
+    pub rx: UnboundedReceiver<Incoming>,
+    pub broker: Broker,
+}
+
+impl Connection {
+    /// Connects (with an optional will) and waits for the CONNACK.
+    pub async fn open(
+        broker: &Broker,
+        client_prefix: &str,
+        will: Option<LastWill>,
+    ) -> Result<Connection, ConnectionError> {
+        let mut opts = mqtt::options(&mqtt::client_id(client_prefix), broker);
+        if let Some(w) = will {
+            opts.set_last_will(w);
+        }
+        let (client, rx) = mqtt::connect(opts, Duration::from_millis(100));
+        let mut c = Connection {
+            client,
+            rx,
+            broker: broker.clone(),
+        };
+        let deadline = Instant::now() + ANSWER_TIMEOUT;
+        let mut reason = "no answer".to_string();
+        loop {
+            match timeout_at(deadline, c.rx.recv()).await {
+                Ok(Some(Incoming::Connected)) => return Ok(c),
+                Ok(Some(Incoming::Disconnected(e))) => reason = e,
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => {
+                    return Err(ConnectionError::Connect {
+                        broker: broker.to_string(),
+                        reason,
+                    });
+                }
+            }
+        }
+    }
+
+    /// The next event, or an error on a lost connection or after `deadline`.
+    pub async fn next(&mut self, deadline: Instant) -> Result<Incoming, ConnectionError> {
+        match timeout_at(deadline, self.rx.recv()).await {
+            Ok(Some(Incoming::Disconnected(reason))) => Err(ConnectionError::Lost {
+                broker: self.broker.to_string(),
+                reason,
+            }),
+            Ok(Some(m)) => Ok(m),
+            Ok(None) => Err(ConnectionError::Closed),
+            Err(_) => Err(ConnectionError::Timeout {
+                broker: self.broker.to_string(),
+                wait: ANSWER_TIMEOUT,
+            }),
+        }
+    }
+
+    /// Subscribes to each filter and waits for every SUBACK; messages that
+    /// arrive meanwhile are returned.
+    pub async fn subscribe(
+        &mut self,
+        filters: &[String],
+    ) -> Result<Vec<mqtt::Message>, ConnectionError> {
+        for f in filters {
+            self.client
+                .subscribe(f.clone(), QoS::AtMostOnce)
+                .await
+                .map_err(|_| ConnectionError::Closed)?;
+        }
+        let deadline = Instant::now() + ANSWER_TIMEOUT;
+        let (mut acks, mut early) = (0, Vec::new());
+        while acks < filters.len() {
+            match self.next(deadline).await? {
+                Incoming::Subscribed => acks += 1,
+                Incoming::Message {
+                    topic,
+                    payload,
+                    retained,
+                } => early.push((topic, payload, retained)),
+                _ => {}
+            }
+        }
+        Ok(early)
+    }
+
+    /// Every message up to the end of `filter`'s retained copies (see
+    /// [`mqtt::snapshot`]).
+    pub async fn snapshot(
+        &mut self,
+        topics: &Topics,
+        filter: &str,
+    ) -> Result<Vec<mqtt::Message>, ConnectionError> {
+        let sync = format!("{}/sync/{}", topics.prefix(), mqtt::client_id("dir"));
+        mqtt::snapshot(&self.client, &mut self.rx, filter, &sync, ANSWER_TIMEOUT)
+            .await
+            .map_err(|e| self.snapshot_error(e))
+    }
+
+    fn snapshot_error(&self, e: SnapshotError) -> ConnectionError {
+        let broker = self.broker.to_string();
+        match e {
+            SnapshotError::Timeout(wait) => ConnectionError::Timeout { broker, wait },
+            SnapshotError::Disconnected(reason) => ConnectionError::Lost { broker, reason },
+            SnapshotError::Closed => ConnectionError::Closed,
+        }
+    }
+
+    pub async fn publish(
+        &self,
+        topic: String,
+        payload: Bytes,
+        retain: bool,
+    ) -> Result<(), ConnectionError> {
+        self.client
+            .publish_bytes(topic, QoS::AtLeastOnce, retain, payload)
+            .await
+            .map_err(|_| ConnectionError::Closed)
+    }
+
+    /// Disconnects and waits (briefly) until the DISCONNECT went out.
+    pub async fn close(mut self) {
+        let _ = self.client.disconnect().await;
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while let Ok(m) = self.next(deadline).await {
+            if matches!(m, Incoming::Closed) {
+                return;
+            }
+        }
+    }
+}
+
+/// What `PREFIX/registry` says: `Some("online")`, `Some("offline")`, or
+/// `None` when there is no registry on the broker.
+pub(crate) fn registry_state(payload: &[u8]) -> Option<String> {
+    serde_json::from_slice::<Value>(payload)
+        .ok()?
+        .get("state")?
+        .as_str()
+        .map(str::to_string)
+}
+
+/// The local address this machine uses to reach `broker` (no packet sent):
+/// the host a service registers when it is not told one.
+pub fn local_address_towards(broker: &Broker) -> std::io::Result<String> {
+    let target: SocketAddr = (broker.host.as_str(), broker.port)
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| std::io::Error::other(format!("cannot resolve {}", broker.host)))?;
+    let bind: SocketAddr = if target.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = UdpSocket::bind(bind)?;
+    sock.connect(target)?;
+    Ok(sock.local_addr()?.ip().to_string())
+}
+
+/// Clears NAME's record and waits until the registry confirms. Returns
+/// `Ok(false)` when NAME was not registered.
+pub async fn deregister(broker: &Broker, prefix: &str, name: &Name) -> Result<bool, RegisterError> {
+    let topics = Topics::new(prefix);
+    let mut c = Connection::open(broker, "homicro-dereg", None).await?;
+    let events = topics.event(name.as_str());
+    c.subscribe(std::slice::from_ref(&events)).await?;
+    let topic = topics.service(name.as_str());
+    let snapshot = c.snapshot(&topics, &topic).await?;
+    if !snapshot
+        .iter()
+        .any(|(t, p, _)| *t == topic && !p.is_empty())
+    {
+        c.close().await;
+        return Ok(false);
+    }
+    c.publish(topic, Bytes::new(), true).await?;
+    let deadline = Instant::now() + ANSWER_TIMEOUT;
+    loop {
+        match c.next(deadline).await {
+            Ok(Incoming::Message { topic, payload, .. }) if topic == events => {
+                let v: Value = serde_json::from_slice(&payload).unwrap_or_default();
+                if v["event"] == "deregistered" {
+                    c.close().await;
+                    return Ok(true);
+                }
+            }
+            Ok(_) => {}
+            Err(ConnectionError::Timeout { .. }) => return Err(RegisterError::RegistryOffline),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// A pseudo-random number (std's per-process random SipHash keys).
+pub(crate) fn random() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
+/// What the registry announces on `PREFIX/events/+` and `PREFIX/registry`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Announcement {
+    /// An event: `registered`, `updated`, `deregistered`, `expired`,
+    /// `rejected`, `restored`, `unhealthy`; the payload as published.
+    Event {
+        event: String,
+        name: String,
+        payload: Value,
+    },
+    /// The registry's state: `online` or `offline`.
+    Registry(String),
+}
+
+/// Follows the registry's announcements (for `homicro watch`), reconnecting
+/// and resubscribing as needed.
+pub struct Announcements {
+    conn: Connection,
+    topics: Topics,
+    filters: [String; 2],
+    pending: std::collections::VecDeque<mqtt::Message>,
+}
+
+impl Announcements {
+    pub async fn connect(broker: &Broker, prefix: &str) -> Result<Announcements, ConnectionError> {
+        let topics = Topics::new(prefix);
+        let mut conn = Connection::open(broker, "homicro-watch", None).await?;
+        let filters = [topics.events_filter(), topics.registry()];
+        let early = conn.subscribe(&filters).await?;
+        Ok(Announcements {
+            conn,
+            topics,
+            filters,
+            pending: early.into(),
+        })
+    }
+
+    /// The next announcement; `Err` only when the client has stopped.
+    pub async fn next(&mut self) -> Result<Announcement, ConnectionError> {
+        loop {
+            let (topic, payload) = match self.pending.pop_front() {
+                Some((t, p, _)) => (t, p),
+                None => match self.conn.rx.recv().await {
+                    None => return Err(ConnectionError::Closed),
+                    Some(Incoming::Message { topic, payload, .. }) => (topic, payload),
+                    Some(Incoming::Connected) => {
+                        for f in &self.filters {
+                            self.conn
+                                .client
+                                .subscribe(f.clone(), QoS::AtMostOnce)
+                                .await
+                                .map_err(|_| ConnectionError::Closed)?;
+                        }
+                        continue;
+                    }
+                    Some(Incoming::Disconnected(e)) => {
+                        tracing::warn!(error = %e, "lost the broker; reconnecting");
+                        continue;
+                    }
+                    Some(_) => continue,
+                },
+            };
+            if topic == self.filters[1] {
+                return Ok(Announcement::Registry(
+                    registry_state(&payload).unwrap_or_else(|| "unknown".into()),
+                ));
+            }
+            let v: Value = serde_json::from_slice(&payload).unwrap_or_default();
+            let Some(event) = v["event"].as_str() else {
+                continue;
+            };
+            let name = topic
+                .strip_prefix(&format!("{}/events/", self.topics.prefix()))
+                .unwrap_or(&topic)
+                .to_string();
+            return Ok(Announcement::Event {
+                event: event.to_string(),
+                name,
+                payload: v,
+            });
+        }
+    }
+
+    pub async fn close(self) {
+        self.conn.close().await;
+    }
+}
