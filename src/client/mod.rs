@@ -45,7 +45,9 @@ pub use crate::record::{Endpoint, Name, Record};
 pub use directory::{
     Change, Directory, DirectoryError, Options as DirectoryOptions, Service, Strategy,
 };
-pub use registration::{RegisterError, Registration, RegistrationBuilder};
+pub use registration::{
+    RegisterError, Registration, RegistrationBuilder, Status as RegistrationStatus,
+};
 
 use crate::mqtt::{self, Incoming, SnapshotError};
 use crate::topics::Topics;

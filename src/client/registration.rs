@@ -1,6 +1,7 @@
 //! A service's own registration: validated before sending, accepted by the
 //! registry before `register` returns, kept alive in the background.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -110,6 +111,16 @@ impl Registration {
             .await
             .map_err(|_| ConnectionError::Closed)?;
         rx.await.map_err(|_| ConnectionError::Closed)?
+    }
+}
+
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registration")
+            .field("name", &self.name)
+            .field("endpoint", &self.record.endpoint)
+            .field("status", &self.status())
+            .finish()
     }
 }
 
@@ -269,6 +280,8 @@ struct Session {
     record: Record,
     topic: String,
     filters: [String; 4],
+    /// Messages that arrived while waiting for an answer.
+    backlog: VecDeque<Incoming>,
 }
 
 impl Session {
@@ -286,6 +299,7 @@ impl Session {
             name,
             record,
             filters,
+            backlog: VecDeque::new(),
         }
     }
 
@@ -318,15 +332,37 @@ impl Session {
                 Err(ConnectionError::Timeout { .. }) => return Err(RegisterError::RegistryOffline),
                 Err(e) => return Err(e.into()),
             };
-            let Incoming::Message { topic, payload, .. } = m else {
+            let Incoming::Message {
+                topic,
+                payload,
+                retained,
+            } = m
+            else {
                 continue;
             };
             if let Some(answer) = self.answer(&topic, &payload) {
                 // Watch our own topic only now: the registry has spoken.
-                c.subscribe(&filters[3..]).await?;
+                let early = c.subscribe(&filters[3..]).await?;
+                self.keep_for_later(early);
                 return answer;
             }
+            // Not the answer: the keep-alive loop looks at it afterwards (a
+            // clear of our record that raced this publish, say).
+            self.keep_for_later([(topic, payload, retained)]);
         }
+    }
+
+    fn keep_for_later(&mut self, messages: impl IntoIterator<Item = crate::mqtt::Message>) {
+        self.backlog
+            .extend(
+                messages
+                    .into_iter()
+                    .map(|(topic, payload, retained)| Incoming::Message {
+                        topic,
+                        payload,
+                        retained,
+                    }),
+            );
     }
 
     /// The registry's answer to our publish, if this message is one.
@@ -398,7 +434,7 @@ impl Session {
                 _ = beat.tick(), if every.is_some() && !lost => {
                     let _ = c.publish(self.topics.heartbeat(self.name.as_str()), heartbeat.clone(), false).await;
                 }
-                m = c.rx.recv() => {
+                m = next_message(&mut self.backlog, &mut c.rx) => {
                     let Some(m) = m else { break None };
                     let reassert = match m {
                         // A new session: subscriptions are gone and the broker
@@ -459,6 +495,7 @@ impl Session {
         lost: &mut bool,
         status: &watch::Sender<Status>,
     ) -> bool {
+        debug!(name = %self.name, topic, len = payload.len(), retained, "message");
         if topic == self.topic {
             // Our record vanished (expired, cleared by a restarted registry,
             // or deregistered by someone): assert it again. A record from
@@ -484,5 +521,16 @@ impl Session {
             }
         }
         false
+    }
+}
+
+/// The next message: from the backlog first, then from the connection.
+async fn next_message(
+    backlog: &mut VecDeque<Incoming>,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Incoming>,
+) -> Option<Incoming> {
+    match backlog.pop_front() {
+        Some(m) => Some(m),
+        None => rx.recv().await,
     }
 }

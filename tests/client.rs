@@ -1,0 +1,372 @@
+//! End to end: the Rust helper against `homicro serve` on a free port.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use homicro::client::{Broker, ConnectionError};
+use homicro::client::{Change, Directory, DirectoryOptions, RegisterError, Registration, Strategy};
+
+async fn directory(url: &Broker) -> Directory {
+    let dir = Directory::connect(url).await.unwrap();
+    tokio::time::timeout(WAIT, dir.ready()).await.unwrap();
+    dir
+}
+
+/// Waits for a change satisfying `pred` on `rx`.
+async fn change(
+    rx: &mut tokio::sync::broadcast::Receiver<Change>,
+    pred: impl Fn(&Change) -> bool,
+) -> Change {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let c = rx.recv().await.unwrap();
+            if pred(&c) {
+                return c;
+            }
+        }
+    })
+    .await
+    .expect("no such change")
+}
+
+fn removed(name: &str) -> impl Fn(&Change) -> bool + '_ {
+    move |c| matches!(c, Change::Removed(s) if s.name.as_str() == name)
+}
+
+fn added(name: &str) -> impl Fn(&Change) -> bool + '_ {
+    move |c| matches!(c, Change::Added(s) if s.name.as_str() == name)
+}
+
+#[tokio::test]
+async fn a_registration_is_visible_to_a_directory_within_100ms() {
+    let s = Serve::start().await;
+    let dir = directory(&s.url).await;
+    let start = Instant::now();
+    let reg = Registration::builder("web")
+        .host("10.0.0.5")
+        .port(8080)
+        .ttl_secs(30)
+        .role("web")
+        .version("1.2.0")
+        .register(&s.url)
+        .await
+        .unwrap();
+    let registered = start.elapsed();
+    let svc = dir
+        .wait_for("web", Duration::from_millis(100))
+        .await
+        .unwrap();
+    println!(
+        "register() returned after {registered:?}; visible to the directory after {:?}",
+        start.elapsed()
+    );
+    assert_eq!(svc.endpoint().to_string(), "10.0.0.5:8080");
+    assert_eq!(svc.record.version.as_ref().unwrap().to_string(), "1.2.0");
+    assert_eq!(dir.by_role("web").len(), 1);
+    assert_eq!(dir.list().len(), 1);
+
+    let mut rx = dir.changes();
+    reg.deregister().await.unwrap();
+    change(&mut rx, removed("web")).await;
+    assert!(dir.get("web").is_none());
+}
+
+#[tokio::test]
+async fn ready_holds_all_of_ten_thousand_records() {
+    let s = Serve::start().await;
+    let mut c = Client::connect(&s.url).await;
+    let n = 10_000;
+    for i in 0..n {
+        let rec = format!(
+            r#"{{"host":"10.3.{}.{}","role":"r{}"}}"#,
+            i / 250,
+            i % 250,
+            i % 7
+        );
+        c.publish(&format!("homicro/services/s-{i}"), rec, true)
+            .await;
+    }
+    // Registered after the others from the same client: once the registry
+    // accepted it, it has all of them.
+    c.register("probe", r#"{"host":"10.9.9.9"}"#).await;
+    let start = Instant::now();
+    let dir = directory(&s.url).await;
+    println!(
+        "directory ready with {} records in {:?}",
+        dir.list().len(),
+        start.elapsed()
+    );
+    assert_eq!(dir.list().len(), n + 1);
+    assert_eq!(
+        dir.by_role("r3").len(),
+        (0..n).filter(|i| i % 7 == 3).count()
+    );
+}
+
+#[tokio::test]
+async fn a_killed_service_disappears_by_will_or_ttl() {
+    let s = Serve::start().await;
+    let dir = directory(&s.url).await;
+    let mut rx = dir.changes();
+    let b = s.url.to_string();
+    let mut with_will = Proc::homicro(&["register", "tv", "--host", "10.0.0.7", "--broker", &b]);
+    let mut with_ttl = Proc::homicro(&[
+        "register", "cam", "--host", "10.0.0.8", "--ttl", "1s", "--broker", &b,
+    ]);
+    dir.wait_for("tv", WAIT).await.unwrap();
+    dir.wait_for("cam", WAIT).await.unwrap();
+    signal(with_will.child.id(), "KILL");
+    signal(with_ttl.child.id(), "KILL");
+    with_will.wait_exit().await;
+    with_ttl.wait_exit().await;
+    let t = Instant::now();
+    change(&mut rx, removed("tv")).await;
+    change(&mut rx, removed("cam")).await;
+    println!("both gone {:?} after the kill", t.elapsed());
+    assert!(dir.list().is_empty());
+}
+
+#[tokio::test]
+async fn two_services_race_for_one_name_and_exactly_one_wins() {
+    let s = Serve::start().await;
+    let a = Registration::builder("db")
+        .host("10.0.0.1")
+        .port(5432)
+        .register(&s.url);
+    let b = Registration::builder("db")
+        .host("10.0.0.2")
+        .port(5432)
+        .register(&s.url);
+    let (a, b) = tokio::join!(a, b);
+    let (winner, loser) = match (a, b) {
+        (Ok(w), Err(l)) | (Err(l), Ok(w)) => (w, l),
+        (a, b) => panic!("expected one winner: {:?} / {:?}", a.is_ok(), b.is_ok()),
+    };
+    match loser {
+        RegisterError::Owned { owner, detail } => {
+            assert_eq!(owner, winner.record().endpoint);
+            assert!(detail.contains("owned by"));
+        }
+        other => panic!("expected Owned, got {other:?}"),
+    }
+    let dir = directory(&s.url).await;
+    assert_eq!(dir.get("db").unwrap().endpoint(), &winner.record().endpoint);
+}
+
+#[tokio::test]
+async fn pick_fails_over_to_another_instance() {
+    let s = Serve::start().await;
+    let mut regs = Vec::new();
+    for (name, host, version) in [
+        ("api-1", "10.0.0.1", "1.2.0"),
+        ("api-2", "10.0.0.2", "1.4.1"),
+        ("api-3", "10.0.0.3", "2.0.0"),
+    ] {
+        let r = Registration::builder(name)
+            .host(host)
+            .port(80)
+            .role("api")
+            .version(version)
+            .register(&s.url)
+            .await
+            .unwrap();
+        regs.push(r);
+    }
+    let options = DirectoryOptions {
+        strategy: Strategy::RoundRobin,
+        ..Default::default()
+    };
+    let dir = Directory::connect_with(&s.url, options).await.unwrap();
+    dir.ready().await;
+    assert_eq!(dir.find("api@^1.2").unwrap().len(), 2);
+    assert_eq!(dir.find("api@*").unwrap().len(), 3);
+    let first = dir.pick("api@^1.2").unwrap().unwrap();
+    let second = dir.pick("api@^1.2").unwrap().unwrap();
+    assert_ne!(first.name, second.name, "round robin");
+    dir.report_failed(&first);
+    for _ in 0..4 {
+        assert_eq!(dir.pick("api@^1.2").unwrap().unwrap().name, second.name);
+    }
+    dir.report_failed(&second);
+    assert_eq!(dir.pick("api@^1.2").unwrap(), None);
+    assert_eq!(dir.pick("api@2.x").unwrap().unwrap().name.as_str(), "api-3");
+    assert!(dir.pick("api@^nope").is_err());
+
+    let random = Directory::connect_with(
+        &s.url,
+        DirectoryOptions {
+            strategy: Strategy::Random,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    random.ready().await;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..200 {
+        seen.insert(random.pick("api").unwrap().unwrap().name);
+    }
+    assert_eq!(seen.len(), 3, "random picks every instance eventually");
+}
+
+#[tokio::test]
+async fn a_registry_restarted_with_empty_state_gets_the_registration_back() {
+    let port = free_port();
+    let dir_tmp = tempfile::tempdir().unwrap();
+    let state = dir_tmp.path().join("state.json");
+    let listen = format!("127.0.0.1:{port}");
+    let mut s = Serve::start_with(&["--listen", &listen], &state).await;
+    let reg = Registration::builder("nas")
+        .host("10.0.0.9")
+        .ttl_secs(60)
+        .register(&s.url)
+        .await
+        .unwrap();
+    let dir = directory(&s.url).await;
+    assert!(dir.get("nas").is_some());
+
+    s.kill();
+    let _ = std::fs::remove_file(&state);
+    let s2 = Serve::start_with(&["--listen", &listen], &state).await;
+    // The service reconnects and registers again; the directory reconnects
+    // and sees it. Nobody restarted the service.
+    dir.wait_for("nas", WAIT).await.unwrap();
+    let mut c = Client::connect(&s2.url).await;
+    c.subscribe("homicro/errors/nas").await;
+    c.publish("homicro/services/nas", r#"{"host":"10.0.0.10"}"#, true)
+        .await;
+    c.expect("homicro/errors/nas", |v| v["error"] == "owned")
+        .await;
+    assert_eq!(
+        reg.status(),
+        homicro::client::RegistrationStatus::Registered
+    );
+}
+
+#[tokio::test]
+async fn a_vanished_record_is_reasserted_but_a_new_owner_is_not_fought() {
+    let s = Serve::start().await;
+    let dir = directory(&s.url).await;
+    let mut rx = dir.changes();
+    let reg = Registration::builder("hub")
+        .host("10.0.0.1")
+        .register(&s.url)
+        .await
+        .unwrap();
+    change(&mut rx, added("hub")).await;
+    // Someone deregisters it: the live service puts it back.
+    mosquitto_pub(&s.url, &["-t", "homicro/services/hub", "-r", "-n"]);
+    change(&mut rx, removed("hub")).await;
+    change(&mut rx, added("hub")).await;
+
+    // Now it is cleared and another endpoint takes the name at once: the
+    // helper tries once, is refused, and gives up.
+    mosquitto_pub(&s.url, &["-t", "homicro/services/hub", "-r", "-n"]);
+    mosquitto_pub(
+        &s.url,
+        &[
+            "-t",
+            "homicro/services/hub",
+            "-r",
+            "-m",
+            r#"{"host":"10.0.0.2"}"#,
+        ],
+    );
+    let start = Instant::now();
+    while !matches!(
+        reg.status(),
+        homicro::client::RegistrationStatus::Lost { .. }
+    ) {
+        assert!(start.elapsed() < WAIT, "never gave up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(dir.get("hub").unwrap().endpoint().host, "10.0.0.2");
+}
+
+#[tokio::test]
+async fn a_broker_that_comes_back_leaves_the_directory_correct() {
+    let port = free_port();
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state.json");
+    let listen = format!("127.0.0.1:{port}");
+    let mut s = Serve::start_with(&["--listen", &listen], &state).await;
+    let mut c = Client::connect(&s.url).await;
+    c.register("keep", r#"{"host":"10.0.0.1"}"#).await;
+    c.register("gone", r#"{"host":"10.0.0.2"}"#).await;
+    drop(c);
+    let dir = directory(&s.url).await;
+    assert_eq!(dir.list().len(), 2);
+    let mut rx = dir.changes();
+
+    // While the broker is away, "gone" leaves the state; "new" arrives.
+    let (status, _) = s.terminate().await;
+    assert!(status.success());
+    let text = std::fs::read_to_string(&state).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let recs = v["records"].as_object_mut().unwrap();
+    recs.remove("gone");
+    recs.insert("new".into(), r#"{"host":"10.0.0.3"}"#.into());
+    std::fs::write(&state, v.to_string()).unwrap();
+    let _s2 = Serve::start_with(&["--listen", &listen], &state).await;
+
+    change(&mut rx, removed("gone")).await;
+    dir.wait_for("new", WAIT).await.unwrap();
+    let names: Vec<String> = dir.list().iter().map(|s| s.name.to_string()).collect();
+    assert_eq!(names, ["keep", "new"]);
+}
+
+#[tokio::test]
+async fn typed_errors_callers_can_branch_on() {
+    // Invalid: found before anything is sent.
+    let nowhere = Broker::parse(&format!("mqtt://127.0.0.1:{}", free_port())).unwrap();
+    let e = Registration::builder("x")
+        .host("h")
+        .version("1.x")
+        .register(&nowhere)
+        .await;
+    assert!(
+        matches!(e, Err(RegisterError::Invalid(ref d)) if d.contains("semver")),
+        "{e:?}"
+    );
+    let e = Registration::builder("Bad")
+        .host("h")
+        .register(&nowhere)
+        .await;
+    assert!(matches!(e, Err(RegisterError::Invalid(_))), "{e:?}");
+    // Connection failure.
+    let e = Registration::builder("x")
+        .host("h")
+        .register(&nowhere)
+        .await;
+    assert!(
+        matches!(
+            e,
+            Err(RegisterError::Connection(ConnectionError::Connect { .. }))
+        ),
+        "{e:?}"
+    );
+    // A broker without a registry.
+    let mosq = Mosquitto::start().await;
+    let e = Registration::builder("x")
+        .host("h")
+        .register(&mosq.url)
+        .await;
+    assert!(matches!(e, Err(RegisterError::RegistryOffline)), "{e:?}");
+}
+
+#[tokio::test]
+async fn dropping_the_handle_deregisters() {
+    let s = Serve::start().await;
+    let dir = directory(&s.url).await;
+    let mut rx = dir.changes();
+    let reg = Registration::builder("tmp")
+        .host("10.0.0.4")
+        .register(&s.url)
+        .await
+        .unwrap();
+    change(&mut rx, added("tmp")).await;
+    drop(reg);
+    change(&mut rx, removed("tmp")).await;
+}
