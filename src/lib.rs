@@ -12,9 +12,40 @@
 //!                     pure rules (registry::state, record) ──▶ publishes
 //! ```
 //!
+//! A Rust service registers in three lines with [`client::Registration`]
+//! (heartbeats, re-assertion and reconnection run in the background) and
+//! deregisters on shutdown:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use homicro::client::{Broker, Registration};
+//! let broker = Broker::parse("mqtt://localhost:1883")?;
+//! let reg = Registration::builder("web").port(8080).ttl_secs(30).version("1.2.0")
+//!     .health_http("/health").register(&broker).await?;
+//! // ... serve until asked to stop ...
+//! reg.deregister().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! A consumer keeps a live [`client::Directory`] and picks an instance by
+//! role and semver range, failing over to another when one fails:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use homicro::client::{Broker, Directory};
+//! let dir = Directory::connect(&Broker::parse("mqtt://localhost:1883")?).await?;
+//! dir.ready().await;
+//! if let Some(api) = dir.pick("api@^1.2")? {
+//!     println!("calling {}", api.url());
+//!     // on failure: dir.report_failed(&api) and pick again
+//! }
+//! # Ok(()) }
+//! ```
+//!
 //! [`record`] validates names and records for everyone; [`registry`] holds
 //! the rules and the actor; [`broker`] configures the embedded broker;
-//! [`serve`] wires them; [`cli`] is the commands for people. The wire
+//! [`serve`] wires them; [`client`] is the helper for Rust services;
+//! [`cli`] is the commands for people, built on it. The wire
 //! contract is `docs/PROTOCOL.md`.
 
 pub mod broker;
