@@ -180,15 +180,20 @@ pub async fn list(broker: &Broker, prefix: &str, as_json: bool) -> Result<(), Cl
             serde_json::to_string_pretty(&Value::Object(obj)).expect("json")
         );
     } else {
-        print!("{}", table(&services));
+        let health: Vec<Option<String>> = services
+            .iter()
+            .map(|s| dir.health(s.name.as_str()).map(|h| h.to_string()))
+            .collect();
+        print!("{}", table(&services, &health));
     }
     Ok(())
 }
 
-/// The `list` table: name, endpoint, role, version, ttl.
-pub fn table(services: &[Service]) -> String {
-    let mut rows = vec![["NAME", "ENDPOINT", "ROLE", "VERSION", "TTL"].map(String::from)];
-    for s in services {
+/// The `list` table: name, endpoint, role, version, ttl, and the last
+/// health result (`health[i]` for `services[i]`).
+pub fn table(services: &[Service], health: &[Option<String>]) -> String {
+    let mut rows = vec![["NAME", "ENDPOINT", "ROLE", "VERSION", "TTL", "HEALTH"].map(String::from)];
+    for (s, h) in services.iter().zip(health) {
         let r = &s.record;
         rows.push([
             s.name.to_string(),
@@ -197,9 +202,10 @@ pub fn table(services: &[Service]) -> String {
             r.version.as_ref().map_or("-".into(), |v| v.to_string()),
             r.ttl
                 .map_or("-".into(), |t| humantime::format_duration(t).to_string()),
+            h.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
-    let widths: Vec<usize> = (0..5)
+    let widths: Vec<usize> = (0..6)
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();

@@ -93,6 +93,7 @@ pub struct ServeConfig {
     pub state_file: PathBuf,
     pub state_flush: Duration,
     pub log_level: String,
+    pub health_concurrency: usize,
     pub embedded: BrokerConfig,
 }
 
@@ -108,13 +109,14 @@ pub struct Overrides {
 
 pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 
-const TOP_KEYS: [&str; 7] = [
+const TOP_KEYS: [&str; 8] = [
     "listen",
     "broker",
     "prefix",
     "state_file",
     "state_flush",
     "log_level",
+    "health_concurrency",
     "embedded",
 ];
 const EMBEDDED_KEYS: [&str; 6] = [
@@ -205,6 +207,20 @@ impl ServeConfig {
             ));
         }
 
+        let health_concurrency = match t.get("health_concurrency") {
+            Some(Value::Integer(n)) if (1..=100_000).contains(n) => *n as usize,
+            other => {
+                return Err(err(
+                    src,
+                    "health_concurrency",
+                    format!(
+                        "must be an integer from 1 to 100000, got {}",
+                        other.map_or("nothing".to_string(), |v| v.to_string())
+                    ),
+                ));
+            }
+        };
+
         let e = match t.get("embedded") {
             Some(Value::Table(e)) => e,
             _ => return Err(err(src, "embedded", "must be a table ([embedded])".into())),
@@ -251,6 +267,7 @@ impl ServeConfig {
             state_file: PathBuf::from(state_file),
             state_flush,
             log_level,
+            health_concurrency,
             embedded,
         })
     }
@@ -382,6 +399,10 @@ mod tests {
             ),
             ("state_file = \"\"", "state_file: must be a file path"),
             ("listen = 5", "listen: must be a string, got 5"),
+            (
+                "health_concurrency = 0",
+                "health_concurrency: must be an integer from 1 to 100000, got 0",
+            ),
             ("listen = ", "not valid TOML"),
             (
                 "[embedded]\nconnect_timeout = \"5m\"",

@@ -47,6 +47,7 @@ pub async fn start(config: &ServeConfig) -> Result<Running, ServeError> {
         state_file: config.state_file.clone(),
         state_flush: config.state_flush,
         will: embedded.is_none(),
+        health_concurrency: config.health_concurrency,
     });
     info!(listen = %public, prefix = %config.prefix, "homicro serving");
     Ok(Running {

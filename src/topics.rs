@@ -68,6 +68,15 @@ impl Topics {
         format!("{}/events/{name}", self.prefix)
     }
 
+    /// The registry's view of NAME's health check (retained).
+    pub fn health(&self, name: &str) -> String {
+        format!("{}/health/{name}", self.prefix)
+    }
+
+    pub fn health_filter(&self) -> String {
+        format!("{}/health/+", self.prefix)
+    }
+
     pub fn registry(&self) -> String {
         format!("{}/registry", self.prefix)
     }
@@ -103,6 +112,14 @@ impl Topics {
         } else {
             Incoming::Other
         }
+    }
+
+    /// The name in a health topic, if the topic is one.
+    pub fn health_name(&self, topic: &str) -> Option<Name> {
+        let rest = topic
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix("/health/")?;
+        Name::parse(rest).ok()
     }
 
     /// The name in a service topic, if the topic is one.

@@ -117,15 +117,15 @@ async fn list_as_table_and_json_then_deregister() {
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(
         lines[0].split_whitespace().collect::<Vec<_>>(),
-        ["NAME", "ENDPOINT", "ROLE", "VERSION", "TTL"]
+        ["NAME", "ENDPOINT", "ROLE", "VERSION", "TTL", "HEALTH"]
     );
     assert_eq!(
         lines[1].split_whitespace().collect::<Vec<_>>(),
-        ["nas", "10.0.0.5:445", "nas", "-", "-"]
+        ["nas", "10.0.0.5:445", "nas", "-", "-", "-"]
     );
     assert_eq!(
         lines[2].split_whitespace().collect::<Vec<_>>(),
-        ["web", "10.0.0.5:80", "web", "2.0.0", "5m"]
+        ["web", "10.0.0.5:80", "web", "2.0.0", "5m", "-"]
     );
     assert_eq!(records(&s.url).await.len(), 2);
 

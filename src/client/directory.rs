@@ -91,6 +91,30 @@ pub enum DirectoryError {
 struct State {
     services: BTreeMap<Name, Service>,
     failed: HashMap<Name, Instant>,
+    health: HashMap<Name, HealthStatus>,
+}
+
+/// The registry's last health result for a record (`PREFIX/health/NAME`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct HealthStatus {
+    /// `passing` or `failing`.
+    pub status: String,
+    /// Failures in a row so far, and how many clear the record.
+    pub failures: u32,
+    pub of: u32,
+    /// What is probed: `GET http://…` or `tcp host:port`.
+    pub check: String,
+    pub detail: String,
+}
+
+impl std::fmt::Display for HealthStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.failures == 0 {
+            f.write_str(&self.status)
+        } else {
+            write!(f, "{} {}/{}", self.status, self.failures, self.of)
+        }
+    }
 }
 
 struct Shared {
@@ -261,6 +285,12 @@ impl Directory {
         Ok(Some(live[i % live.len()].clone()))
     }
 
+    /// The registry's last health result for NAME, where it probes one.
+    pub fn health(&self, name: &str) -> Option<HealthStatus> {
+        let name = Name::parse(name).ok()?;
+        self.shared.state.read().unwrap().health.get(&name).cloned()
+    }
+
     /// Reports that calling `service` failed: `pick` skips it for
     /// `failure_ttl`, or until its record changes.
     pub fn report_failed(&self, service: &Service) {
@@ -338,6 +368,18 @@ impl Shared {
         }
     }
 
+    fn apply_health(&self, name: Name, payload: &Bytes) {
+        let mut state = self.state.write().unwrap();
+        match serde_json::from_slice::<HealthStatus>(payload) {
+            Ok(h) => {
+                state.health.insert(name, h);
+            }
+            Err(_) => {
+                state.health.remove(&name);
+            }
+        }
+    }
+
     /// Replaces the whole copy with a fresh snapshot; returns the changes.
     fn replace(&self, fresh: BTreeMap<Name, Bytes>) -> Vec<Change> {
         let gone: Vec<Name> = {
@@ -384,11 +426,21 @@ async fn follow(dir: &Shared, conn: &mut Connection, topics: &Topics, ready: &wa
     let filter = topics.services_filter();
     let mut snapshots = 0u64;
     loop {
-        match conn.snapshot(topics, &filter).await {
-            Ok(messages) => {
+        // Health statuses first: their retained copies are queued before the
+        // services' SUBACK, so the sync message comes after them too.
+        let health_filter = [topics.health_filter()];
+        let snapshot = match conn.subscribe(&health_filter).await {
+            Ok(early) => conn.snapshot(topics, &filter).await.map(|m| (early, m)),
+            Err(e) => Err(e),
+        };
+        match snapshot {
+            Ok((early, messages)) => {
                 let mut fresh = BTreeMap::new();
-                for (topic, payload, _) in messages {
-                    if let Some(name) = topics.service_name(&topic) {
+                let mut health = HashMap::new();
+                for (topic, payload, _) in early.into_iter().chain(messages) {
+                    if let Some(name) = topics.health_name(&topic) {
+                        health.insert(name, payload);
+                    } else if let Some(name) = topics.service_name(&topic) {
                         if payload.is_empty() {
                             fresh.remove(&name);
                         } else {
@@ -397,6 +449,10 @@ async fn follow(dir: &Shared, conn: &mut Connection, topics: &Topics, ready: &wa
                     }
                 }
                 let changes = dir.replace(fresh);
+                dir.state.write().unwrap().health.clear();
+                for (name, payload) in health {
+                    dir.apply_health(name, &payload);
+                }
                 dir.emit(changes);
                 snapshots += 1;
                 let _ = ready.send(snapshots);
@@ -415,7 +471,9 @@ async fn follow(dir: &Shared, conn: &mut Connection, topics: &Topics, ready: &wa
             match conn.rx.recv().await {
                 None => return,
                 Some(Incoming::Message { topic, payload, .. }) => {
-                    if let Some(name) = topics.service_name(&topic) {
+                    if let Some(name) = topics.health_name(&topic) {
+                        dir.apply_health(name, &payload);
+                    } else if let Some(name) = topics.service_name(&topic) {
                         let change = dir.apply(name, &payload);
                         dir.emit(change);
                     }

@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, QoS};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, error, info, warn};
 
+use super::health::{Outcome, Probe};
+use super::probe;
 use super::state::{Delivery, Publish, Registry, Stats};
 use crate::mqtt::Incoming;
 use crate::statefile;
@@ -22,6 +24,8 @@ pub(super) enum Request {
 
 pub(super) struct Actor {
     pub state: Registry,
+    /// Bounds how many health probes run at once.
+    pub probes_in_flight: Arc<Semaphore>,
     pub client: AsyncClient,
     pub incoming: mpsc::UnboundedReceiver<Incoming>,
     pub requests: mpsc::Receiver<Request>,
@@ -33,6 +37,7 @@ pub(super) struct Actor {
 impl Actor {
     pub async fn run(mut self) {
         let writer = Writer::spawn(self.state_file.clone(), self.persist);
+        let (probe_tx, mut probe_rx) = mpsc::unbounded_channel::<(Probe, Outcome)>();
         let mut flushed = self.state.changes();
         let mut flush_at: Option<Instant> = None;
         let shutdown = loop {
@@ -40,6 +45,7 @@ impl Actor {
                 flush_at = Some(Instant::now() + self.flush_every);
             }
             let deadline = self.state.next_deadline();
+            let probe_at = self.state.next_probe();
             tokio::select! {
                 req = self.requests.recv() => match req {
                     Some(Request::Stats(tx)) => { let _ = tx.send(self.state.stats().clone()); }
@@ -54,6 +60,15 @@ impl Actor {
                     let out = self.state.on_tick(Instant::now());
                     self.publish_all(out).await;
                 }
+                _ = sleep_until(probe_at.unwrap_or_else(far_future)), if probe_at.is_some() => {
+                    for p in self.state.take_probes(Instant::now()) {
+                        self.spawn_probe(p, probe_tx.clone());
+                    }
+                }
+                Some((p, outcome)) = probe_rx.recv() => {
+                    let out = self.state.on_probe(Instant::now(), &p, outcome);
+                    self.publish_all(out).await;
+                }
                 _ = sleep_until(flush_at.unwrap_or_else(far_future)), if flush_at.is_some() => {
                     if writer.offer(self.encode()) {
                         flushed = self.state.changes();
@@ -66,6 +81,19 @@ impl Actor {
         if let Some(tx) = shutdown {
             let _ = tx.send(());
         }
+    }
+
+    /// Runs a probe off the actor's task: a hanging endpoint only holds its
+    /// own task (and one permit) until its timeout.
+    fn spawn_probe(&self, p: Probe, results: mpsc::UnboundedSender<(Probe, Outcome)>) {
+        let permits = self.probes_in_flight.clone();
+        tokio::spawn(async move {
+            let Ok(_permit) = permits.acquire_owned().await else {
+                return;
+            };
+            let outcome = probe::run(&p).await;
+            let _ = results.send((p, outcome));
+        });
     }
 
     async fn on_incoming(&mut self, m: Incoming) {

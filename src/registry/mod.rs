@@ -2,6 +2,8 @@
 //! broker (`actor`), and the handle the rest of the program holds.
 
 mod actor;
+pub mod health;
+mod probe;
 pub mod state;
 
 use std::path::PathBuf;
@@ -27,6 +29,8 @@ pub struct Options {
     pub state_flush: Duration,
     /// Set the MQTT will to `offline` (for an external broker).
     pub will: bool,
+    /// How many health probes may run at once.
+    pub health_concurrency: usize,
 }
 
 /// The registry actor is gone.
@@ -81,6 +85,9 @@ impl Handle {
         let (tx, requests) = mpsc::channel(16);
         let actor = Actor {
             state,
+            probes_in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                opts.health_concurrency,
+            )),
             client,
             incoming,
             requests,

@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::health::{self, Outcome, Probe, Verdict};
 use crate::record::{Endpoint, Name, Record};
 use crate::topics::{Incoming, Topics};
 
@@ -36,6 +37,8 @@ pub struct Stats {
     pub refusals: u64,
     pub expiries: u64,
     pub deregistrations: u64,
+    pub health_failures: u64,
+    pub unhealthy: u64,
 }
 
 #[derive(Debug)]
@@ -62,6 +65,10 @@ pub struct Registry {
     restored: Vec<Name>,
     changes: u64,
     stats: Stats,
+    health: health::Schedule,
+    /// Publishes made on the side (health statuses to clear), drained into
+    /// the output of every entry point.
+    extra: Vec<Publish>,
 }
 
 impl Registry {
@@ -77,6 +84,8 @@ impl Registry {
             restored: Vec::new(),
             changes: 0,
             stats: Stats::default(),
+            health: health::Schedule::default(),
+            extra: Vec::new(),
         }
     }
 
@@ -155,6 +164,12 @@ impl Registry {
             payload: self.records[n].record.payload().clone(),
             retain: true,
         }));
+        let statuses: Vec<Publish> = self
+            .health
+            .statuses()
+            .map(|(n, st)| self.health_status(n, st))
+            .collect();
+        out.extend(statuses);
         for name in std::mem::take(&mut self.restored) {
             if let Some(e) = self.records.get(&name) {
                 info!(name = %name, owner = %e.record.endpoint, "restored from state file");
@@ -180,6 +195,7 @@ impl Registry {
                 }
                 let reassert = delivery == Delivery::Live && self.echoes.contains_key(&raw);
                 let mut out = self.on_record(now, &raw, payload, delivery);
+                out.append(&mut self.extra);
                 if reassert && !out.iter().any(|p| p.retain) {
                     // One of our publishes to this topic is still on its way
                     // and will overwrite what just arrived: assert the
@@ -208,9 +224,66 @@ impl Registry {
             self.changes += 1;
             self.stats.expiries += 1;
             info!(name = %name, owner = %entry.record.endpoint, "expired");
+            if self.health.untrack(&name) {
+                out.push(self.health_clear(name.as_str()));
+            }
             out.push(self.clear(name.as_str()));
             out.push(self.event(&name, "expired", Some(&entry.record.endpoint)));
         }
+        self.note_echoes(&out);
+        out
+    }
+
+    /// When the next health probe is due.
+    pub fn next_probe(&self) -> Option<Instant> {
+        self.health.next_due()
+    }
+
+    /// The health probes due at `now`, for the actor to run.
+    pub fn take_probes(&mut self, now: Instant) -> Vec<Probe> {
+        self.health.take_due(now)
+    }
+
+    /// How many records have a health check.
+    pub fn checked(&self) -> usize {
+        self.health.len()
+    }
+
+    /// A probe's result: a status to publish, or the record cleared after
+    /// `failures` failures in a row.
+    pub fn on_probe(&mut self, now: Instant, probe: &Probe, outcome: Outcome) -> Vec<Publish> {
+        if matches!(outcome, Outcome::Fail(_)) && self.records.contains_key(&probe.name) {
+            self.stats.health_failures += 1;
+        }
+        let name = &probe.name;
+        let mut out = match self.health.result(now, name, probe.generation, outcome) {
+            Verdict::Ignore => Vec::new(),
+            Verdict::Status { status, changed } => {
+                if !status.passing {
+                    warn!(name = %name, check = %status.check, detail = %status.detail, failures = status.failures, "health check failed");
+                }
+                if changed {
+                    vec![self.health_status(name, &status)]
+                } else {
+                    Vec::new()
+                }
+            }
+            Verdict::Unhealthy { detail } => match self.remove(name) {
+                Some(record) => {
+                    self.stats.unhealthy += 1;
+                    warn!(name = %name, owner = %record.endpoint, detail = %detail, "unhealthy; cleared");
+                    let mut ev = self.event(name, "unhealthy", Some(&record.endpoint));
+                    ev.payload = with_field(&ev.payload, "detail", Value::from(detail));
+                    vec![
+                        self.clear(name.as_str()),
+                        self.health_clear(name.as_str()),
+                        ev,
+                    ]
+                }
+                None => Vec::new(),
+            },
+        };
+        out.append(&mut self.extra);
         self.note_echoes(&out);
         out
     }
@@ -338,6 +411,30 @@ impl Registry {
         }
     }
 
+    fn health_clear(&self, name: &str) -> Publish {
+        Publish {
+            topic: self.topics.health(name),
+            payload: Bytes::new(),
+            retain: true,
+        }
+    }
+
+    fn health_status(&self, name: &Name, s: &health::Status) -> Publish {
+        let v = json!({
+            "name": name.as_str(),
+            "status": if s.passing { "passing" } else { "failing" },
+            "failures": s.failures,
+            "of": s.of,
+            "check": s.check,
+            "detail": s.detail,
+        });
+        Publish {
+            topic: self.topics.health(name.as_str()),
+            payload: Bytes::from(v.to_string()),
+            retain: true,
+        }
+    }
+
     fn clear(&self, raw: &str) -> Publish {
         Publish {
             topic: self.topics.service(raw),
@@ -347,7 +444,14 @@ impl Registry {
     }
 
     fn insert(&mut self, now: Instant, name: Name, record: Record) {
-        self.remove(&name);
+        if let Some(old) = self.records.remove(&name)
+            && let Some(t) = old.deadline
+        {
+            self.deadlines.remove(&(t, name.clone()));
+        }
+        if self.health.track(now, &name, &record) {
+            self.extra.push(self.health_clear(name.as_str()));
+        }
         let deadline = record.ttl.map(|ttl| now + ttl);
         if let Some(t) = deadline {
             self.deadlines.insert((t, name.clone()));
@@ -360,6 +464,9 @@ impl Registry {
         let entry = self.records.remove(name)?;
         if let Some(t) = entry.deadline {
             self.deadlines.remove(&(t, name.clone()));
+        }
+        if self.health.untrack(name) {
+            self.extra.push(self.health_clear(name.as_str()));
         }
         self.changes += 1;
         Some(entry.record)

@@ -1,0 +1,328 @@
+//! End to end: health checks against real local HTTP and TCP servers.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// How a test HTTP server answers.
+#[derive(Clone)]
+enum Answer {
+    Status(u16, &'static str),
+    /// Accept and read, never answer.
+    Hang,
+}
+
+/// A real HTTP server on a free port that records when it was asked.
+struct HttpServer {
+    port: u16,
+    hits: Arc<Mutex<Vec<Instant>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HttpServer {
+    async fn start(answer: Answer) -> HttpServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hits = Arc::new(Mutex::new(Vec::new()));
+        let seen = hits.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                let answer = answer.clone();
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 2048];
+                    let _ = sock.read(&mut buf).await;
+                    seen.lock().unwrap().push(Instant::now());
+                    match answer {
+                        Answer::Hang => std::future::pending::<()>().await,
+                        Answer::Status(code, body) => {
+                            let reply = format!(
+                                "HTTP/1.1 {code} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                                body.len()
+                            );
+                            let _ = sock.write_all(reply.as_bytes()).await;
+                        }
+                    }
+                });
+            }
+        });
+        HttpServer { port, hits, task }
+    }
+
+    fn hits(&self) -> Vec<Instant> {
+        self.hits.lock().unwrap().clone()
+    }
+
+    async fn wait_hits(&self, n: usize) {
+        wait_until(
+            || (self.hits().len() >= n).then_some(()),
+            || format!("only {} probes", self.hits().len()),
+        )
+        .await
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn record(port: u16, health: &str) -> String {
+    format!(r#"{{"host":"127.0.0.1","port":{port},"health":{health}}}"#)
+}
+
+#[tokio::test]
+async fn a_healthy_service_stays_and_list_shows_it() {
+    let s = Serve::start().await;
+    let ok = HttpServer::start(Answer::Status(200, r#"{"name":"web"}"#)).await;
+    let mut c = Client::connect(&s.url).await;
+    c.register(
+        "web",
+        &record(
+            ok.port,
+            r#"{"http":"/health","interval":"100ms","failures":2}"#,
+        ),
+    )
+    .await;
+    c.subscribe("homicro/health/web").await;
+    let st = c
+        .expect("homicro/health/web", |v| v["status"] == "passing")
+        .await;
+    assert_eq!(
+        st["check"],
+        format!("GET http://127.0.0.1:{}/health", ok.port)
+    );
+    ok.wait_hits(6).await;
+    assert!(records(&s.url).await.contains_key("web"));
+    let out = homicro_cmd(&["list", "--broker", &s.url.to_string()]);
+    let row = stdout(&out).lines().nth(1).unwrap().to_string();
+    assert!(row.ends_with("passing"), "{row}");
+}
+
+#[tokio::test]
+async fn status_500_is_cleared_after_failures() {
+    let s = Serve::start().await;
+    let bad = HttpServer::start(Answer::Status(500, "oops")).await;
+    let mut c = Client::connect(&s.url).await;
+    c.subscribe("homicro/health/api").await;
+    c.register(
+        "api",
+        &record(bad.port, r#"{"http":"/h","interval":"100ms","failures":3}"#),
+    )
+    .await;
+    let st = c.expect("homicro/health/api", |v| v["failures"] == 1).await;
+    assert_eq!(st["status"], "failing");
+    assert!(st["detail"].as_str().unwrap().contains("status 500"));
+    let ev = c
+        .expect("homicro/events/api", |v| v["event"] == "unhealthy")
+        .await;
+    assert!(
+        ev["detail"]
+            .as_str()
+            .unwrap()
+            .contains("failed 3 times in a row: status 500"),
+        "{ev}"
+    );
+    assert_eq!(bad.hits().len(), 3, "exactly `failures` probes");
+    assert!(!records(&s.url).await.contains_key("api"));
+    // The name is free again.
+    c.register("api", r#"{"host":"10.0.0.1"}"#).await;
+}
+
+#[tokio::test]
+async fn a_hanging_server_is_cleared_by_timeouts_without_slowing_a_healthy_one() {
+    let s = Serve::start().await;
+    let hang = HttpServer::start(Answer::Hang).await;
+    let ok = HttpServer::start(Answer::Status(200, "fine")).await;
+    let mut c = Client::connect(&s.url).await;
+    c.register("ok", &record(ok.port, r#"{"http":"/","interval":"100ms"}"#))
+        .await;
+    ok.wait_hits(2).await;
+    let t0 = Instant::now();
+    c.register(
+        "stuck",
+        &record(
+            hang.port,
+            r#"{"http":"/","interval":"100ms","timeout":"1s","failures":2}"#,
+        ),
+    )
+    .await;
+    let ev = c
+        .expect("homicro/events/stuck", |v| v["event"] == "unhealthy")
+        .await;
+    let took = t0.elapsed();
+    assert!(
+        ev["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no answer within 1s"),
+        "{ev}"
+    );
+    assert!(took >= Duration::from_secs(2), "two timeouts: {took:?}");
+    // Meanwhile the healthy record was probed on schedule.
+    let during: Vec<Instant> = ok
+        .hits()
+        .into_iter()
+        .filter(|t| *t >= t0 && *t <= t0 + took)
+        .collect();
+    let max_gap = during.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    println!(
+        "healthy probes while the other hung: {} in {took:?}, max gap {max_gap:?}",
+        during.len()
+    );
+    assert!(during.len() >= 10, "{}", during.len());
+    assert!(max_gap < Duration::from_millis(600), "{max_gap:?}");
+    assert!(records(&s.url).await.contains_key("ok"));
+}
+
+#[tokio::test]
+async fn a_server_answering_with_another_name_is_cleared() {
+    let s = Serve::start().await;
+    let other = HttpServer::start(Answer::Status(200, r#"{"name":"printer"}"#)).await;
+    let mut c = Client::connect(&s.url).await;
+    c.register(
+        "scanner",
+        &record(
+            other.port,
+            r#"{"http":"/health","interval":"100ms","failures":1}"#,
+        ),
+    )
+    .await;
+    let ev = c
+        .expect("homicro/events/scanner", |v| v["event"] == "unhealthy")
+        .await;
+    assert!(
+        ev["detail"]
+            .as_str()
+            .unwrap()
+            .contains("answered as \"printer\""),
+        "{ev}"
+    );
+}
+
+#[tokio::test]
+async fn a_closed_port_is_cleared_by_a_tcp_check_and_an_open_one_stays() {
+    let s = Serve::start().await;
+    let closed = free_port();
+    let open = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let open_port = open.local_addr().unwrap().port();
+    let mut c = Client::connect(&s.url).await;
+    c.subscribe("homicro/health/+").await;
+    c.register(
+        "up",
+        &record(open_port, r#"{"tcp":true,"interval":"100ms","failures":2}"#),
+    )
+    .await;
+    c.register(
+        "down",
+        &record(closed, r#"{"tcp":true,"interval":"100ms","failures":2}"#),
+    )
+    .await;
+    let ev = c
+        .expect("homicro/events/down", |v| v["event"] == "unhealthy")
+        .await;
+    assert!(
+        ev["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("tcp 127.0.0.1:{closed} failed 2 times")),
+        "{ev}"
+    );
+    c.expect("homicro/health/up", |v| v["status"] == "passing")
+        .await;
+    let recs = records(&s.url).await;
+    assert!(recs.contains_key("up") && !recs.contains_key("down"));
+}
+
+#[tokio::test]
+async fn updates_change_the_check_and_deregistration_stops_it() {
+    let s = Serve::start().await;
+    let bad = HttpServer::start(Answer::Status(503, "")).await;
+    let ok = HttpServer::start(Answer::Status(204, "")).await;
+    let mut c = Client::connect(&s.url).await;
+    c.subscribe("homicro/health/svc").await;
+    c.register(
+        "svc",
+        &record(
+            bad.port,
+            r#"{"http":"/","interval":"100ms","failures":100}"#,
+        ),
+    )
+    .await;
+    c.expect("homicro/health/svc", |v| v["failures"] == 2).await;
+    // Same owner, new health URL: the failures start over on the new check.
+    let upd = format!(
+        r#"{{"host":"127.0.0.1","port":{},"health":{{"http":"http://127.0.0.1:{}/","interval":"100ms"}}}}"#,
+        bad.port, ok.port
+    );
+    c.publish("homicro/services/svc", upd, true).await;
+    c.expect("homicro/health/svc", |v| v["status"] == "passing")
+        .await;
+    let before = bad.hits().len();
+    ok.wait_hits(3).await;
+    assert!(bad.hits().len() <= before + 1, "the old check stopped");
+    // Deregistered: probes stop at once and the status is cleared.
+    c.publish("homicro/services/svc", "", true).await;
+    c.expect_raw("homicro/health/svc", b"").await;
+    let after = ok.hits().len();
+    ok.hits.lock().unwrap().clear();
+    let mut probe = Client::connect(&s.url).await;
+    probe.register("marker", r#"{"host":"10.0.0.1"}"#).await;
+    wait_until(
+        || (ok.hits().is_empty()).then_some(()),
+        || "still probed".to_string(),
+    )
+    .await;
+    assert!(after > 0);
+}
+
+#[tokio::test]
+async fn a_thousand_checked_records_keep_the_registry_responsive() {
+    let s = Serve::start().await;
+    let ok = HttpServer::start(Answer::Status(200, "ok")).await;
+    let mut c = Client::connect(&s.url).await;
+    let n = 1000;
+    for i in 0..n {
+        let rec = record(ok.port, r#"{"http":"/","interval":"1s"}"#);
+        c.publish(&format!("homicro/services/chk-{i}"), rec, true)
+            .await;
+    }
+    c.register(
+        "chk-last",
+        &record(ok.port, r#"{"http":"/","interval":"1s"}"#),
+    )
+    .await;
+    // Every record gets probed within its interval.
+    ok.wait_hits(n).await;
+    // Registrations are still answered at once while probes run.
+    c.subscribe("homicro/events/+").await;
+    let mut times = Vec::new();
+    for i in 0..21 {
+        let t = Instant::now();
+        c.publish(
+            &format!("homicro/services/new-{i}"),
+            r#"{"host":"10.0.0.1"}"#,
+            true,
+        )
+        .await;
+        let topic = format!("homicro/events/new-{i}");
+        c.expect(&topic, |v: &Value| v["event"] == "registered")
+            .await;
+        times.push(t.elapsed());
+    }
+    times.sort();
+    println!(
+        "registration answered in {:?} (median of 21) with {n} checked records, {} probes so far",
+        times[10],
+        ok.hits().len()
+    );
+    assert!(times[10] < Duration::from_millis(100), "{times:?}");
+}
