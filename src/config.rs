@@ -94,6 +94,9 @@ pub struct ServeConfig {
     pub state_flush: Duration,
     pub log_level: String,
     pub health_concurrency: usize,
+    /// Run the registry (false: the embedded broker alone, a benchmark
+    /// baseline).
+    pub registry: bool,
     pub embedded: BrokerConfig,
 }
 
@@ -105,6 +108,8 @@ pub struct Overrides {
     pub prefix: Option<String>,
     pub state_file: Option<PathBuf>,
     pub log_level: Option<String>,
+    /// `--no-registry`.
+    pub no_registry: bool,
 }
 
 pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
@@ -268,6 +273,7 @@ impl ServeConfig {
             state_flush,
             log_level,
             health_concurrency,
+            registry: !flags.no_registry,
             embedded,
         })
     }

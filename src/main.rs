@@ -74,6 +74,10 @@ struct ServeArgs {
     /// error, warn, info, debug or trace [default: info].
     #[arg(long)]
     log_level: Option<String>,
+    /// Run the embedded broker alone, without the registry (a benchmark
+    /// baseline; nothing is enforced).
+    #[arg(long)]
+    no_registry: bool,
 }
 
 /// How a client command reaches the registry.
@@ -217,6 +221,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         prefix: args.prefix,
         state_file: args.state_file,
         log_level: args.log_level,
+        no_registry: args.no_registry,
     };
     let config =
         match ServeConfig::load(file.as_ref().map(|(p, t)| (p.as_str(), t.as_str())), &flags) {

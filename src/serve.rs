@@ -23,7 +23,8 @@ pub enum ServeError {
 pub struct Running {
     /// The MQTT address clients use (port resolved) or the external broker.
     pub broker: BrokerUrl,
-    pub registry: Handle,
+    /// `None` with `registry = false` (the broker alone, for benchmarks).
+    pub registry: Option<Handle>,
     embedded: Option<EmbeddedBroker>,
 }
 
@@ -41,14 +42,19 @@ pub async fn start(config: &ServeConfig) -> Result<Running, ServeError> {
             (Some(b), internal, public)
         }
     };
-    let registry = Handle::spawn(registry::Options {
-        broker: actor_url,
-        prefix: config.prefix.clone(),
-        state_file: config.state_file.clone(),
-        state_flush: config.state_flush,
-        will: embedded.is_none(),
-        health_concurrency: config.health_concurrency,
+    let registry = config.registry.then(|| {
+        Handle::spawn(registry::Options {
+            broker: actor_url,
+            prefix: config.prefix.clone(),
+            state_file: config.state_file.clone(),
+            state_flush: config.state_flush,
+            will: embedded.is_none(),
+            health_concurrency: config.health_concurrency,
+        })
     });
+    if registry.is_none() {
+        info!("registry off: the broker alone");
+    }
     info!(listen = %public, prefix = %config.prefix, "homicro serving");
     Ok(Running {
         broker: public,
@@ -78,7 +84,9 @@ pub async fn run(
         }
     };
     info!("shutting down");
-    running.registry.shutdown().await;
+    if let Some(r) = &running.registry {
+        r.shutdown().await;
+    }
     result
 }
 
