@@ -5,6 +5,8 @@
 //! cargo bench --bench bench              # the full run (about 6 minutes)
 //! cargo bench --bench bench -- --quick   # small N, every item, ~30 s
 //! cargo bench --bench bench -- --runs 5 --only 1,3
+//! cargo bench --bench bench -- --only 5 --connections 1000
+//! HOMICRO_BENCH_CONFIG=my.toml cargo bench --bench bench   # serve --config
 //! ```
 //!
 //! Each figure is the median of `--runs` runs (default 3). Ratios compare
@@ -109,6 +111,9 @@ impl Subject {
                 if kind == Kind::BrokerOnly {
                     cmd.arg("--no-registry");
                 }
+                if let Ok(conf) = std::env::var("HOMICRO_BENCH_CONFIG") {
+                    cmd.args(["--config", &conf]);
+                }
                 let mut child = cmd.spawn().expect("homicro");
                 let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
                 let url = loop {
@@ -161,6 +166,15 @@ impl Subject {
 
 impl Drop for Subject {
     fn drop(&mut self) {
+        // SIGTERM first, so that a profiler wrapping serve writes its data.
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        for _ in 0..600 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -319,6 +333,7 @@ struct Opts {
     quick: bool,
     runs: usize,
     only: Option<Vec<u32>>,
+    connections: Option<usize>,
 }
 
 impl Opts {
@@ -346,6 +361,7 @@ async fn main() {
             .and_then(|r| r.parse().ok())
             .unwrap_or(if quick { 1 } else { 3 }),
         only: arg("--only").map(|o| o.split(',').filter_map(|x| x.parse().ok()).collect()),
+        connections: arg("--connections").and_then(|c| c.parse().ok()),
     };
     println!(
         "# homicro bench: {} cores, {} runs per figure (median){}",
@@ -679,7 +695,10 @@ async fn touch(port: u16, id: &str) -> bool {
 
 /// 5. Resident memory holding N records, and after many short-lived clients.
 async fn memory(o: &Opts) {
-    let (n, conns) = (o.n(100_000, 5_000), o.n(100_000, 5_000));
+    let (n, conns) = (
+        o.n(100_000, 5_000),
+        o.connections.unwrap_or(o.n(100_000, 5_000)),
+    );
     println!(
         "\n## 5. Memory: resident set holding {n} records, then after {conns} distinct short-lived connections"
     );

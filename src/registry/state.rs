@@ -6,6 +6,8 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use bytes::Bytes;
 use serde_json::{Value, json};
+use std::time::Duration;
+
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -41,9 +43,14 @@ pub struct Stats {
     pub unhealthy: u64,
 }
 
+/// What the registry keeps of a record: its owner, its `ttl` and its bytes
+/// (the parsed rest lives with the clients that need it). Kept small:
+/// 100,000 of these are ~15 MB.
 #[derive(Debug)]
 struct Entry {
-    record: Record,
+    endpoint: Endpoint,
+    ttl: Option<Duration>,
+    payload: Bytes,
     deadline: Option<Instant>,
 }
 
@@ -119,12 +126,15 @@ impl Registry {
         self.records.is_empty()
     }
 
-    pub fn get(&self, name: &Name) -> Option<&Record> {
-        self.records.get(name).map(|e| &e.record)
+    /// NAME's record, parsed again from its bytes.
+    pub fn get(&self, name: &Name) -> Option<Record> {
+        let e = self.records.get(name)?;
+        Record::parse(name, e.payload.clone()).ok()
     }
 
-    pub fn records(&self) -> impl Iterator<Item = (&Name, &Record)> {
-        self.records.iter().map(|(n, e)| (n, &e.record))
+    /// Every record's bytes, as published.
+    pub fn records(&self) -> impl Iterator<Item = (&Name, &Bytes)> {
+        self.records.iter().map(|(n, e)| (n, &e.payload))
     }
 
     /// Bumped on every change worth persisting (not on a `ttl` refresh).
@@ -161,7 +171,7 @@ impl Registry {
         names.sort();
         out.extend(names.into_iter().map(|n| Publish {
             topic: self.topics.service(n.as_str()),
-            payload: self.records[n].record.payload().clone(),
+            payload: self.records[n].payload.clone(),
             retain: true,
         }));
         let statuses: Vec<Publish> = self
@@ -172,8 +182,8 @@ impl Registry {
         out.extend(statuses);
         for name in std::mem::take(&mut self.restored) {
             if let Some(e) = self.records.get(&name) {
-                info!(name = %name, owner = %e.record.endpoint, "restored from state file");
-                out.push(self.event(&name, "restored", Some(&e.record.endpoint)));
+                info!(name = %name, owner = %e.endpoint, "restored from state file");
+                out.push(self.event(&name, "restored", Some(&e.endpoint)));
             }
         }
         out
@@ -223,12 +233,12 @@ impl Registry {
             };
             self.changes += 1;
             self.stats.expiries += 1;
-            info!(name = %name, owner = %entry.record.endpoint, "expired");
+            info!(name = %name, owner = %entry.endpoint, "expired");
             if self.health.untrack(&name) {
                 out.push(self.health_clear(name.as_str()));
             }
             out.push(self.clear(name.as_str()));
-            out.push(self.event(&name, "expired", Some(&entry.record.endpoint)));
+            out.push(self.event(&name, "expired", Some(&entry.endpoint)));
         }
         self.note_echoes(&out);
         out
@@ -324,16 +334,16 @@ impl Registry {
             self.insert(now, name, record);
             return vec![ev];
         };
-        if existing.record.endpoint != record.endpoint {
-            let owner = existing.record.endpoint.clone();
+        if existing.endpoint != record.endpoint {
+            let owner = existing.endpoint.clone();
             let detail = owned_detail(&owner, &record.endpoint);
             return self.refuse(raw, "owned", detail, Some(&owner), Some(&record.endpoint));
         }
-        if delivery == Delivery::Retained && existing.record.payload() == record.payload() {
+        if delivery == Delivery::Retained && existing.payload == record.payload() {
             // The broker still holds what we hold: not a refresh.
             return Vec::new();
         }
-        let changed = existing.record.payload() != record.payload();
+        let changed = existing.payload != record.payload();
         self.stats.updates += 1;
         if changed {
             info!(name = %name, owner = %record.endpoint, "updated");
@@ -366,8 +376,8 @@ impl Registry {
             p.payload = with_field(&p.payload, "endpoint", from.to_json());
             return vec![p];
         };
-        if entry.record.endpoint != from {
-            let owner = &entry.record.endpoint;
+        if entry.endpoint != from {
+            let owner = &entry.endpoint;
             let mut p = self.error(raw, "owned", &owned_detail(owner, &from), Some(owner));
             p.payload = with_field(&p.payload, "endpoint", from.to_json());
             return vec![p];
@@ -404,7 +414,7 @@ impl Registry {
         match record {
             Some(e) => Publish {
                 topic: self.topics.service(raw),
-                payload: e.record.payload().clone(),
+                payload: e.payload.clone(),
                 retain: true,
             },
             None => self.clear(raw),
@@ -456,11 +466,17 @@ impl Registry {
         if let Some(t) = deadline {
             self.deadlines.insert((t, name.clone()));
         }
-        self.records.insert(name, Entry { record, deadline });
+        let entry = Entry {
+            payload: record.payload().clone(),
+            endpoint: record.endpoint,
+            ttl: record.ttl,
+            deadline,
+        };
+        self.records.insert(name, entry);
         self.changes += 1;
     }
 
-    fn remove(&mut self, name: &Name) -> Option<Record> {
+    fn remove(&mut self, name: &Name) -> Option<Entry> {
         let entry = self.records.remove(name)?;
         if let Some(t) = entry.deadline {
             self.deadlines.remove(&(t, name.clone()));
@@ -469,14 +485,14 @@ impl Registry {
             self.extra.push(self.health_clear(name.as_str()));
         }
         self.changes += 1;
-        Some(entry.record)
+        Some(entry)
     }
 
     fn refresh(&mut self, now: Instant, name: &Name) {
         let Some(entry) = self.records.get_mut(name) else {
             return;
         };
-        if let Some(ttl) = entry.record.ttl {
+        if let Some(ttl) = entry.ttl {
             if let Some(old) = entry.deadline {
                 self.deadlines.remove(&(old, name.clone()));
             }
