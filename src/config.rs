@@ -352,7 +352,7 @@ mod tests {
         assert_eq!(c.listen.port(), 2000);
         assert_eq!(c.prefix, "home");
         assert_eq!(c.embedded.max_connections, 5);
-        assert_eq!(c.embedded.segment_count, 2, "unset keys keep the default");
+        assert_eq!(c.embedded.segment_count, 4, "unset keys keep the default");
         let flags = Overrides {
             listen: Some("127.0.0.1:3000".into()),
             broker: Some("mqtt://nas:1884".into()),
