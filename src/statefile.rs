@@ -157,11 +157,7 @@ pub fn write(path: &Path, contents: &[u8]) -> Result<(), StateFileError> {
 mod tests {
     use super::*;
 
-    fn rec(name: &str, json: &str) -> (Name, Record) {
-        let n = Name::parse(name).unwrap();
-        let r = Record::parse(&n, Bytes::from(json.to_string())).unwrap();
-        (n, r)
-    }
+    use crate::record::parsed as rec;
 
     #[test]
     fn round_trip_keeps_bytes() {

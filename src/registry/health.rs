@@ -277,13 +277,8 @@ fn spread(name: &Name, interval: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
 
-    fn rec(name: &str, json: &str) -> (Name, Record) {
-        let n = Name::parse(name).unwrap();
-        let r = Record::parse(&n, Bytes::from(json.to_string())).unwrap();
-        (n, r)
-    }
+    use crate::record::parsed as rec;
 
     #[test]
     fn targets() {
