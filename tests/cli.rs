@@ -90,6 +90,22 @@ async fn a_refusal_is_printed_and_exits_non_zero() {
         "{}",
         stderr(&out)
     );
+    // Refused without --once and without a ttl: the will it armed must not
+    // clear the owner's record when it exits.
+    let mut ev = Client::connect(&s.url).await;
+    ev.subscribe("homicro/events/+").await;
+    let out = homicro_cmd(&[
+        "register", "db", "--port", "5432", "--host", "10.0.0.7", "--broker", &b,
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    ev.register("marker", r#"{"host":"10.0.0.1"}"#).await;
+    assert!(
+        !ev.seen.iter().any(|(t, p, _)| t == "homicro/events/db"
+            && String::from_utf8_lossy(p).contains("deregistered")),
+        "{:?}",
+        ev.seen
+    );
+    assert!(records(&s.url).await["db"].contains("10.0.0.5"));
     // The same owner again is an update.
     let out = homicro_cmd(&[
         "register", "db", "--port", "5432", "--host", "10.0.0.5", "--once", "--broker", &b,

@@ -458,6 +458,13 @@ async fn follow(dir: &Shared, conn: &mut Connection, topics: &Topics, ready: &wa
                 let _ = ready.send(snapshots);
             }
             Err(ConnectionError::Closed) => return,
+            Err(e @ ConnectionError::Timeout { .. }) => {
+                // Still connected, only slow (a large registry on a slow
+                // link): take the snapshot again rather than wait for a
+                // reconnection that may never come.
+                warn!(error = %e, "directory snapshot timed out; taking it again");
+                continue;
+            }
             Err(e) => {
                 warn!(error = %e, "directory snapshot failed; retrying after reconnect");
                 if !wait_connected(conn).await {

@@ -238,7 +238,12 @@ impl RegistrationBuilder {
             .is_none()
             .then(|| LastWill::new(session.topic.clone(), Bytes::new(), QoS::AtLeastOnce, true));
         let mut conn = Connection::open(broker, "homicro-svc", will).await?;
-        session.assert(&mut conn, true).await?;
+        if let Err(e) = session.assert(&mut conn, true).await {
+            // A clean DISCONNECT: the will must not fire, it would clear the
+            // owner's record.
+            conn.close().await;
+            return Err(e);
+        }
         info!(name = %name, endpoint = %record.endpoint, "registered");
         let (commands, rx) = mpsc::channel(4);
         let (status_tx, status) = watch::channel(Status::Registered);
@@ -267,9 +272,9 @@ impl RegistrationBuilder {
         let (name, record) = self.record(&host)?;
         let mut session = Session::new(Topics::new(&self.prefix), name, record.clone());
         let mut conn = Connection::open(broker, "homicro-svc", None).await?;
-        let how = session.assert(&mut conn, true).await?;
+        let how = session.assert(&mut conn, true).await;
         conn.close().await;
-        Ok((record, how))
+        Ok((record, how?))
     }
 }
 
@@ -425,11 +430,15 @@ impl Session {
         let heartbeat = Bytes::from(self.record.endpoint.to_json().to_string());
         let mut last_assert = Instant::now();
         let mut lost = false;
-        let reply = loop {
+        // Some(reply): told to deregister; None: the name was lost.
+        let ended = loop {
+            if lost {
+                break None;
+            }
             tokio::select! {
                 cmd = commands.recv() => match cmd {
-                    Some(Command::Deregister(reply)) => break reply,
-                    None => break None,
+                    Some(Command::Deregister(reply)) => break Some(reply),
+                    None => break Some(None),
                 },
                 _ = beat.tick(), if every.is_some() && !lost => {
                     let _ = c.publish(self.topics.heartbeat(self.name.as_str()), heartbeat.clone(), false).await;
@@ -471,13 +480,22 @@ impl Session {
                 }
             }
         };
-        let result = if lost {
-            Ok(())
-        } else {
-            c.publish(self.topic.clone(), Bytes::new(), true)
-                .await
-                .map_err(RegisterError::from)
+        let Some(reply) = ended else {
+            // Another endpoint owns the name. Disconnect cleanly so that our
+            // will (an empty record) never clears the new owner's record, and
+            // answer a later `deregister` with Ok.
+            c.close().await;
+            while let Some(Command::Deregister(reply)) = commands.recv().await {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            return;
         };
+        let result = c
+            .publish(self.topic.clone(), Bytes::new(), true)
+            .await
+            .map_err(RegisterError::from);
         info!(name = %self.name, "deregistered");
         let _ = status.send(Status::Deregistered);
         c.close().await;

@@ -49,15 +49,20 @@ impl Target {
             HealthCheck::Http(url) if url.starts_with("https://") => {
                 let rest = &url["https://".len()..];
                 let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
-                let (h, p) = match authority.rsplit_once(':') {
-                    Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
-                        (h.to_string(), p.parse().unwrap_or(443))
-                    }
-                    _ => (authority.to_string(), 443),
+                let (host, port) = match authority.strip_prefix('[') {
+                    // [v6]:port or [v6]
+                    Some(v6) => match v6.split_once(']') {
+                        Some((h, p)) => (h, p.strip_prefix(':')),
+                        None => (v6, None),
+                    },
+                    None => match authority.rsplit_once(':') {
+                        Some((h, p)) => (h, Some(p)),
+                        None => (authority, None),
+                    },
                 };
                 Target::Tcp {
-                    host: h.trim_matches(['[', ']']).to_string(),
-                    port: p,
+                    host: host.to_string(),
+                    port: port.and_then(|p| p.parse().ok()).unwrap_or(443),
                 }
             }
             HealthCheck::Http(url) if url.starts_with("http://") => Target::Http(url.clone()),
@@ -193,7 +198,7 @@ impl Schedule {
                     name,
                     generation: t.generation,
                     target: t.target.clone(),
-                    timeout: t.health.timeout,
+                    timeout: timeout_of(&t.health),
                 });
             }
         }
@@ -265,6 +270,14 @@ impl Schedule {
     }
 }
 
+/// A probe never waits longer than a minute, so that endpoints that accept
+/// and stall cannot hold probe slots for long.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn timeout_of(h: &Health) -> Duration {
+    h.timeout.min(MAX_TIMEOUT)
+}
+
 /// A stable offset in `[0, interval)` from the name, so that records
 /// registered together are not probed in the same millisecond.
 fn spread(name: &Name, interval: Duration) -> Duration {
@@ -301,6 +314,13 @@ mod tests {
             Target::Tcp {
                 host: "nas".into(),
                 port: 5001
+            }
+        );
+        assert_eq!(
+            Target::of(&HealthCheck::Http("https://[::1]/x".into()), &ep),
+            Target::Tcp {
+                host: "::1".into(),
+                port: 443
             }
         );
         assert_eq!(

@@ -165,8 +165,17 @@ impl Registry {
     /// retained messages gets them back. The caller publishes these before
     /// it subscribes; the copies then come back as retained deliveries.
     pub fn on_connected(&mut self) -> Vec<Publish> {
-        self.echoes.clear();
         let mut out = vec![self.online()];
+        // Publishes still unconfirmed may have been lost with the old session
+        // (a clean session drops QoS 1 in flight): assert those topics again.
+        let mut pending: Vec<String> = self.echoes.drain().map(|(raw, _)| raw).collect();
+        pending.sort();
+        out.extend(
+            pending
+                .iter()
+                .map(|raw| self.current(raw))
+                .filter(|p| p.payload.is_empty()),
+        );
         let mut names: Vec<&Name> = self.records.keys().collect();
         names.sort();
         out.extend(names.into_iter().map(|n| Publish {
@@ -206,7 +215,8 @@ impl Registry {
                 let reassert = delivery == Delivery::Live && self.echoes.contains_key(&raw);
                 let mut out = self.on_record(now, &raw, payload, delivery);
                 out.append(&mut self.extra);
-                if reassert && !out.iter().any(|p| p.retain) {
+                let topic = self.topics.service(&raw);
+                if reassert && !out.iter().any(|p| p.retain && p.topic == topic) {
                     // One of our publishes to this topic is still on its way
                     // and will overwrite what just arrived: assert the
                     // outcome again after it.
@@ -215,8 +225,11 @@ impl Registry {
                 self.note_echoes(&out);
                 out
             }
-            Incoming::Heartbeat(raw) => self.on_heartbeat(now, raw, &payload),
-            Incoming::Registry | Incoming::Other => Vec::new(),
+            // A retained heartbeat is an old one replayed at subscribe time.
+            Incoming::Heartbeat(raw) if delivery == Delivery::Live => {
+                self.on_heartbeat(now, raw, &payload)
+            }
+            Incoming::Heartbeat(_) | Incoming::Registry | Incoming::Other => Vec::new(),
         }
     }
 
@@ -376,6 +389,10 @@ impl Registry {
             p.payload = with_field(&p.payload, "endpoint", from.to_json());
             return vec![p];
         };
+        if entry.endpoint.port.is_some() && from.port.is_none() {
+            let detail = "heartbeat needs `port`: the record has one".to_string();
+            return vec![self.error(raw, "invalid", &detail, None)];
+        }
         if entry.endpoint != from {
             let owner = &entry.endpoint;
             let mut p = self.error(raw, "owned", &owned_detail(owner, &from), Some(owner));

@@ -394,3 +394,65 @@ async fn a_deregistered_record_stops_being_probed_at_once() {
     );
     assert!(r.next_probe().is_none());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_race_is_reasserted_even_when_a_health_status_is_cleared() {
+    use crate::registry::health::Outcome;
+    let mut r = reg();
+    live(&mut r, "homicro/services/web", CHECKED);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let p = r.take_probes(Instant::now()).pop().unwrap();
+    r.on_probe(Instant::now(), &p, Outcome::Pass);
+    // A stranger is refused: the restore is on its way...
+    let restore = live(&mut r, "homicro/services/web", B);
+    // ...when the owner's deregistration arrives, applied before it.
+    let out = live(&mut r, "homicro/services/web", "");
+    assert!(find(&out, "homicro/health/web").payload.is_empty());
+    let again = find(&out, "homicro/services/web");
+    assert!(
+        again.payload.is_empty() && again.retain,
+        "the clear is asserted again: {out:?}"
+    );
+    echo(&mut r, &restore);
+    echo(&mut r, &out);
+    assert!(r.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn clears_unconfirmed_at_a_reconnect_are_made_again() {
+    let mut r = reg();
+    live(&mut r, "homicro/services/web", A);
+    tokio::time::advance(Duration::from_secs(30)).await;
+    let expired = r.on_tick(Instant::now());
+    assert!(find(&expired, "homicro/services/web").payload.is_empty());
+    // The connection drops before the clear came back.
+    let out = r.on_connected();
+    let clear = find(&out, "homicro/services/web");
+    assert!(clear.payload.is_empty() && clear.retain);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retained_and_portless_heartbeats() {
+    let mut r = reg();
+    live(&mut r, "homicro/services/web", A);
+    tokio::time::advance(Duration::from_secs(29)).await;
+    let hb = Bytes::from_static(br#"{"host":"10.0.0.5","port":8080}"#);
+    let out = r.on_message(
+        Instant::now(),
+        "homicro/heartbeat/web",
+        hb,
+        Delivery::Retained,
+    );
+    assert!(out.is_empty());
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(
+        r.on_tick(Instant::now()).len(),
+        2,
+        "an old retained heartbeat is no refresh"
+    );
+    live(&mut r, "homicro/services/web", A);
+    let out = live(&mut r, "homicro/heartbeat/web", r#"{"host":"10.0.0.5"}"#);
+    let e = json(find(&out, "homicro/errors/web"));
+    assert_eq!(e["error"], "invalid");
+    assert!(e["detail"].as_str().unwrap().contains("needs `port`"));
+}
