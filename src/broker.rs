@@ -42,8 +42,13 @@ impl EmbeddedBroker {
     /// returns once both listen. Bind errors are returned before anything
     /// listens.
     pub async fn start(config: &BrokerConfig, listen: SocketAddr) -> Result<Self, BrokerError> {
-        let listen = reserve(listen)?;
-        let internal = reserve(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        // Both reservations are held until both ports are known: released
+        // one by one, the second could get the port the first just freed,
+        // and the two listeners would race for it (seen in CI).
+        let public = reserve(listen)?;
+        let private = reserve(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        let (listen, internal) = (local(&public, listen)?, local(&private, listen)?);
+        drop((public, private));
         let router_tx = Router::new(0, router_config(config)).spawn();
         let mut tasks = Vec::new();
         for (name, addr) in [("public", listen), ("internal", internal)] {
@@ -81,10 +86,13 @@ impl Drop for EmbeddedBroker {
 }
 
 /// Checks that `addr` can be bound and resolves port 0 to a free port.
-/// rumqttd binds by address itself, so the port is released again here
-/// and taken by the listener moments later.
-fn reserve(addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
-    let l = StdListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
+/// rumqttd binds by address itself, so the caller releases the port again
+/// and the listener takes it moments later.
+fn reserve(addr: SocketAddr) -> Result<StdListener, BrokerError> {
+    StdListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })
+}
+
+fn local(l: &StdListener, addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
     l.local_addr()
         .map_err(|source| BrokerError::Bind { addr, source })
 }
