@@ -92,7 +92,8 @@ impl Connection {
             rx,
             broker: broker.clone(),
         };
-        let deadline = Instant::now() + ANSWER_TIMEOUT;
+        // Room for a few attempts (each gives up after 2 s).
+        let deadline = Instant::now() + 2 * ANSWER_TIMEOUT;
         let mut reason = "no answer".to_string();
         loop {
             match timeout_at(deadline, c.rx.recv()).await {
