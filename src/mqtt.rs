@@ -131,17 +131,6 @@ fn jitter(d: Duration) -> Duration {
     d + d.mul_f64((r % 1000) as f64 / 4000.0)
 }
 
-/// Publishes `payload` retained at QoS 1.
-pub async fn publish_retained(
-    client: &AsyncClient,
-    topic: &str,
-    payload: Bytes,
-) -> Result<(), rumqttc::ClientError> {
-    client
-        .publish_bytes(topic, QoS::AtLeastOnce, true, payload)
-        .await
-}
-
 /// A message as delivered: topic, payload, retain flag.
 pub type Message = (String, Bytes, bool);
 
