@@ -295,8 +295,12 @@ impl Registry {
                 Some(record) => {
                     self.stats.unhealthy += 1;
                     warn!(name = %name, owner = %record.endpoint, detail = %detail, "unhealthy; cleared");
-                    let mut ev = self.event(name, "unhealthy", Some(&record.endpoint));
-                    ev.payload = with_field(&ev.payload, "detail", Value::from(detail));
+                    let ev = self.event_with(
+                        name.as_str(),
+                        "unhealthy",
+                        Some(&record.endpoint),
+                        [("detail", Value::from(detail))],
+                    );
                     vec![
                         self.clear(name.as_str()),
                         self.health_clear(name.as_str()),
@@ -363,8 +367,12 @@ impl Registry {
         } else {
             debug!(name = %name, owner = %record.endpoint, "refreshed");
         }
-        let mut ev = self.event(&name, "updated", Some(&record.endpoint));
-        ev.payload = with_field(&ev.payload, "changed", Value::Bool(changed));
+        let ev = self.event_with(
+            name.as_str(),
+            "updated",
+            Some(&record.endpoint),
+            [("changed", Value::Bool(changed))],
+        );
         if changed {
             self.insert(now, name, record);
         } else {
@@ -376,28 +384,25 @@ impl Registry {
     fn on_heartbeat(&mut self, now: Instant, raw: &str, payload: &[u8]) -> Vec<Publish> {
         let name = match Name::parse(raw) {
             Ok(n) => n,
-            Err(e) => return vec![self.error(raw, e.code(), &e.to_string(), None)],
+            Err(e) => return vec![self.error(raw, e.code(), &e.to_string(), None, None)],
         };
         let from = match Endpoint::from_heartbeat(payload) {
             Ok(ep) => ep,
-            Err(e) => return vec![self.error(raw, e.code(), &e.to_string(), None)],
+            Err(e) => return vec![self.error(raw, e.code(), &e.to_string(), None, None)],
         };
         let Some(entry) = self.records.get(&name) else {
             debug!(name = %name, from = %from, "heartbeat for an unregistered name");
             let detail = format!("{name} is not registered; publish its record again");
-            let mut p = self.error(raw, "unknown", &detail, None);
-            p.payload = with_field(&p.payload, "endpoint", from.to_json());
-            return vec![p];
+            return vec![self.error(raw, "unknown", &detail, None, Some(&from))];
         };
         if entry.endpoint.port.is_some() && from.port.is_none() {
             let detail = "heartbeat needs `port`: the record has one".to_string();
-            return vec![self.error(raw, "invalid", &detail, None)];
+            return vec![self.error(raw, "invalid", &detail, None, None)];
         }
         if entry.endpoint != from {
             let owner = &entry.endpoint;
-            let mut p = self.error(raw, "owned", &owned_detail(owner, &from), Some(owner));
-            p.payload = with_field(&p.payload, "endpoint", from.to_json());
-            return vec![p];
+            let detail = owned_detail(owner, &from);
+            return vec![self.error(raw, "owned", &detail, Some(owner), Some(&from))];
         }
         self.refresh(now, &name);
         Vec::new()
@@ -416,12 +421,8 @@ impl Registry {
         self.stats.refusals += 1;
         let restore = self.current(raw);
         warn!(name = raw, error = code, detail = %detail, restored = !restore.payload.is_empty(), "refused");
-        let mut err = self.error(raw, code, &detail, owner);
-        if let Some(from) = from {
-            err.payload = with_field(&err.payload, "endpoint", from.to_json());
-        }
-        let mut ev = self.event_raw(raw, "rejected", from);
-        ev.payload = with_field(&ev.payload, "error", Value::from(code));
+        let err = self.error(raw, code, &detail, owner, from);
+        let ev = self.event_with(raw, "rejected", from, [("error", Value::from(code))]);
         vec![restore, err, ev]
     }
 
@@ -544,10 +545,22 @@ impl Registry {
         }
     }
 
-    fn error(&self, raw: &str, code: &str, detail: &str, owner: Option<&Endpoint>) -> Publish {
+    /// An error; `owner` for `owned`, `from` the refused publisher's
+    /// endpoint where it is known.
+    fn error(
+        &self,
+        raw: &str,
+        code: &str,
+        detail: &str,
+        owner: Option<&Endpoint>,
+        from: Option<&Endpoint>,
+    ) -> Publish {
         let mut v = json!({"name": raw, "error": code, "detail": detail});
         if let Some(o) = owner {
             v["owner"] = o.to_json();
+        }
+        if let Some(f) = from {
+            v["endpoint"] = f.to_json();
         }
         Publish {
             topic: self.topics.error(raw),
@@ -557,13 +570,22 @@ impl Registry {
     }
 
     fn event(&self, name: &Name, event: &str, endpoint: Option<&Endpoint>) -> Publish {
-        self.event_raw(name.as_str(), event, endpoint)
+        self.event_with(name.as_str(), event, endpoint, [])
     }
 
-    fn event_raw(&self, raw: &str, event: &str, endpoint: Option<&Endpoint>) -> Publish {
+    fn event_with<const N: usize>(
+        &self,
+        raw: &str,
+        event: &str,
+        endpoint: Option<&Endpoint>,
+        extra: [(&str, Value); N],
+    ) -> Publish {
         let mut v = json!({"name": raw, "event": event});
         if let Some(ep) = endpoint {
             v["endpoint"] = Value::String(ep.to_string());
+        }
+        for (k, x) in extra {
+            v[k] = x;
         }
         Publish {
             topic: self.topics.event(raw),
@@ -575,12 +597,6 @@ impl Registry {
 
 fn owned_detail(owner: &Endpoint, from: &Endpoint) -> String {
     format!("owned by {owner}; refused {from}")
-}
-
-fn with_field(payload: &Bytes, key: &str, value: Value) -> Bytes {
-    let mut v: Value = serde_json::from_slice(payload).expect("our own JSON");
-    v[key] = value;
-    Bytes::from(v.to_string())
 }
 
 #[cfg(test)]
