@@ -52,6 +52,7 @@ pub mod broker;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod front;
 pub mod mqtt;
 pub mod record;
 pub mod registry;

@@ -1,0 +1,1 @@
+//! MQTT packet framing and the rewrites the front makes (to be written).
