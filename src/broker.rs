@@ -1,15 +1,17 @@
 //! The embedded rumqttd broker, configured for a registry.
 //!
 //! rumqttd's defaults do not fit (see shared/RUMQTT-NOTES.md): every field
-//! is set here. The broker gets two MQTT 3.1.1 listeners: the public one
-//! (`listen`) and a private one on a loopback port that only the registry
-//! actor uses, so the actor reaches the broker the same way it reaches an
-//! external one, whatever address the public listener binds.
+//! is set here. The broker listens only on loopback: an MQTT 3.1.1 listener
+//! and an MQTT 5 one (rumqttd cannot serve both on one port). The front
+//! (`front`) owns the public port and hands each client to one of them; the
+//! registry actor uses the 3.1.1 one, reaching the broker the same way it
+//! reaches an external one.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener as StdListener};
 
 use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::v5::V5;
 use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
 use tokio::task::JoinHandle;
 use tracing::{error, info};
@@ -30,45 +32,43 @@ pub enum BrokerError {
 /// A running embedded broker. rumqttd has no shutdown: its router thread
 /// ends with the process.
 pub struct EmbeddedBroker {
-    /// Where clients connect (the public listener, port resolved).
-    pub listen: SocketAddr,
-    /// The private loopback listener for the registry actor.
-    pub internal: SocketAddr,
+    /// The MQTT 3.1.1 listener (loopback).
+    pub v4: SocketAddr,
+    /// The MQTT 5 listener (loopback).
+    pub v5: SocketAddr,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl EmbeddedBroker {
-    /// Starts the router and both listeners on the current tokio runtime and
-    /// returns once both listen. Bind errors are returned before anything
-    /// listens.
-    pub async fn start(config: &BrokerConfig, listen: SocketAddr) -> Result<Self, BrokerError> {
+    /// Starts the router and both loopback listeners on the current tokio
+    /// runtime and returns once both listen.
+    pub async fn start(config: &BrokerConfig) -> Result<Self, BrokerError> {
         // Both reservations are held until both ports are known: released
         // one by one, the second could get the port the first just freed,
         // and the two listeners would race for it (seen in CI).
-        let public = reserve(listen)?;
-        let private = reserve(SocketAddr::from(([127, 0, 0, 1], 0)))?;
-        let (listen, internal) = (local(&public, listen)?, local(&private, listen)?);
-        drop((public, private));
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        let (a, b) = (reserve(loopback)?, reserve(loopback)?);
+        let (v4, v5) = (local(&a, loopback)?, local(&b, loopback)?);
+        drop((a, b));
         let router_tx = Router::new(0, router_config(config)).spawn();
         let mut tasks = Vec::new();
-        for (name, addr) in [("public", listen), ("internal", internal)] {
-            let mut server =
-                Server::new(server_settings(config, name, addr), router_tx.clone(), V4);
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = server.start(LinkType::Remote).await {
-                    error!(listener = name, %addr, error = %e, "broker listener stopped");
-                }
-            }));
-        }
-        for addr in [listen, internal] {
+        let mut s4 = Server::new(server_settings(config, "v4", v4), router_tx.clone(), V4);
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = s4.start(LinkType::Remote).await {
+                error!(listener = "v4", addr = %v4, error = %e, "broker listener stopped");
+            }
+        }));
+        let mut s5 = Server::new(server_settings(config, "v5", v5), router_tx, V5);
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = s5.start(LinkType::Remote).await {
+                error!(listener = "v5", addr = %v5, error = %e, "broker listener stopped");
+            }
+        }));
+        for addr in [v4, v5] {
             nodelay::when_listening(addr).await?;
         }
-        info!(%listen, "embedded broker listening");
-        Ok(EmbeddedBroker {
-            listen,
-            internal,
-            tasks,
-        })
+        info!(%v4, %v5, "embedded broker listening on loopback");
+        Ok(EmbeddedBroker { v4, v5, tasks })
     }
 
     /// Whether a listener has stopped (it only stops on an error).
@@ -85,9 +85,9 @@ impl Drop for EmbeddedBroker {
     }
 }
 
-/// Checks that `addr` can be bound and resolves port 0 to a free port.
-/// rumqttd binds by address itself, so the caller releases the port again
-/// and the listener takes it moments later.
+/// Resolves port 0 to a free port. rumqttd binds by address itself, so the
+/// caller releases the port again and the listener takes it moments later
+/// (on loopback only: the public port is the front's own socket).
 fn reserve(addr: SocketAddr) -> Result<StdListener, BrokerError> {
     StdListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })
 }
@@ -236,42 +236,39 @@ mod tests {
 
     #[tokio::test]
     async fn accepted_sockets_have_nodelay() {
-        let b = EmbeddedBroker::start(&config(), "127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
-        let _client = tokio::net::TcpStream::connect(b.listen).await.unwrap();
-        let fd = loop {
-            if let Some(fd) = nodelay::socket_fd(b.listen.port(), "01") {
-                break fd;
-            }
-            tokio::task::yield_now().await;
-        };
-        let mut v: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt writes at most `len` bytes into a live local.
-        let rc = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::IPPROTO_TCP,
-                libc::TCP_NODELAY,
-                (&mut v as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(rc, 0);
-        assert_eq!(v, 1, "rumqttd's accepted socket lacks TCP_NODELAY");
+        let b = EmbeddedBroker::start(&config()).await.unwrap();
+        for addr in [b.v4, b.v5] {
+            let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let fd = loop {
+                if let Some(fd) = nodelay::socket_fd(addr.port(), "01") {
+                    break fd;
+                }
+                tokio::task::yield_now().await;
+            };
+            let mut v: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt writes at most `len` bytes into a live local.
+            let rc = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::IPPROTO_TCP,
+                    libc::TCP_NODELAY,
+                    (&mut v as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(rc, 0);
+            assert_eq!(
+                v, 1,
+                "rumqttd's accepted socket on {addr} lacks TCP_NODELAY"
+            );
+        }
     }
 
     #[tokio::test]
-    async fn a_taken_port_is_a_bind_error() {
-        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let err = EmbeddedBroker::start(&config(), taken.local_addr().unwrap())
-            .await
-            .err()
-            .unwrap();
-        assert!(
-            err.to_string().starts_with("cannot listen on 127.0.0.1:"),
-            "{err}"
-        );
+    async fn listens_on_loopback_only() {
+        let b = EmbeddedBroker::start(&config()).await.unwrap();
+        assert!(b.v4.ip().is_loopback() && b.v5.ip().is_loopback());
+        assert_ne!(b.v4, b.v5);
     }
 }

@@ -1,20 +1,31 @@
-//! `homicro serve`: the embedded broker (unless an external one is given)
-//! and the registry actor beside it, until `shutdown` resolves.
+//! `homicro serve`: the embedded broker behind the one-port front (unless
+//! an external broker is given) and the registry actor beside it, until
+//! `shutdown` resolves.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tracing::{error, info};
 
 use crate::broker::{BrokerError, EmbeddedBroker};
 use crate::config::{BrokerUrl, ServeConfig};
+use crate::front::{self, Shared};
 use crate::registry::{self, Handle};
+use crate::topics::Topics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("the embedded broker stopped")]
     BrokerStopped,
 }
@@ -25,42 +36,106 @@ pub struct Running {
     pub broker: BrokerUrl,
     /// `None` with `registry = false` (the broker alone, for benchmarks).
     pub registry: Option<Handle>,
+    /// The front's shared state (embedded mode only).
+    pub front: Option<Arc<Shared>>,
     embedded: Option<EmbeddedBroker>,
+    front_task: Option<JoinHandle<()>>,
 }
 
-/// Starts the broker (if embedded) and the registry.
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(t) = &self.front_task {
+            t.abort();
+        }
+    }
+}
+
+/// Binds the public port first (so a taken port fails before anything
+/// starts), then starts the broker (if embedded), the registry and the
+/// front.
 pub async fn start(config: &ServeConfig) -> Result<Running, ServeError> {
-    let (embedded, actor_url, public) = match &config.broker {
-        Some(url) => {
-            info!(broker = %url, "using an external broker");
-            (None, url.clone(), url.clone())
-        }
-        None => {
-            let b = EmbeddedBroker::start(&config.embedded, config.listen).await?;
-            let internal = url_of(b.internal);
-            let public = url_of(b.listen);
-            (Some(b), internal, public)
-        }
+    let Some(url) = &config.broker else {
+        return start_embedded(config).await;
     };
+    info!(broker = %url, "using an external broker");
+    let registry = spawn_registry(config, url.clone(), true);
+    info!(listen = %url, prefix = %config.prefix, "homicro serving");
+    Ok(Running {
+        broker: url.clone(),
+        registry,
+        front: None,
+        embedded: None,
+        front_task: None,
+    })
+}
+
+async fn start_embedded(config: &ServeConfig) -> Result<Running, ServeError> {
+    let addr = config.listen;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Listen { addr, source })?;
+    let listen = listener
+        .local_addr()
+        .map_err(|source| ServeError::Listen { addr, source })?;
+    raise_fd_limit();
+    let b = EmbeddedBroker::start(&config.embedded).await?;
+    let registry = spawn_registry(config, url_of(b.v4), false);
+    let mut shared = Shared::new(
+        b.v4,
+        b.v5,
+        Topics::new(&config.prefix),
+        registry.clone(),
+        config.embedded.connect_timeout,
+    );
+    // Room for the fixed header, topic and properties around the largest
+    // payload the broker accepts.
+    shared.max_packet = config.embedded.max_payload_size + 65_536 + 16;
+    let shared = Arc::new(shared);
+    front::announce(listen, &shared);
+    let front_task = tokio::spawn(front::run(listener, shared.clone()));
+    let public = url_of(listen);
+    info!(listen = %public, prefix = %config.prefix, "homicro serving");
+    Ok(Running {
+        broker: public,
+        registry,
+        front: Some(shared),
+        embedded: Some(b),
+        front_task: Some(front_task),
+    })
+}
+
+fn spawn_registry(config: &ServeConfig, broker: BrokerUrl, will: bool) -> Option<Handle> {
     let registry = config.registry.then(|| {
         Handle::spawn(registry::Options {
-            broker: actor_url,
+            broker,
             prefix: config.prefix.clone(),
             state_file: config.state_file.clone(),
             state_flush: config.state_flush,
-            will: embedded.is_none(),
+            will,
             health_concurrency: config.health_concurrency,
         })
     });
     if registry.is_none() {
         info!("registry off: the broker alone");
     }
-    info!(listen = %public, prefix = %config.prefix, "homicro serving");
-    Ok(Running {
-        broker: public,
-        registry,
-        embedded,
-    })
+    registry
+}
+
+/// Each MQTT client through the front holds three descriptors (its socket,
+/// the front's broker connection and the broker's end of it): lift the
+/// soft limit to the hard one.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write a live local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 /// Serves until `shutdown` resolves, then announces `offline`, writes the

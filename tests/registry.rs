@@ -157,9 +157,9 @@ async fn bad_input_gets_a_specific_error_and_loses_nothing() {
         ),
         (
             "homicro/services/web",
-            r#"{"port":1}"#.into(),
+            r#"{"host":7,"port":1}"#.into(),
             "invalid",
-            "`host` is required",
+            "`host` must be a string",
         ),
         (
             "homicro/services/web",
@@ -350,17 +350,17 @@ async fn publishing_where_nobody_listens_keeps_the_connection() {
 }
 
 #[tokio::test]
-async fn only_the_mqtt_listeners_are_open() {
+async fn only_the_front_and_the_loopback_listeners_are_open() {
     let s = Serve::start().await;
     let ports = listening_ports(s.child.id());
     assert_eq!(
         ports.len(),
-        2,
-        "public + internal only, no console or metrics: {ports:?}"
+        3,
+        "the front + rumqttd's v4 and v5 on loopback only, no console or metrics: {ports:?}"
     );
     assert!(ports.contains(&s.port()));
     let internal: Vec<_> = ports.iter().filter(|p| **p != s.port()).collect();
-    println!("internal registry port {internal:?}");
+    println!("internal broker ports {internal:?}");
 }
 
 /// The TCP ports a process listens on, from /proc.

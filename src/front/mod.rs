@@ -45,6 +45,8 @@ pub struct Shared {
     /// How long a new connection may take to say what it is (and an MQTT
     /// client to send its whole CONNECT).
     pub handshake_timeout: Duration,
+    /// The largest packet the front passes on (the broker's limit).
+    pub max_packet: usize,
     pub started: Instant,
     /// Live MQTT sessions by client id, for takeovers (see `mqtt.rs`).
     pub(crate) sessions: Mutex<HashMap<String, mqtt::SessionSlot>>,
@@ -103,6 +105,7 @@ impl Shared {
             registry,
             metrics: Metrics::default(),
             handshake_timeout,
+            max_packet: 1 << 20,
             started: Instant::now(),
             sessions: Mutex::new(HashMap::new()),
         }
@@ -148,8 +151,7 @@ async fn handle(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) -> Opt
     let _ = stream.set_nodelay(true);
     set_keepalive(&stream);
     let mut first = [0u8; 8];
-    let kind = match tokio::time::timeout(shared.handshake_timeout, stream.peek(&mut first)).await
-    {
+    let kind = match tokio::time::timeout(shared.handshake_timeout, stream.peek(&mut first)).await {
         Ok(Ok(0)) | Ok(Err(_)) => return None,
         Ok(Ok(n)) => classify::classify(&first[..n]),
         Err(_) => {
