@@ -280,20 +280,8 @@ async fn ttl_expires_heartbeats_keep_alive() {
 #[tokio::test]
 async fn ten_thousand_records_reach_a_qos0_newcomer() {
     let s = Serve::start().await;
-    let c = Client::connect(&s.url).await;
     let n = 10_000;
-    for i in 0..n {
-        let rec = format!(r#"{{"host":"10.1.{}.{}","port":80}}"#, i / 250, i % 250);
-        c.publish(&format!("homicro/services/svc-{i}"), rec, true)
-            .await;
-    }
-    // Wait until the registry has accepted the last one.
-    let mut ev = Client::connect(&s.url).await;
-    ev.subscribe("homicro/events/probe").await;
-    c.publish("homicro/services/probe", r#"{"host":"10.9.9.9"}"#, true)
-        .await;
-    ev.expect("homicro/events/probe", |v| v["event"] == "registered")
-        .await;
+    fill(&s.url, n).await;
 
     let mut newcomer = Client::connect(&s.url).await;
     newcomer.subscribe("homicro/services/#").await;

@@ -148,7 +148,7 @@ where
         fire_will(&shared, will, connect.v5(), upstream).await;
         info!(%peer, client_id = %id, topic = %will.topic, ?end, "will published");
     } else {
-        let _ = up_wr.write_all(&packet::BYE).await;
+        close_upstream(&mut up_rd, &mut up_wr).await;
     }
     debug!(%peer, client_id = %id, ?end, "MQTT session closed");
     claim.release(&shared);
@@ -312,12 +312,13 @@ impl Session<'_> {
                         }
                     }
                     packet::DISCONNECT => {
+                        // Not forwarded: the broker connection is closed
+                        // instead (see `close_upstream`).
+                        let _ = up.write_all(&out).await;
                         // v5 reason 0x04: disconnect with will message.
                         if self.v5 && packet::disconnect_reason(&pkt, f) == 0x04 {
                             return End::ClientGone;
                         }
-                        out.extend_from_slice(&pkt);
-                        let _ = up.write_all(&out).await;
                         return End::Bye;
                     }
                     packet::CONNECT => return End::ClientGone,
@@ -435,12 +436,10 @@ async fn fire_will(
     v5: bool,
     upstream: Option<(&mut ReadHalf<TcpStream>, &mut WriteHalf<TcpStream>)>,
 ) {
-    let mut msg = packet::will_publish(will, v5);
-    msg.extend_from_slice(&packet::BYE);
     if let Some((rd, wr)) = upstream
-        && wr.write_all(&msg).await.is_ok()
+        && wr.write_all(&packet::will_publish(will, v5)).await.is_ok()
     {
-        drain_until_closed(rd).await;
+        close_upstream(rd, wr).await;
         return;
     }
     // A fresh v4 connection with a one-off client id.
@@ -464,14 +463,28 @@ async fn fire_will(
         let mut ack = [0u8; 4];
         rd.read_exact(&mut ack).await?;
         wr.write_all(&packet::will_publish(will, false)).await?;
-        wr.write_all(&packet::BYE).await?;
-        drain_until_closed(&mut rd).await;
+        close_upstream(&mut rd, &mut wr).await;
         Ok::<(), std::io::Error>(())
     })
     .await;
     if !matches!(result, Ok(Ok(()))) {
         tracing::warn!(topic = %will.topic, "will not published: the broker did not answer");
     }
+}
+
+/// Ends a broker connection: FIN, then wait (briefly) until the broker has
+/// closed its side, so that what was written before is handled before a
+/// newcomer with the same client id connects.
+///
+/// Never with a DISCONNECT packet: rumqttd then handles the disconnect
+/// twice (once for the packet, once when its link ends), and the second
+/// one, arriving after the connection's id was reused by a new client,
+/// drops that new client, often before its CONNACK (seen as "no-connection
+/// id N is already gone" in rumqttd's log, and as CONNECTs that are never
+/// answered under a storm of short connections).
+async fn close_upstream<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(rd: &mut R, wr: &mut W) {
+    let _ = wr.shutdown().await;
+    drain_until_closed(rd).await;
 }
 
 async fn drain_until_closed<R: AsyncRead + Unpin>(rd: &mut R) {

@@ -541,8 +541,6 @@ pub fn disconnect_reason(packet: &[u8], f: Frame) -> u8 {
 
 /// A PINGREQ.
 pub const PING: [u8; 2] = [0xC0, 0];
-/// A DISCONNECT (v4; a v5 broker reads it as reason 0, normal).
-pub const BYE: [u8; 2] = [0xE0, 0];
 
 #[cfg(test)]
 mod tests;

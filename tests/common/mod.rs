@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod raw;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -157,7 +159,7 @@ fn log_filter(args: &[&str]) -> String {
         .position(|a| *a == "--log-level")
         .and_then(|i| args.get(i + 1))
         .unwrap_or(&"info");
-    format!("{level},rumqttd=warn,rumqttd::router=off")
+    std::env::var("SERVE_LOG").unwrap_or(format!("{level},rumqttd=warn,rumqttd::router=off"))
 }
 
 pub fn signal(pid: u32, sig: &str) {
@@ -376,6 +378,24 @@ impl Client {
             }
         }
     }
+}
+
+/// Registers `n` records `svc-I` and a last one, `probe`, from one client;
+/// returns once the registry has accepted `probe` (and so every record
+/// before it: one client's publishes arrive in order).
+pub async fn fill(url: &BrokerUrl, n: usize) {
+    let c = Client::connect(url).await;
+    for i in 0..n {
+        let rec = format!(r#"{{"host":"10.1.{}.{}","port":80}}"#, i / 250, i % 250);
+        c.publish(&format!("homicro/services/svc-{i}"), rec, true)
+            .await;
+    }
+    let mut ev = Client::connect(url).await;
+    ev.subscribe("homicro/events/probe").await;
+    c.publish("homicro/services/probe", r#"{"host":"10.9.9.9"}"#, true)
+        .await;
+    ev.expect("homicro/events/probe", |v| v["event"] == "registered")
+        .await;
 }
 
 /// Every retained record a fresh rumqttc subscriber at QoS 0 receives,
