@@ -480,3 +480,60 @@ async fn a_storm_of_short_connections_gets_every_connack() {
         s.log()
     );
 }
+
+#[tokio::test]
+async fn random_bytes_after_any_start_never_hang_or_harm_the_front() {
+    let (s, _tmp) = serve_with_timeout("1s").await;
+    let mut c = Client::connect(&s.url).await;
+    c.register("steady", WEB).await;
+    // xorshift: reproducible random bytes without another dependency.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut valid_connect = Vec::new();
+    // keepalive 1 s: a session the junk leaves idle ends in 1.5 s.
+    valid_connect.extend_from_slice(&[0x10, 16, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 1]);
+    valid_connect.extend_from_slice(&[0, 4, b'f', b'u', b'z', b'z']);
+    let starts: [&[u8]; 5] = [
+        b"",
+        &[0x10],
+        &valid_connect,
+        b"GET /",
+        b"PUT /register HTTP/1.1\r\n",
+    ];
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        let start = starts[i % starts.len()].to_vec();
+        let junk: Vec<u8> = (0..(next() % 512)).map(|_| next() as u8).collect();
+        let port = s.port();
+        tasks.push(tokio::spawn(async move {
+            let mut t = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            let _ = t.write_all(&start).await;
+            let _ = t.write_all(&junk).await;
+            // Whatever the front answers, it closes (or the 1 s handshake
+            // timeout does) without hanging.
+            let mut sink = [0u8; 4096];
+            let closed = tokio::time::timeout(WAIT, async {
+                loop {
+                    match t.read(&mut sink).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await;
+            assert!(closed.is_ok(), "connection {i} left open");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Nothing registered was lost, and the registry still answers.
+    c.register("after-fuzz", r#"{"host":"10.0.0.6","port":1}"#)
+        .await;
+    assert!(records(&s.url).await.contains_key("steady"));
+}
