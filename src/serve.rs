@@ -90,6 +90,9 @@ async fn start_embedded(config: &ServeConfig) -> Result<Running, ServeError> {
     // Room for the fixed header, topic and properties around the largest
     // payload the broker accepts.
     shared.max_packet = config.embedded.max_payload_size + 65_536 + 16;
+    // Room under the broker's limit for the registry and the front's own
+    // one-off connections (wills).
+    shared.max_sessions = config.embedded.max_connections.saturating_sub(16).max(1);
     let shared = Arc::new(shared);
     front::announce(listen, &shared);
     let front_task = tokio::spawn(front::run(listener, shared.clone()));
@@ -153,6 +156,13 @@ pub async fn run(
             _ = check.tick() => {
                 if running.embedded.as_ref().is_some_and(EmbeddedBroker::failed) {
                     error!("embedded broker listener failed; stopping");
+                    break Err(ServeError::BrokerStopped);
+                }
+                if running.front.as_ref().is_some_and(|f| f.broker_health.broken()) {
+                    error!(
+                        "the embedded broker answers no CONNECT any more (rumqttd's listener \
+                         is poisoned); stopping so that a supervisor restarts homicro"
+                    );
                     break Err(ServeError::BrokerStopped);
                 }
             }

@@ -537,3 +537,53 @@ async fn random_bytes_after_any_start_never_hang_or_harm_the_front() {
         .await;
     assert!(records(&s.url).await.contains_key("steady"));
 }
+
+/// rumqttd's own v4 listener, from serve's log.
+fn internal_v4(s: &Serve) -> u16 {
+    let log = s.log();
+    let line = log.lines().find(|l| l.contains("front listening")).unwrap();
+    let v4 = line
+        .split(" v4=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    v4.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_poisoned_broker_stops_serve_for_its_supervisor() {
+    let mut s = Serve::start().await;
+    // Reach rumqttd directly, as nothing through the front can: a client id
+    // it refuses, twice, leaves a dead entry in its will table and then
+    // a poisoned lock: every later CONNECT on that listener fails.
+    let direct = internal_v4(&s);
+    for _ in 0..2 {
+        let mut t = TcpStream::connect(("127.0.0.1", direct)).await.unwrap();
+        let mut hello = vec![0x10, 15, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 30, 0, 3];
+        hello.extend_from_slice(b"a/b");
+        t.write_all(&hello).await.unwrap();
+        let mut b = [0u8; 4];
+        let _ = tokio::time::timeout(Duration::from_secs(2), t.read(&mut b)).await;
+    }
+    // Clients through the front are told "server unavailable" (CONNACK 3)
+    // at once, and after a few in a row serve stops with a clear error.
+    for i in 0..5 {
+        let id = format!("after-poison-{i}");
+        let hello = Hello {
+            client_id: &id,
+            keep_alive: 30,
+            ..Hello::default()
+        };
+        let (_c, code) = Raw::connect(s.port(), &hello).await;
+        assert_eq!(code, 3, "{id}");
+    }
+    let status = s.wait_exit().await;
+    assert!(!status.success());
+    assert!(
+        s.log().contains("answers no CONNECT any more"),
+        "{}",
+        s.log()
+    );
+}

@@ -47,9 +47,46 @@ pub struct Shared {
     pub handshake_timeout: Duration,
     /// The largest packet the front passes on (the broker's limit).
     pub max_packet: usize,
+    /// MQTT sessions the front lets through (below the broker's own limit).
+    pub max_sessions: usize,
+    /// Bounds the CONNECTs waiting for the broker's CONNACK.
+    pub(crate) connects: tokio::sync::Semaphore,
+    /// Whether the broker still answers CONNECTs.
+    pub broker_health: BrokerHealth,
     pub started: Instant,
     /// Live MQTT sessions by client id, for takeovers (see `mqtt.rs`).
     pub(crate) sessions: Mutex<HashMap<String, mqtt::SessionSlot>>,
+}
+
+/// CONNECTs that may wait for the broker's CONNACK at once (rumqttd's
+/// accept queue holds 128).
+pub const CONNECTS_IN_FLIGHT: usize = 64;
+
+/// After this many CONNECTs in a row that the broker closed or left
+/// unanswered, it is taken as broken.
+pub const UNANSWERED_LIMIT: u32 = 5;
+
+/// Tracks CONNECTs the broker did not answer. rumqttd has a failure mode
+/// in which its listener refuses every later connection (a poisoned lock in
+/// its will table); nothing but a restart of the process cures it, so
+/// `serve` stops when `broken()` says so, for a supervisor to restart it.
+#[derive(Debug, Default)]
+pub struct BrokerHealth {
+    unanswered_in_a_row: std::sync::atomic::AtomicU32,
+}
+
+impl BrokerHealth {
+    pub fn answered(&self) {
+        self.unanswered_in_a_row.store(0, Ordering::Relaxed);
+    }
+
+    pub fn unanswered(&self) {
+        self.unanswered_in_a_row.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn broken(&self) -> bool {
+        self.unanswered_in_a_row.load(Ordering::Relaxed) >= UNANSWERED_LIMIT
+    }
 }
 
 /// Counters of the front, for `GET /metrics`.
@@ -106,6 +143,9 @@ impl Shared {
             metrics: Metrics::default(),
             handshake_timeout,
             max_packet: 1 << 20,
+            max_sessions: 10_000,
+            connects: tokio::sync::Semaphore::new(CONNECTS_IN_FLIGHT),
+            broker_health: BrokerHealth::default(),
             started: Instant::now(),
             sessions: Mutex::new(HashMap::new()),
         }

@@ -29,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, Wr
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::timeout;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::Shared;
 use super::packet::{self, Connect, Frame, Malformed};
@@ -50,10 +50,8 @@ pub(crate) struct SessionSlot {
 
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 
-/// How long the broker gets to answer a CONNECT before the front tries a
-/// fresh connection (rumqttd now and then never answers).
-const CONNACK_TIMEOUT: Duration = Duration::from_secs(2);
-const CONNECT_ATTEMPTS: u32 = 3;
+/// How long the broker gets to answer a CONNECT.
+const CONNACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the front pings the broker for a client with keepalive 0.
 const PING_EVERY: Duration = Duration::from_secs(3600);
 /// How long a session's will and DISCONNECT may take to reach the broker.
@@ -196,69 +194,84 @@ async fn read_connect<R: AsyncRead + Unpin>(
 type Upstream = (ReadHalf<TcpStream>, WriteHalf<TcpStream>);
 
 /// Opens the broker connection and relays its CONNACK to the client.
-/// rumqttd now and then never answers a CONNECT: after `CONNACK_TIMEOUT`
-/// a fresh connection is tried, a few times, before the client is told
-/// the server is unavailable.
+///
+/// One attempt: a second connection with the same client id while the first
+/// is still being set up is a takeover before the first CONNACK, which can
+/// leave rumqttd's will table with a dead entry and poison its listener
+/// (every later CONNECT panics in rumqttd). At most `CONNECTS_IN_FLIGHT`
+/// CONNECTs wait for their CONNACK at once: rumqttd accepts slowly, and a
+/// storm that overflows its 128-connection accept queue leaves clients
+/// waiting seconds on SYN retransmits; queued here instead, they go through
+/// in order.
 async fn open_upstream<W: AsyncWrite + Unpin>(
     shared: &Shared,
     c: &Connect,
     client: &mut W,
     peer: SocketAddr,
 ) -> Option<Upstream> {
+    let refuse = |v4: u8, v5: u8| packet::connack_refusal(c.v5(), v4, v5);
+    let sessions = shared.metrics.mqtt_v4.open.load(Ordering::Relaxed)
+        + shared.metrics.mqtt_v5.open.load(Ordering::Relaxed);
+    if sessions > shared.max_sessions as u64 {
+        // rumqttd's own limit fails the link after the CONNECT, which also
+        // poisons its listener: refuse here (server unavailable / quota
+        // exceeded).
+        info!(%peer, client_id = %c.client_id, sessions, "too many MQTT connections; refused");
+        let _ = client.write_all(&refuse(3, 0x97)).await;
+        return None;
+    }
     let addr = if c.v5() { shared.v5 } else { shared.v4 };
     let id = packet::broker_client_id(&c.client_id);
+    if id.len() > usize::from(u16::MAX) {
+        // Identifier rejected.
+        let _ = client.write_all(&refuse(2, 0x85)).await;
+        return None;
+    }
     let keep_alive = if c.keep_alive == 0 {
         u16::MAX
     } else {
         c.keep_alive
     };
     let hello = packet::encode_connect(c, &id, keep_alive);
-    for attempt in 1..=CONNECT_ATTEMPTS {
-        let Ok(stream) = TcpStream::connect(addr).await else {
-            break;
-        };
+    let _permit = shared.connects.acquire().await.ok()?;
+    let attempt = timeout(CONNACK_TIMEOUT, async {
+        let stream = TcpStream::connect(addr).await.ok()?;
         let _ = stream.set_nodelay(true);
         let (mut rd, mut wr) = tokio::io::split(stream);
-        if wr.write_all(&hello).await.is_err() {
-            continue;
-        }
+        wr.write_all(&hello).await.ok()?;
         let mut ack = BytesMut::with_capacity(64);
-        let got = timeout(CONNACK_TIMEOUT, async {
-            loop {
-                match packet::frame(&ack, 1 << 16) {
-                    Ok(Some(f)) => return Some(f),
-                    Ok(None) => {}
-                    Err(_) => return None,
-                }
-                match rd.read_buf(&mut ack).await {
-                    Ok(0) | Err(_) => return None,
-                    Ok(_) => {}
-                }
+        loop {
+            if let Some(f) = packet::frame(&ack, 1 << 16).ok()? {
+                return Some((rd, wr, ack, f));
             }
-        })
-        .await;
-        match got {
-            Ok(Some(f)) if f.kind() == packet::CONNACK => {
-                let accepted = ack.get(f.header_len + 1) == Some(&0);
-                if client.write_all(&ack).await.is_err() || !accepted {
-                    return None;
-                }
-                return Some((rd, wr));
+            if rd.read_buf(&mut ack).await.ok()? == 0 {
+                return None;
             }
-            Ok(_) => {
-                debug!(%peer, client_id = %c.client_id, "broker closed without CONNACK");
-                break;
+        }
+    })
+    .await;
+    match attempt {
+        Ok(Some((rd, wr, ack, f))) if f.kind() == packet::CONNACK => {
+            shared.broker_health.answered();
+            let accepted = ack.get(f.header_len + 1) == Some(&0);
+            if client.write_all(&ack).await.is_err() || !accepted {
+                return None;
             }
-            Err(_) => {
-                info!(%peer, client_id = %c.client_id, attempt, "broker sent no CONNACK; retrying");
-            }
+            Some((rd, wr))
+        }
+        Ok(_) => {
+            shared.broker_health.unanswered();
+            warn!(%peer, client_id = %c.client_id, "the broker closed the connection without CONNACK");
+            let _ = client.write_all(&refuse(3, 0x88)).await;
+            None
+        }
+        Err(_) => {
+            shared.broker_health.unanswered();
+            warn!(%peer, client_id = %c.client_id, "the broker sent no CONNACK in time");
+            let _ = client.write_all(&refuse(3, 0x88)).await;
+            None
         }
     }
-    // Server unavailable (v4 return code 3, v5 reason 0x88).
-    let _ = client
-        .write_all(&packet::connack_refusal(c.v5(), 3, 0x88))
-        .await;
-    None
 }
 
 /// What both directions of one session share (one task: the atomics and
@@ -468,7 +481,7 @@ async fn fire_will(
     })
     .await;
     if !matches!(result, Ok(Ok(()))) {
-        tracing::warn!(topic = %will.topic, "will not published: the broker did not answer");
+        warn!(topic = %will.topic, "will not published: the broker did not answer");
     }
 }
 

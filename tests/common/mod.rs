@@ -127,6 +127,22 @@ impl Serve {
         self.child.try_wait().unwrap().is_none()
     }
 
+    /// Waits (up to `WAIT`) for serve to exit by itself.
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "serve did not exit:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// SIGTERM, then wait; returns the status and how long it took.
     pub async fn terminate(&mut self) -> (ExitStatus, Duration) {
         let start = Instant::now();
