@@ -526,6 +526,16 @@ async fn an_idle_connection_is_closed() {
     assert!(matches!(rest, Ok(Ok(0))), "{rest:?}");
     let waited = start.elapsed();
     assert!(waited >= IDLE - Duration::from_millis(50), "{waited:?}");
+
+    // A body that never completes is answered 408 after IDLE.
+    let mut raw = TcpStream::connect(api.addr).await.unwrap();
+    raw.write_all(b"PUT /register HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"name\"")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(WAIT, raw.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
 }
 
 /// A WebSocket client's handshake on `/mqtt` offering `protocols`.

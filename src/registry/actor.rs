@@ -30,6 +30,7 @@ pub(super) enum Request {
         respond_to: oneshot::Sender<Answer>,
     },
     Records(oneshot::Sender<Vec<(Name, Bytes)>>),
+    Record(Name, oneshot::Sender<Option<Bytes>>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -133,6 +134,9 @@ impl Actor {
             Request::Records(tx) => {
                 let records = self.state.records();
                 let _ = tx.send(records.map(|(n, b)| (n.clone(), b.clone())).collect());
+            }
+            Request::Record(name, tx) => {
+                let _ = tx.send(self.state.payload(&name).cloned());
             }
             // Handled by the loop.
             Request::Shutdown(_) => {}

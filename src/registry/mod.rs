@@ -131,6 +131,11 @@ impl Handle {
         self.ask(Request::Records).await
     }
 
+    /// NAME's record as published, if it is registered.
+    pub async fn record(&self, name: &Name) -> Result<Option<Bytes>, Stopped> {
+        self.ask(|tx| Request::Record(name.clone(), tx)).await
+    }
+
     /// Submits NAME's record (empty: removes it) through the same rules as
     /// a publish on `PREFIX/services/NAME`; the registry publishes the
     /// outcome. See [`Registry::on_submit`].

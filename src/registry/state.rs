@@ -144,6 +144,11 @@ impl Registry {
         Record::parse(name, e.payload.clone()).ok()
     }
 
+    /// NAME's record as published.
+    pub fn payload(&self, name: &Name) -> Option<&Bytes> {
+        self.records.get(name).map(|e| &e.payload)
+    }
+
     /// Every record's bytes, as published.
     pub fn records(&self) -> impl Iterator<Item = (&Name, &Bytes)> {
         self.records.iter().map(|(n, e)| (n, &e.payload))

@@ -37,9 +37,8 @@ impl Api<'_> {
     pub async fn discover_one(&self, raw: &str) -> Result<Resp, ApiError> {
         let name = Name::parse(raw)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
-        let records = self.registry()?.records().await.map_err(stopped)?;
-        match records.into_iter().find(|(n, _)| *n == name) {
-            Some((_, bytes)) => Ok(json_bytes(StatusCode::OK, bytes)),
+        match self.registry()?.record(&name).await.map_err(stopped)? {
+            Some(bytes) => Ok(json_bytes(StatusCode::OK, bytes)),
             None => Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "unknown",

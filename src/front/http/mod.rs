@@ -15,6 +15,7 @@ mod websocket;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -133,11 +134,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -
         Route::Mqtt => return websocket::upgrade(shared.clone(), req, peer),
         Route::Discover => api.discover(req.uri().query()).await,
         Route::DiscoverOne(name) => api.discover_one(&name).await,
-        Route::SelfRegister => match body(req).await {
+        Route::SelfRegister => match body(req, shared.handshake_timeout).await {
             Ok(b) => api.self_register(&b).await,
             Err(e) => Err(e),
         },
-        Route::Register => match body(req).await {
+        Route::Register => match body(req, shared.handshake_timeout).await {
             Ok(b) => api.register(&b).await,
             Err(e) => Err(e),
         },
@@ -148,9 +149,19 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -
     answer.unwrap_or_else(ApiError::response)
 }
 
-/// Reads a request body of at most [`MAX_BODY`] bytes.
-async fn body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
-    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+/// Reads a request body of at most [`MAX_BODY`] bytes within `within` (a
+/// client that trickles its body holds a connection no longer than one
+/// that sends nothing).
+async fn body(req: Request<Incoming>, within: Duration) -> Result<Bytes, ApiError> {
+    let read = Limited::new(req.into_body(), MAX_BODY).collect();
+    let Ok(read) = tokio::time::timeout(within, read).await else {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid",
+            format!("the body did not arrive within {within:?}"),
+        ));
+    };
+    match read {
         Ok(b) => Ok(b.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
