@@ -148,7 +148,8 @@ async fn handle(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) -> Opt
     let _ = stream.set_nodelay(true);
     set_keepalive(&stream);
     let mut first = [0u8; 8];
-    let kind = match tokio::time::timeout(shared.handshake_timeout, stream.peek(&mut first)).await {
+    let kind = match tokio::time::timeout(shared.handshake_timeout, stream.peek(&mut first)).await
+    {
         Ok(Ok(0)) | Ok(Err(_)) => return None,
         Ok(Ok(n)) => classify::classify(&first[..n]),
         Err(_) => {
