@@ -350,6 +350,53 @@ impl Record {
     }
 }
 
+/// A `role` or `role@range` query over records, e.g. `api`, `api@^1.2`,
+/// `couchdb@3.x`, `db@*`: the record's `role` and, with a range, its
+/// `version` (a record without `version` matches only `*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Query {
+    role: Name,
+    range: Option<semver::VersionReq>,
+}
+
+/// A query that is not `role` or `role@range`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad query {query:?}: {reason}")]
+pub struct BadQuery {
+    pub query: String,
+    pub reason: String,
+}
+
+impl Query {
+    pub fn parse(q: &str) -> Result<Query, BadQuery> {
+        let bad = |reason: String| BadQuery {
+            query: q.to_string(),
+            reason,
+        };
+        let (role, range) = match q.split_once('@') {
+            Some((r, range)) => {
+                let req = semver::VersionReq::parse(range)
+                    .map_err(|e| bad(format!("{range:?} is not a semver range: {e}")))?;
+                (r, Some(req))
+            }
+            None => (q, None),
+        };
+        let role = Name::parse(role).map_err(|e| bad(e.to_string()))?;
+        Ok(Query { role, range })
+    }
+
+    pub fn matches(&self, r: &Record) -> bool {
+        if r.role != self.role {
+            return false;
+        }
+        match (&self.range, &r.version) {
+            (None, _) => true,
+            (Some(req), Some(v)) => req.matches(v),
+            (Some(req), None) => *req == semver::VersionReq::STAR,
+        }
+    }
+}
+
 fn valid_scheme(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
@@ -598,6 +645,23 @@ mod tests {
         assert_eq!(e.code(), "too_large");
         let fits = "x".repeat(MAX_RECORD_SIZE - 40);
         assert!(parse(&format!(r#"{{"host":"h","meta":{{"p":"{fits}"}}}}"#)).is_ok());
+    }
+
+    #[test]
+    fn queries() {
+        let rec = |json: &str| Record::parse(&name("x"), Bytes::from(json.to_string())).unwrap();
+        let v12 = rec(r#"{"host":"h","role":"api","version":"1.2.5"}"#);
+        let v2 = rec(r#"{"host":"h","role":"api","version":"2.0.0"}"#);
+        let none = rec(r#"{"host":"h","role":"api"}"#);
+        let db = rec(r#"{"host":"h","role":"couchdb","version":"3.1.0"}"#);
+        let m = |q: &str, r: &Record| Query::parse(q).unwrap().matches(r);
+        assert!(m("api@^1.2", &v12) && !m("api@^1.2", &v2) && !m("api@^1.2", &none));
+        assert!(m("api", &none) && m("api@*", &none) && m("api@*", &v2));
+        assert!(m("couchdb@3.x", &db) && !m("couchdb@2.x", &db));
+        assert!(!m("api", &db));
+        for bad in ["Api", "api@", "api@^x", "@1", ""] {
+            assert!(Query::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

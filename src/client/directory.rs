@@ -20,7 +20,7 @@ use tracing::{debug, warn};
 
 use super::{Broker, Connection, ConnectionError, random};
 use crate::mqtt::Incoming;
-use crate::record::{Endpoint, Name, Record};
+use crate::record::{BadQuery, Endpoint, Name, Query, Record};
 use crate::topics::Topics;
 
 /// One registered service as the directory sees it.
@@ -79,8 +79,8 @@ impl Default for Options {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DirectoryError {
-    #[error("bad query {query:?}: {reason}")]
-    BadQuery { query: String, reason: String },
+    #[error(transparent)]
+    BadQuery(#[from] BadQuery),
     #[error("nothing matched {0:?} in time")]
     Timeout(String),
     #[error(transparent)]
@@ -140,45 +140,6 @@ impl Drop for Closer {
     fn drop(&mut self) {
         if let Some(tx) = self.0.take() {
             let _ = tx.send(());
-        }
-    }
-}
-
-/// A parsed `role@range` query.
-struct Query {
-    role: String,
-    range: Option<semver::VersionReq>,
-}
-
-impl Query {
-    fn parse(q: &str) -> Result<Query, DirectoryError> {
-        let bad = |reason: String| DirectoryError::BadQuery {
-            query: q.to_string(),
-            reason,
-        };
-        let (role, range) = match q.split_once('@') {
-            Some((r, range)) => {
-                let req = semver::VersionReq::parse(range)
-                    .map_err(|e| bad(format!("{range:?} is not a semver range: {e}")))?;
-                (r, Some(req))
-            }
-            None => (q, None),
-        };
-        Name::parse(role).map_err(|e| bad(e.to_string()))?;
-        Ok(Query {
-            role: role.to_string(),
-            range,
-        })
-    }
-
-    fn matches(&self, s: &Service) -> bool {
-        if s.record.role.as_str() != self.role {
-            return false;
-        }
-        match (&self.range, &s.record.version) {
-            (None, _) => true,
-            (Some(req), Some(v)) => req.matches(v),
-            (Some(req), None) => *req == semver::VersionReq::STAR,
         }
     }
 }
@@ -253,7 +214,11 @@ impl Directory {
     /// `couchdb@3.x`, `db@*`), failed ones included.
     pub fn find(&self, query: &str) -> Result<Vec<Service>, DirectoryError> {
         let q = Query::parse(query)?;
-        Ok(self.list().into_iter().filter(|s| q.matches(s)).collect())
+        Ok(self
+            .list()
+            .into_iter()
+            .filter(|s| q.matches(&s.record))
+            .collect())
     }
 
     /// One live instance matching the query, skipping those reported failed;
@@ -267,7 +232,7 @@ impl Directory {
         let live: Vec<&Service> = state
             .services
             .values()
-            .filter(|s| q.matches(s))
+            .filter(|s| q.matches(&s.record))
             .filter(|s| {
                 state
                     .failed
@@ -314,7 +279,7 @@ impl Directory {
             if by_name && let Some(s) = self.get(query) {
                 return Some(s);
             }
-            self.list().into_iter().find(|s| q.matches(s))
+            self.list().into_iter().find(|s| q.matches(&s.record))
         };
         let deadline = Instant::now() + timeout;
         loop {
@@ -506,33 +471,6 @@ async fn wait_connected(conn: &mut Connection) -> bool {
             Some(Incoming::Connected) => return true,
             None => return false,
             Some(_) => {}
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn service(name: &str, json: &str) -> Service {
-        let name = Name::parse(name).unwrap();
-        let record = Record::parse(&name, Bytes::from(json.to_string())).unwrap();
-        Service { name, record }
-    }
-
-    #[test]
-    fn queries() {
-        let v12 = service("a", r#"{"host":"h","role":"api","version":"1.2.5"}"#);
-        let v2 = service("b", r#"{"host":"h","role":"api","version":"2.0.0"}"#);
-        let none = service("c", r#"{"host":"h","role":"api"}"#);
-        let db = service("d", r#"{"host":"h","role":"couchdb","version":"3.1.0"}"#);
-        let m = |q: &str, s: &Service| Query::parse(q).unwrap().matches(s);
-        assert!(m("api@^1.2", &v12) && !m("api@^1.2", &v2) && !m("api@^1.2", &none));
-        assert!(m("api", &none) && m("api@*", &none) && m("api@*", &v2));
-        assert!(m("couchdb@3.x", &db) && !m("couchdb@2.x", &db));
-        assert!(!m("api", &db));
-        for bad in ["Api", "api@", "api@^x", "@1"] {
-            assert!(Query::parse(bad).is_err(), "{bad}");
         }
     }
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use rumqttc::{AsyncClient, QoS};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
@@ -13,12 +14,23 @@ use tracing::{debug, error, info, warn};
 use super::health::{Outcome, Probe};
 use super::probe;
 use super::state::{Delivery, Publish, Registry, Stats};
+use super::{Answer, Status};
 use crate::mqtt::Incoming;
+use crate::record::Name;
 use crate::statefile;
 
 /// Requests from the handle.
 pub(super) enum Request {
     Stats(oneshot::Sender<Stats>),
+    Status(oneshot::Sender<Status>),
+    /// A record (empty: a removal) submitted through the HTTP API.
+    Submit {
+        name: String,
+        payload: Bytes,
+        respond_to: oneshot::Sender<Answer>,
+    },
+    Records(oneshot::Sender<Vec<(Name, Bytes)>>),
+    Record(Name, oneshot::Sender<Option<Bytes>>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -32,6 +44,8 @@ pub(super) struct Actor {
     pub state_file: PathBuf,
     pub flush_every: Duration,
     pub persist: bool,
+    /// Whether the MQTT session with the broker is up.
+    pub connected: bool,
 }
 
 impl Actor {
@@ -48,8 +62,8 @@ impl Actor {
             let probe_at = self.state.next_probe();
             tokio::select! {
                 req = self.requests.recv() => match req {
-                    Some(Request::Stats(tx)) => { let _ = tx.send(self.state.stats().clone()); }
                     Some(Request::Shutdown(tx)) => break Some(tx),
+                    Some(req) => self.on_request(req).await,
                     None => break None,
                 },
                 msg = self.incoming.recv() => match msg {
@@ -96,9 +110,43 @@ impl Actor {
         });
     }
 
+    async fn on_request(&mut self, req: Request) {
+        match req {
+            Request::Stats(tx) => {
+                let _ = tx.send(self.state.stats().clone());
+            }
+            Request::Status(tx) => {
+                let _ = tx.send(Status {
+                    stats: self.state.stats().clone(),
+                    connected: self.connected,
+                    records: self.state.len(),
+                });
+            }
+            Request::Submit {
+                name,
+                payload,
+                respond_to,
+            } => {
+                let (answer, out) = self.state.on_submit(Instant::now(), &name, payload);
+                self.publish_all(out).await;
+                let _ = respond_to.send(answer);
+            }
+            Request::Records(tx) => {
+                let records = self.state.records();
+                let _ = tx.send(records.map(|(n, b)| (n.clone(), b.clone())).collect());
+            }
+            Request::Record(name, tx) => {
+                let _ = tx.send(self.state.payload(&name).cloned());
+            }
+            // Handled by the loop.
+            Request::Shutdown(_) => {}
+        }
+    }
+
     async fn on_incoming(&mut self, m: Incoming) {
         match m {
             Incoming::Connected => {
+                self.connected = true;
                 info!(records = self.state.len(), "connected to the broker");
                 let out = self.state.on_connected();
                 self.publish_all(out).await;
@@ -125,7 +173,10 @@ impl Actor {
                     .on_message(Instant::now(), &topic, payload, delivery);
                 self.publish_all(out).await;
             }
-            Incoming::Disconnected(e) => warn!(error = %e, "lost the broker; reconnecting"),
+            Incoming::Disconnected(e) => {
+                self.connected = false;
+                warn!(error = %e, "lost the broker; reconnecting");
+            }
             Incoming::Closed | Incoming::Subscribed => {}
         }
     }

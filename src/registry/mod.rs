@@ -9,12 +9,14 @@ pub mod state;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use bytes::Bytes;
 use rumqttc::{LastWill, QoS};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::config::BrokerUrl;
+use crate::record::Name;
 use crate::statefile::{self, Loaded};
 use crate::topics::Topics;
 use actor::{Actor, Request};
@@ -31,6 +33,20 @@ pub struct Options {
     pub will: bool,
     /// How many health probes may run at once.
     pub health_concurrency: usize,
+}
+
+/// The registry's answer to a submitted record: the event's JSON (as
+/// published on `PREFIX/events/NAME`) when it was applied, the error's JSON
+/// (as on `PREFIX/errors/NAME`) when it was refused.
+pub type Answer = Result<Bytes, Bytes>;
+
+/// What `GET /health` and `/metrics` show of the registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub stats: Stats,
+    /// The registry's MQTT session with the broker is up.
+    pub connected: bool,
+    pub records: usize,
 }
 
 /// The registry actor is gone.
@@ -94,6 +110,7 @@ impl Handle {
             state_file: opts.state_file,
             flush_every: opts.state_flush,
             persist,
+            connected: false,
         };
         tokio::spawn(actor.run());
         Handle { tx }
@@ -101,11 +118,42 @@ impl Handle {
 
     /// Counters of what the registry has done.
     pub async fn stats(&self) -> Result<Stats, Stopped> {
+        self.ask(Request::Stats).await
+    }
+
+    /// Counters, record count and whether the broker is connected.
+    pub async fn status(&self) -> Result<Status, Stopped> {
+        self.ask(Request::Status).await
+    }
+
+    /// Every record's name and bytes, as published (in no order).
+    pub async fn records(&self) -> Result<Vec<(Name, Bytes)>, Stopped> {
+        self.ask(Request::Records).await
+    }
+
+    /// NAME's record as published, if it is registered.
+    pub async fn record(&self, name: &Name) -> Result<Option<Bytes>, Stopped> {
+        self.ask(|tx| Request::Record(name.clone(), tx)).await
+    }
+
+    /// Submits NAME's record (empty: removes it) through the same rules as
+    /// a publish on `PREFIX/services/NAME`; the registry publishes the
+    /// outcome. See [`Registry::on_submit`].
+    pub async fn submit(&self, name: &str, payload: Bytes) -> Result<Answer, Stopped> {
+        self.ask(|respond_to| Request::Submit {
+            name: name.to_string(),
+            payload,
+            respond_to,
+        })
+        .await
+    }
+
+    async fn ask<T>(
+        &self,
+        request: impl FnOnce(oneshot::Sender<T>) -> Request,
+    ) -> Result<T, Stopped> {
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Request::Stats(tx))
-            .await
-            .map_err(|_| Stopped)?;
+        self.tx.send(request(tx)).await.map_err(|_| Stopped)?;
         rx.await.map_err(|_| Stopped)
     }
 

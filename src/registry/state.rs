@@ -54,6 +54,18 @@ struct Entry {
     deadline: Option<Instant>,
 }
 
+/// What the rules made of a record publish.
+#[derive(Debug)]
+enum Judged {
+    /// Applied: its `registered`, `updated` or `deregistered` event.
+    Accepted(Publish),
+    /// Refused, nothing changed: the error and the `rejected` event.
+    Refused { error: Publish, event: Publish },
+    /// Nothing to do or say (an empty publish to a free name, a retained
+    /// copy of what the registry holds).
+    Quiet,
+}
+
 /// How many of its own publishes per topic the registry remembers while
 /// waiting for them to come back. A queue this long means the broker drops
 /// our echoes; forgetting the oldest then only risks one missed refresh.
@@ -130,6 +142,11 @@ impl Registry {
     pub fn get(&self, name: &Name) -> Option<Record> {
         let e = self.records.get(name)?;
         Record::parse(name, e.payload.clone()).ok()
+    }
+
+    /// NAME's record as published.
+    pub fn payload(&self, name: &Name) -> Option<&Bytes> {
+        self.records.get(name).map(|e| &e.payload)
     }
 
     /// Every record's bytes, as published.
@@ -213,7 +230,13 @@ impl Registry {
                     return Vec::new();
                 }
                 let reassert = delivery == Delivery::Live && self.echoes.contains_key(&raw);
-                let mut out = self.on_record(now, &raw, payload, delivery);
+                let mut out = match self.on_record(now, &raw, payload, delivery) {
+                    Judged::Accepted(ev) => vec![ev],
+                    // What the broker now holds is the refused publish:
+                    // restore the previous record or clear the topic.
+                    Judged::Refused { error, event } => vec![self.current(&raw), error, event],
+                    Judged::Quiet => Vec::new(),
+                };
                 out.append(&mut self.extra);
                 let topic = self.topics.service(&raw);
                 if reassert && !out.iter().any(|p| p.retain && p.topic == topic) {
@@ -231,6 +254,44 @@ impl Registry {
             }
             Incoming::Heartbeat(_) | Incoming::Registry | Incoming::Other => Vec::new(),
         }
+    }
+
+    /// A record submitted through the HTTP API for `raw` (empty: remove
+    /// it), judged by the same rules as a live publish. The broker has not
+    /// seen it: on acceptance the output holds the retained publish of the
+    /// record (or the clear) and its event, and the answer is the event's
+    /// JSON; on refusal the output holds the error and the `rejected` event
+    /// (nothing to restore) and the answer is the error's JSON. A bad name
+    /// publishes nothing (it may not even be a valid topic); removing a name
+    /// that is not registered is answered `unknown` and publishes nothing.
+    pub fn on_submit(
+        &mut self,
+        now: Instant,
+        raw: &str,
+        payload: Bytes,
+    ) -> (Result<Bytes, Bytes>, Vec<Publish>) {
+        let name = match Name::parse(raw) {
+            Ok(n) => n,
+            Err(e) => {
+                self.stats.refusals += 1;
+                warn!(name = raw, error = e.code(), detail = %e, "refused");
+                let err = self.error(raw, e.code(), &e.to_string(), None, None);
+                return (Err(err.payload), Vec::new());
+            }
+        };
+        let (answer, mut out) = match self.on_record(now, raw, payload, Delivery::Live) {
+            Judged::Accepted(ev) => (Ok(ev.payload.clone()), vec![self.current(raw), ev]),
+            Judged::Refused { error, event } => (Err(error.payload.clone()), vec![error, event]),
+            // A live submission is quiet only when it removes a free name.
+            Judged::Quiet => {
+                let detail = format!("{name} is not registered");
+                let err = self.error(raw, "unknown", &detail, None, None);
+                (Err(err.payload), Vec::new())
+            }
+        };
+        out.append(&mut self.extra);
+        self.note_echoes(&out);
+        (answer, out)
     }
 
     /// Expires every record whose deadline is at or before `now`.
@@ -315,18 +376,13 @@ impl Registry {
         out
     }
 
-    fn on_record(
-        &mut self,
-        now: Instant,
-        raw: &str,
-        payload: Bytes,
-        delivery: Delivery,
-    ) -> Vec<Publish> {
+    /// Judges a record publish (empty: a removal) and applies it.
+    fn on_record(&mut self, now: Instant, raw: &str, payload: Bytes, delivery: Delivery) -> Judged {
         let name = match Name::parse(raw) {
             Ok(n) => n,
             Err(e) if payload.is_empty() => {
                 debug!(name = raw, error = %e, "empty publish to a bad name ignored");
-                return Vec::new();
+                return Judged::Quiet;
             }
             Err(e) => return self.refuse(raw, e.code(), e.to_string(), None, None),
         };
@@ -335,9 +391,9 @@ impl Registry {
                 Some(record) => {
                     self.stats.deregistrations += 1;
                     info!(name = %name, owner = %record.endpoint, "deregistered");
-                    vec![self.event(&name, "deregistered", Some(&record.endpoint))]
+                    Judged::Accepted(self.event(&name, "deregistered", Some(&record.endpoint)))
                 }
-                None => Vec::new(),
+                None => Judged::Quiet,
             };
         }
         let record = match Record::parse(&name, payload) {
@@ -349,7 +405,7 @@ impl Registry {
             info!(name = %name, owner = %record.endpoint, "registered");
             let ev = self.event(&name, "registered", Some(&record.endpoint));
             self.insert(now, name, record);
-            return vec![ev];
+            return Judged::Accepted(ev);
         };
         if existing.endpoint != record.endpoint {
             let owner = existing.endpoint.clone();
@@ -358,7 +414,7 @@ impl Registry {
         }
         if delivery == Delivery::Retained && existing.payload == record.payload() {
             // The broker still holds what we hold: not a refresh.
-            return Vec::new();
+            return Judged::Quiet;
         }
         let changed = existing.payload != record.payload();
         self.stats.updates += 1;
@@ -378,7 +434,7 @@ impl Registry {
         } else {
             self.refresh(now, &name);
         }
-        vec![ev]
+        Judged::Accepted(ev)
     }
 
     fn on_heartbeat(&mut self, now: Instant, raw: &str, payload: &[u8]) -> Vec<Publish> {
@@ -408,8 +464,8 @@ impl Registry {
         Vec::new()
     }
 
-    /// Refuses a publish: error, event, and the previous record restored or
-    /// the topic cleared. `from` is the refused publisher's endpoint.
+    /// Refuses a publish: the error and the `rejected` event. `from` is the
+    /// refused publisher's endpoint.
     fn refuse(
         &mut self,
         raw: &str,
@@ -417,13 +473,12 @@ impl Registry {
         detail: String,
         owner: Option<&Endpoint>,
         from: Option<&Endpoint>,
-    ) -> Vec<Publish> {
+    ) -> Judged {
         self.stats.refusals += 1;
-        let restore = self.current(raw);
-        warn!(name = raw, error = code, detail = %detail, restored = !restore.payload.is_empty(), "refused");
-        let err = self.error(raw, code, &detail, owner, from);
-        let ev = self.event_with(raw, "rejected", from, [("error", Value::from(code))]);
-        vec![restore, err, ev]
+        warn!(name = raw, error = code, detail = %detail, "refused");
+        let error = self.error(raw, code, &detail, owner, from);
+        let event = self.event_with(raw, "rejected", from, [("error", Value::from(code))]);
+        Judged::Refused { error, event }
     }
 
     /// What the topic of `raw` should hold now: the record, or nothing.

@@ -1,0 +1,403 @@
+//! The API's handlers: discovery, registration and the registry's health
+//! and metrics. Records go to the registry actor as they would arrive over
+//! MQTT; the registry's answer (its event or error JSON) is the response.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use hyper::StatusCode;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use serde_json::{Map, Value, json};
+
+use super::{ApiError, Resp, json_bytes};
+use crate::front::{Gauge, Metrics, Shared};
+use crate::record::{Name, Query, Record};
+use crate::registry::{Answer, Handle, Status, Stopped};
+
+/// One request's view of the front.
+pub(super) struct Api<'a> {
+    pub shared: &'a Shared,
+    pub peer: SocketAddr,
+}
+
+impl Api<'_> {
+    /// `GET /discover[?role=R@range]`: matching records as name → record.
+    pub async fn discover(&self, query: Option<&str>) -> Result<Resp, ApiError> {
+        let filter = role_query(query.unwrap_or("")).map_err(ApiError::invalid)?;
+        let mut records = self.registry()?.records().await.map_err(stopped)?;
+        if let Some(q) = &filter {
+            records.retain(|(n, b)| Record::parse(n, b.clone()).is_ok_and(|r| q.matches(&r)));
+        }
+        Ok(json_bytes(StatusCode::OK, object_of(records)))
+    }
+
+    /// `GET /discover/NAME`: the record as stored, or 404 `unknown`.
+    pub async fn discover_one(&self, raw: &str) -> Result<Resp, ApiError> {
+        let name = Name::parse(raw)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
+        match self.registry()?.record(&name).await.map_err(stopped)? {
+            Some(bytes) => Ok(json_bytes(StatusCode::OK, bytes)),
+            None => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown",
+                format!("{name} is not registered"),
+            )),
+        }
+    }
+
+    /// `PUT /self-register`: the caller's own record; its host is the
+    /// caller's address.
+    pub async fn self_register(&self, body: &[u8]) -> Result<Resp, ApiError> {
+        let (name, record) = named_record(body).map_err(ApiError::invalid)?;
+        let record = with_peer_host(record, self.peer.ip()).map_err(ApiError::invalid)?;
+        self.submit(&name, record).await
+    }
+
+    /// `PUT /register`: a full record on behalf of another service; from
+    /// loopback only.
+    pub async fn register(&self, body: &[u8]) -> Result<Resp, ApiError> {
+        self.loopback_only("register a record on behalf of another service")?;
+        let (name, record) = named_record(body).map_err(ApiError::invalid)?;
+        self.submit(&name, to_bytes(record)).await
+    }
+
+    /// `DELETE /register/NAME`: removes NAME; from loopback only.
+    pub async fn deregister(&self, name: &str) -> Result<Resp, ApiError> {
+        self.loopback_only("deregister a service")?;
+        self.submit(name, Bytes::new()).await
+    }
+
+    /// `GET /health`: the registry's own state.
+    pub async fn health(&self) -> Resp {
+        let status = match &self.shared.registry {
+            Some(r) => Some(r.status().await),
+            None => None,
+        };
+        let uptime = self.shared.started.elapsed().as_secs();
+        let (code, body) = health(status, uptime);
+        json_bytes(code, Bytes::from(body.to_string()))
+    }
+
+    /// `GET /metrics`: Prometheus text format 0.0.4.
+    pub async fn metrics(&self) -> Resp {
+        let status = match &self.shared.registry {
+            Some(r) => r.status().await.ok(),
+            None => None,
+        };
+        let uptime = self.shared.started.elapsed().as_secs_f64();
+        let text = metrics(status.as_ref(), &self.shared.metrics, uptime);
+        let mut resp = json_bytes(StatusCode::OK, Bytes::from(text));
+        resp.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        resp
+    }
+
+    async fn submit(&self, name: &str, record: Bytes) -> Result<Resp, ApiError> {
+        let answer = self
+            .registry()?
+            .submit(name, record)
+            .await
+            .map_err(stopped)?;
+        Ok(answered(answer))
+    }
+
+    fn registry(&self) -> Result<&Handle, ApiError> {
+        self.shared.registry.as_ref().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "this server runs without a registry (--no-registry)",
+            )
+        })
+    }
+
+    fn loopback_only(&self, what: &str) -> Result<(), ApiError> {
+        if is_loopback(self.peer.ip()) {
+            return Ok(());
+        }
+        let detail = format!(
+            "only a client on this machine may {what}; {} is not loopback (use PUT /self-register)",
+            self.peer.ip().to_canonical()
+        );
+        Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", detail))
+    }
+}
+
+fn stopped(_: Stopped) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "the registry has stopped",
+    )
+}
+
+/// 127.0.0.0/8, ::1 and their IPv4-mapped forms.
+pub(super) fn is_loopback(ip: IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
+}
+
+/// The HTTP status of one of the registry's error codes.
+pub(super) fn status_of(code: &str) -> StatusCode {
+    match code {
+        "too_large" => StatusCode::PAYLOAD_TOO_LARGE,
+        "owned" => StatusCode::CONFLICT,
+        "unknown" => StatusCode::NOT_FOUND,
+        _ => StatusCode::BAD_REQUEST,
+    }
+}
+
+/// The response to a submission: the registry's event (201 for
+/// `registered`, else 200) or its error, as they are.
+fn answered(answer: Answer) -> Resp {
+    let field = |bytes: &Bytes, key: &str| {
+        serde_json::from_slice::<Value>(bytes)
+            .ok()
+            .and_then(|v| v.get(key)?.as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    match answer {
+        Ok(event) if field(&event, "event") == "registered" => {
+            json_bytes(StatusCode::CREATED, event)
+        }
+        Ok(event) => json_bytes(StatusCode::OK, event),
+        Err(err) => json_bytes(status_of(&field(&err, "error")), err),
+    }
+}
+
+/// Splits a body `{"name": …, …record}` into the name and the record's
+/// fields (`name` is the API's, not the record's).
+fn named_record(body: &[u8]) -> Result<(String, Map<String, Value>), String> {
+    let mut obj = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => return Err("the body must be a JSON object: a record with `name`".into()),
+        Err(e) => return Err(format!("the body is not JSON: {e}")),
+    };
+    match obj.remove("name") {
+        Some(Value::String(n)) => Ok((n, obj)),
+        Some(other) => Err(format!("`name` must be a string, got {other}")),
+        None => Err("`name` is required: the service's name".into()),
+    }
+}
+
+/// The record with `host` set to the caller's address; a `host` in the
+/// body must be that address.
+fn with_peer_host(mut record: Map<String, Value>, peer: IpAddr) -> Result<Bytes, String> {
+    let peer = peer.to_canonical();
+    match record.get("host") {
+        None => {}
+        Some(Value::String(h))
+            if h.parse::<IpAddr>()
+                .is_ok_and(|ip| ip.to_canonical() == peer) => {}
+        Some(other) => {
+            return Err(format!(
+                "`host` is taken from the connection ({peer}) on /self-register; the body gives \
+                 {other} (leave it out, or PUT /register from loopback on another's behalf)"
+            ));
+        }
+    }
+    record.insert("host".into(), Value::String(peer.to_string()));
+    Ok(to_bytes(record))
+}
+
+fn to_bytes(record: Map<String, Value>) -> Bytes {
+    Bytes::from(Value::Object(record).to_string())
+}
+
+/// `role=R` or `role=R@range` from a query string; `None` without one.
+fn role_query(query: &str) -> Result<Option<Query>, String> {
+    let mut role = None;
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "role" if role.is_none() => role = Some(v.into_owned()),
+            "role" => return Err("give `role` once".into()),
+            other => {
+                return Err(format!(
+                    "unknown query parameter `{other}`; /discover takes `role=ROLE[@RANGE]`"
+                ));
+            }
+        }
+    }
+    role.map(|r| Query::parse(&r).map_err(|e| e.to_string()))
+        .transpose()
+}
+
+/// `{"NAME": <record>, …}` by name, each record's bytes embedded as stored.
+fn object_of(mut records: Vec<(Name, Bytes)>) -> Bytes {
+    records.sort_by(|a, b| a.0.cmp(&b.0));
+    let size: usize = records
+        .iter()
+        .map(|(n, b)| n.as_str().len() + b.len() + 4)
+        .sum();
+    let mut out = Vec::with_capacity(size + 2);
+    out.push(b'{');
+    for (i, (name, bytes)) in records.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        // Names are `a-z 0-9 . _ -`: nothing to escape.
+        out.extend_from_slice(format!("\"{name}\":").as_bytes());
+        out.extend_from_slice(bytes);
+    }
+    out.push(b'}');
+    Bytes::from(out)
+}
+
+/// `GET /health`'s status and body: online (200) while the registry holds
+/// its broker session, offline (503) otherwise; `broker-only` (200) with
+/// no registry.
+fn health(status: Option<Result<Status, Stopped>>, uptime_secs: u64) -> (StatusCode, Value) {
+    let version = env!("CARGO_PKG_VERSION");
+    match status {
+        None => (
+            StatusCode::OK,
+            json!({"state": "broker-only", "registry": "off", "version": version,
+                   "uptime_secs": uptime_secs}),
+        ),
+        Some(Err(Stopped)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"state": "offline", "detail": "the registry has stopped", "version": version,
+                   "uptime_secs": uptime_secs, "broker_connected": false}),
+        ),
+        Some(Ok(s)) => (
+            if s.connected {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            },
+            json!({"state": if s.connected { "online" } else { "offline" }, "records": s.records,
+                   "version": version, "uptime_secs": uptime_secs,
+                   "broker_connected": s.connected}),
+        ),
+    }
+}
+
+/// The Prometheus exposition (text format 0.0.4). The registry's series
+/// are left out when it is off or has stopped.
+fn metrics(status: Option<&Status>, front: &Metrics, uptime_secs: f64) -> String {
+    let mut out = String::new();
+    if let Some(s) = status {
+        let help = "Records held by the registry.";
+        series(
+            &mut out,
+            "homicro_records",
+            "gauge",
+            help,
+            &[("", s.records as u64)],
+        );
+        let st = &s.stats;
+        for (name, help, v) in [
+            (
+                "registrations",
+                "Records accepted for a free name.",
+                st.registrations,
+            ),
+            (
+                "updates",
+                "Records accepted from their owner (changes and refreshes).",
+                st.updates,
+            ),
+            (
+                "refusals",
+                "Records refused (owned, invalid, too_large, bad_name).",
+                st.refusals,
+            ),
+            ("expiries", "Records whose ttl ran out.", st.expiries),
+            (
+                "deregistrations",
+                "Records removed by an empty publish or a DELETE.",
+                st.deregistrations,
+            ),
+            (
+                "health_failures",
+                "Failed health probes.",
+                st.health_failures,
+            ),
+            (
+                "unhealthy",
+                "Records cleared after failing their health check.",
+                st.unhealthy,
+            ),
+        ] {
+            series(
+                &mut out,
+                &format!("homicro_{name}_total"),
+                "counter",
+                help,
+                &[("", v)],
+            );
+        }
+    }
+    let kinds: [(&str, &Gauge); 4] = [
+        ("{kind=\"mqtt_v4\"}", &front.mqtt_v4),
+        ("{kind=\"mqtt_v5\"}", &front.mqtt_v5),
+        ("{kind=\"websocket\"}", &front.websocket),
+        ("{kind=\"http\"}", &front.http),
+    ];
+    let load = |pick: fn(&Gauge) -> &std::sync::atomic::AtomicU64| {
+        kinds.map(|(label, g)| (label, pick(g).load(Ordering::Relaxed)))
+    };
+    let help = "Open connections on the public port, by kind.";
+    series(
+        &mut out,
+        "homicro_connections",
+        "gauge",
+        help,
+        &load(|g| &g.open),
+    );
+    let help = "Connections accepted on the public port, by kind.";
+    series(
+        &mut out,
+        "homicro_connections_total",
+        "counter",
+        help,
+        &load(|g| &g.total),
+    );
+    for (name, help, v) in [
+        (
+            "accepted",
+            "Connections accepted on the public port.",
+            &front.accepted,
+        ),
+        (
+            "garbage",
+            "Connections closed for sending neither MQTT nor HTTP.",
+            &front.garbage,
+        ),
+        (
+            "silent",
+            "Connections closed for saying nothing in time.",
+            &front.silent,
+        ),
+    ] {
+        let name = format!("homicro_front_{name}_total");
+        series(
+            &mut out,
+            &name,
+            "counter",
+            help,
+            &[("", v.load(Ordering::Relaxed))],
+        );
+    }
+    let _ = write!(
+        out,
+        "# HELP homicro_uptime_seconds Seconds since homicro started.\n\
+         # TYPE homicro_uptime_seconds gauge\nhomicro_uptime_seconds {uptime_secs:.3}\n"
+    );
+    out
+}
+
+/// One metric: its HELP and TYPE lines and a sample per label set (`""`:
+/// no labels).
+fn series(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str, u64)]) {
+    let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n");
+    for (labels, v) in samples {
+        let _ = writeln!(out, "{name}{labels} {v}");
+    }
+}
+
+#[cfg(test)]
+mod tests;

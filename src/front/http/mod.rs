@@ -1,0 +1,257 @@
+//! The HTTP side of the one-port front: homicro's HTTP API (`api.rs`) and
+//! the WebSocket upgrade of `GET /mqtt` (`websocket.rs`), on hyper's
+//! HTTP/1.1 server. Registrations go to the same registry actor, and through
+//! the same rules, as MQTT publishes.
+//!
+//! ```text
+//!  GET /mqtt + Upgrade ──▶ 101 ──▶ websocket pump ──▶ mqtt::serve (Via::WebSocket)
+//!  GET /discover[/NAME][?role=R@range], /health, /metrics ──▶ registry (read)
+//!  PUT /self-register, PUT /register, DELETE /register/NAME ──▶ registry.submit
+//! ```
+
+mod api;
+mod websocket;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::Shared;
+use crate::record::MAX_RECORD_SIZE;
+
+/// The largest request body read: a record plus room for `name` and the
+/// JSON around it. A larger record inside the limit is refused by the
+/// registry's own size rule, with the same `too_large`.
+pub const MAX_BODY: usize = MAX_RECORD_SIZE + 1024;
+
+type Resp = Response<Full<Bytes>>;
+
+/// Serves HTTP/1.1 on `stream` until the client closes it, stays idle for
+/// the handshake timeout between requests, or upgrades `/mqtt`.
+pub async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    let _open = shared.metrics.http.enter();
+    let svc = {
+        let shared = shared.clone();
+        service_fn(move |req| {
+            let shared = shared.clone();
+            async move { Ok::<_, Infallible>(handle(shared, req, peer).await) }
+        })
+    };
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.handshake_timeout)
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        debug!(%peer, error = %e, "HTTP connection ended");
+    }
+}
+
+/// What a request asks for, from its method and path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Route {
+    Mqtt,
+    Discover,
+    DiscoverOne(String),
+    SelfRegister,
+    Register,
+    Deregister(String),
+    Health,
+    Metrics,
+}
+
+/// Why a request has no route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum NoRoute {
+    NotFound,
+    /// The path exists with other methods, listed for `Allow`.
+    Method(&'static str),
+}
+
+fn route(method: &Method, path: &str) -> Result<Route, NoRoute> {
+    let (allow, route) = match path {
+        "/mqtt" => ("GET", Route::Mqtt),
+        "/discover" => ("GET", Route::Discover),
+        "/self-register" => ("PUT", Route::SelfRegister),
+        "/register" => ("PUT", Route::Register),
+        "/health" => ("GET", Route::Health),
+        "/metrics" => ("GET", Route::Metrics),
+        _ => match path.split_once('/').map(|(_, p)| p.split_once('/')) {
+            Some(Some(("discover", name))) if !name.is_empty() => {
+                ("GET", Route::DiscoverOne(name.to_string()))
+            }
+            Some(Some(("register", name))) if !name.is_empty() => {
+                ("DELETE", Route::Deregister(name.to_string()))
+            }
+            _ => return Err(NoRoute::NotFound),
+        },
+    };
+    if method.as_str() == allow {
+        Ok(route)
+    } else {
+        Err(NoRoute::Method(allow))
+    }
+}
+
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Resp {
+    let route = match route(req.method(), req.uri().path()) {
+        Ok(r) => r,
+        Err(NoRoute::NotFound) => {
+            let detail = format!("no such path: {}", req.uri().path());
+            return error(StatusCode::NOT_FOUND, "not_found", &detail);
+        }
+        Err(NoRoute::Method(allow)) => {
+            let detail = format!("{} takes {allow}, not {}", req.uri().path(), req.method());
+            let mut resp = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                &detail,
+            );
+            resp.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static(allow));
+            return resp;
+        }
+    };
+    let api = api::Api {
+        shared: &shared,
+        peer,
+    };
+    let answer = match route {
+        Route::Mqtt => return websocket::upgrade(shared.clone(), req, peer),
+        Route::Discover => api.discover(req.uri().query()).await,
+        Route::DiscoverOne(name) => api.discover_one(&name).await,
+        Route::SelfRegister => match body(req, shared.handshake_timeout).await {
+            Ok(b) => api.self_register(&b).await,
+            Err(e) => Err(e),
+        },
+        Route::Register => match body(req, shared.handshake_timeout).await {
+            Ok(b) => api.register(&b).await,
+            Err(e) => Err(e),
+        },
+        Route::Deregister(name) => api.deregister(&name).await,
+        Route::Health => Ok(api.health().await),
+        Route::Metrics => Ok(api.metrics().await),
+    };
+    answer.unwrap_or_else(ApiError::response)
+}
+
+/// Reads a request body of at most [`MAX_BODY`] bytes within `within` (a
+/// client that trickles its body holds a connection no longer than one
+/// that sends nothing).
+async fn body(req: Request<Incoming>, within: Duration) -> Result<Bytes, ApiError> {
+    let read = Limited::new(req.into_body(), MAX_BODY).collect();
+    let Ok(read) = tokio::time::timeout(within, read).await else {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid",
+            format!("the body did not arrive within {within:?}"),
+        ));
+    };
+    match read {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!(
+                "the body is larger than {MAX_BODY} bytes (a record is at most {MAX_RECORD_SIZE})"
+            ),
+        )),
+        Err(e) => Err(ApiError::invalid(format!("could not read the body: {e}"))),
+    }
+}
+
+/// A refusal on the HTTP side, answered like `PREFIX/errors/NAME`:
+/// `{"error": CODE, "detail": …}`.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    detail: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            detail: detail.into(),
+        }
+    }
+
+    fn invalid(detail: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid", detail)
+    }
+
+    fn response(self) -> Resp {
+        error(self.status, self.code, &self.detail)
+    }
+}
+
+/// A JSON response with `body` as it is.
+fn json_bytes(status: StatusCode, body: Bytes) -> Resp {
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// An error in the form of `PREFIX/errors/NAME`: `{"error", "detail"}`.
+fn error(status: StatusCode, code: &str, detail: &str) -> Resp {
+    let body = json!({"error": code, "detail": detail}).to_string();
+    json_bytes(status, Bytes::from(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        let get = Method::GET;
+        let put = Method::PUT;
+        let del = Method::DELETE;
+        assert_eq!(route(&get, "/discover"), Ok(Route::Discover));
+        assert_eq!(
+            route(&get, "/discover/web"),
+            Ok(Route::DiscoverOne("web".into()))
+        );
+        assert_eq!(route(&put, "/self-register"), Ok(Route::SelfRegister));
+        assert_eq!(route(&put, "/register"), Ok(Route::Register));
+        assert_eq!(
+            route(&del, "/register/web"),
+            Ok(Route::Deregister("web".into()))
+        );
+        assert_eq!(route(&get, "/mqtt"), Ok(Route::Mqtt));
+        assert_eq!(route(&get, "/health"), Ok(Route::Health));
+        assert_eq!(route(&get, "/metrics"), Ok(Route::Metrics));
+        assert_eq!(
+            route(&Method::POST, "/register"),
+            Err(NoRoute::Method("PUT"))
+        );
+        assert_eq!(route(&get, "/register/web"), Err(NoRoute::Method("DELETE")));
+        assert_eq!(route(&put, "/discover"), Err(NoRoute::Method("GET")));
+        for missing in ["/", "/discover/", "/register/", "/nope", "/health/x", ""] {
+            assert_eq!(route(&get, missing), Err(NoRoute::NotFound), "{missing}");
+        }
+        // A name with a slash is passed on whole, for the registry to refuse.
+        assert_eq!(
+            route(&get, "/discover/a/b"),
+            Ok(Route::DiscoverOne("a/b".into()))
+        );
+    }
+}
