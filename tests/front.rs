@@ -176,12 +176,25 @@ async fn a_disconnect_sends_no_will_and_a_silent_client_is_dropped_with_its_will
     };
     let (polite, _) = Raw::connect(s.port(), &hello("polite", 30)).await;
     polite.disconnect().await;
-    // A half-open client: keepalive 1 s, then silence (no FIN, no data).
+    // A half-open client: keepalive 1 s, then silence (no FIN, no data),
+    // while the broker keeps writing to it (which restarts rumqttd's own
+    // keepalive timer).
     let (mut silent, _) = Raw::connect(s.port(), &hello("silent", 1)).await;
+    silent.subscribe("test/busy", 0).await;
+    let busy = watch.client.clone();
+    let ticker = tokio::spawn(async move {
+        loop {
+            let _ = busy
+                .publish("test/busy", rumqttc::QoS::AtMostOnce, false, "tick")
+                .await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
     assert!(
         silent.closed_within(Duration::from_secs(5)).await,
         "a client silent past 1.5 x keepalive is dropped"
     );
+    ticker.abort();
     watch.expect_raw("test/will/x", b"gone").await;
     assert!(
         watch

@@ -115,7 +115,7 @@ where
         v5: connect.v5(),
         host: peer.ip().to_canonical().to_string(),
         own_pings: AtomicU32::new(0),
-        keepalive_zero: connect.keep_alive == 0,
+        keep_alive: connect.keep_alive,
         aliases: Mutex::new(HashMap::new()),
     };
     debug!(%peer, client_id = %id, v5 = connect.v5(), ?via, "MQTT session open");
@@ -284,7 +284,8 @@ struct Session<'a> {
     /// PINGREQs the front sent for the client; their PINGRESPs are not
     /// forwarded.
     own_pings: AtomicU32,
-    keepalive_zero: bool,
+    /// The client's keepalive (seconds; 0: none).
+    keep_alive: u16,
     /// v5 topic aliases the client set (the front drops the property, so
     /// it resolves them).
     aliases: Mutex<HashMap<u16, String>>,
@@ -345,7 +346,7 @@ impl Session<'_> {
                 }
                 out.clear();
             }
-            let read = if self.keepalive_zero {
+            let read = if self.keep_alive == 0 {
                 match timeout(PING_EVERY, rd.read_buf(buf)).await {
                     Ok(r) => r,
                     Err(_) => {
@@ -357,7 +358,17 @@ impl Session<'_> {
                     }
                 }
             } else {
-                rd.read_buf(buf).await
+                // MQTT: a client silent for 1.5 x keepalive is gone. rumqttd
+                // restarts its timer whenever it writes to the client, so a
+                // dead subscriber of a busy topic would never be dropped.
+                let limit = Duration::from_millis(u64::from(self.keep_alive) * 1500);
+                match timeout(limit, rd.read_buf(buf)).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        debug!("client silent past 1.5 x keepalive");
+                        return End::ClientGone;
+                    }
+                }
             };
             match read {
                 Ok(0) | Err(_) => return End::ClientGone,
@@ -419,7 +430,7 @@ where
             Ok(0) | Err(_) => return End::BrokerGone,
             Ok(_) => {}
         }
-        if s.keepalive_zero && s.own_pings.load(Ordering::Relaxed) > 0 {
+        if s.keep_alive == 0 && s.own_pings.load(Ordering::Relaxed) > 0 {
             // Rare (hourly): drop the PINGRESPs that answer our pings.
             let mut kept = BytesMut::with_capacity(buf.len());
             while let Ok(Some(f)) = packet::frame(&buf, usize::MAX) {
