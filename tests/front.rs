@@ -568,6 +568,7 @@ fn internal_v4(s: &Serve) -> u16 {
 #[tokio::test]
 async fn a_poisoned_broker_stops_serve_for_its_supervisor() {
     let mut s = Serve::start().await;
+    s.panics_expected = true;
     // Reach rumqttd directly, as nothing through the front can: a client id
     // it refuses, twice, leaves a dead entry in its will table and then
     // a poisoned lock: every later CONNECT on that listener fails.
@@ -599,4 +600,37 @@ async fn a_poisoned_broker_stops_serve_for_its_supervisor() {
         "{}",
         s.log()
     );
+}
+
+#[tokio::test]
+async fn clients_that_stop_reading_are_dropped_with_their_will_and_can_be_taken_over() {
+    let s = Serve::start().await;
+    let mut watch = Client::connect(&s.url).await;
+    watch.subscribe("test/will/+").await;
+    let hello = |v5, id, ka, will| Hello {
+        v5,
+        client_id: id,
+        keep_alive: ka,
+        will: Some((will, b"gone", false)),
+    };
+    // Two clients subscribe to a flood and never read again: a v5 one that
+    // another connection then takes over, and a v4 one with keepalive 2.
+    let (mut stuck5, _) = Raw::connect(s.port(), &hello(true, "stuck5", 60, "test/will/a")).await;
+    stuck5.subscribe("test/flood", 0).await;
+    let (mut stuck4, _) = Raw::connect(s.port(), &hello(false, "stuck4", 2, "test/will/b")).await;
+    stuck4.subscribe("test/flood", 0).await;
+    let chunk = vec![b'x'; 16 * 1024];
+    for _ in 0..1_000 {
+        watch.publish("test/flood", chunk.clone(), false).await;
+    }
+    // 16 MB later both sockets are full. The takeover still completes, and
+    // the old session's will fires.
+    let start = std::time::Instant::now();
+    let (_new5, code) = Raw::connect(s.port(), &hello(true, "stuck5", 60, "test/will/c")).await;
+    assert_eq!(code, 0);
+    println!("takeover of a stuck session took {:?}", start.elapsed());
+    watch.expect_raw("test/will/a", b"gone").await;
+    // The v4 one is dropped when a write to it has waited 1.5 x keepalive
+    // (at least 5 s), and its will fires.
+    watch.expect_raw("test/will/b", b"gone").await;
 }

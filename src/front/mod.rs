@@ -13,10 +13,12 @@
 //! `mqtt` is the proxy that moves bytes and time and closes the embedded
 //! broker's defects (see docs/PROTOCOL.md, "The one-port front").
 
+mod claim;
 pub mod classify;
 pub mod http;
 pub mod mqtt;
 pub mod packet;
+mod will;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -55,7 +57,7 @@ pub struct Shared {
     pub broker_health: BrokerHealth,
     pub started: Instant,
     /// Live MQTT sessions by client id, for takeovers (see `mqtt.rs`).
-    pub(crate) sessions: Mutex<HashMap<String, mqtt::SessionSlot>>,
+    pub(crate) sessions: Mutex<HashMap<String, claim::SessionSlot>>,
 }
 
 /// CONNECTs that may wait for the broker's CONNACK at once (rumqttd's
@@ -190,8 +192,10 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>) {
 async fn handle(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) -> Option<String> {
     let _ = stream.set_nodelay(true);
     set_keepalive(&stream);
+    // One deadline for the first byte and the whole CONNECT.
+    let deadline = Instant::now() + shared.handshake_timeout;
     let mut first = [0u8; 8];
-    let kind = match tokio::time::timeout(shared.handshake_timeout, stream.peek(&mut first)).await {
+    let kind = match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
         Ok(Ok(0)) | Ok(Err(_)) => return None,
         Ok(Ok(n)) => classify::classify(&first[..n]),
         Err(_) => {
@@ -202,7 +206,7 @@ async fn handle(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) -> Opt
     };
     match kind {
         Kind::Mqtt => {
-            mqtt::serve(shared, stream, peer, mqtt::Via::Tcp).await;
+            mqtt::serve_until(shared, stream, peer, mqtt::Via::Tcp, deadline).await;
             None
         }
         Kind::Http => {

@@ -21,18 +21,19 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
-use tokio::time::timeout;
+use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{debug, info, warn};
 
 use super::Shared;
+use super::claim::Claim;
 use super::packet::{self, Connect, Frame, Malformed};
+use super::will::{WILL_TIMEOUT, close_upstream, fire_will};
 
 /// How the client reached the front.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,21 +42,13 @@ pub enum Via {
     WebSocket,
 }
 
-/// A live session's handle, for takeovers by the same client id.
-pub(crate) struct SessionSlot {
-    generation: u64,
-    kick: oneshot::Sender<()>,
-    done: oneshot::Receiver<()>,
-}
-
-static GENERATION: AtomicU64 = AtomicU64::new(0);
-
-/// How long the broker gets to answer a CONNECT.
-const CONNACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the broker gets to answer a CONNECT, and a CONNECT may wait for
+/// its turn (`CONNECTS_IN_FLIGHT`).
+const CONNACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the front pings the broker for a client with keepalive 0.
 const PING_EVERY: Duration = Duration::from_secs(3600);
-/// How long a session's will and DISCONNECT may take to reach the broker.
-const WILL_TIMEOUT: Duration = Duration::from_secs(2);
+/// The topic aliases rumqttd announces in its CONNACK (Topic Alias Maximum).
+const TOPIC_ALIAS_MAX: u16 = 4096;
 
 /// Why a session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,24 +64,36 @@ enum End {
 }
 
 /// Proxies one MQTT client connection (its CONNECT not yet read) to the
-/// embedded broker until either side closes.
+/// embedded broker until either side closes; the CONNECT must be complete
+/// within the handshake timeout.
 pub async fn serve<S>(shared: Arc<Shared>, io: S, peer: SocketAddr, via: Via)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let deadline = Instant::now() + shared.handshake_timeout;
+    serve_until(shared, io, peer, via, deadline).await;
+}
+
+/// `serve`, with the CONNECT due by `deadline` (the front's accept counts
+/// the time it waited for the first byte).
+pub(crate) async fn serve_until<S>(
+    shared: Arc<Shared>,
+    io: S,
+    peer: SocketAddr,
+    via: Via,
+    deadline: Instant,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (mut rd, mut wr) = tokio::io::split(io);
     let mut buf = BytesMut::with_capacity(1024);
-    let connect = match timeout(
-        shared.handshake_timeout,
-        read_connect(&mut rd, &mut buf, shared.max_packet),
-    )
-    .await
-    {
+    let read = read_connect(&mut rd, &mut buf, shared.max_packet);
+    let connect = match timeout_at(deadline, read).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             debug!(%peer, error = %e, "bad CONNECT; closed");
             if let Some(refusal) = e.refusal {
-                let _ = wr.write_all(&refusal).await;
+                let _ = timeout(WILL_TIMEOUT, wr.write_all(&refusal)).await;
             }
             return;
         }
@@ -104,7 +109,12 @@ where
         shared.metrics.mqtt_v4.enter()
     };
     let id = connect.client_id.clone();
-    let mut claim = Claim::take(&shared, &id).await;
+    let refuse = packet::connack_refusal(connect.v5(), 3, 0x88);
+    let Ok(mut claim) = Claim::take(&shared, &id).await else {
+        warn!(%peer, client_id = %id, "the session with this client id did not end; refused");
+        let _ = timeout(WILL_TIMEOUT, wr.write_all(&refuse)).await;
+        return;
+    };
     let Some(up) = open_upstream(&shared, &connect, &mut wr, peer).await else {
         claim.release(&shared);
         return;
@@ -119,24 +129,29 @@ where
         aliases: Mutex::new(HashMap::new()),
     };
     debug!(%peer, client_id = %id, v5 = connect.v5(), ?via, "MQTT session open");
-    let end = {
+    let end = if claim.is_kicked() {
+        // Taken over while waiting for the CONNACK.
+        End::TakenOver
+    } else {
         let up_rd = &mut up_rd;
         let up_wr = &mut up_wr;
         let rd = &mut rd;
         let wr = &mut wr;
         let to_broker = session.client_to_broker(rd, up_wr, &mut buf);
-        let to_client = session_to_client(&session, up_rd, wr);
+        let to_client = session.broker_to_client(up_rd, wr);
         tokio::select! {
             e = to_broker => e,
             e = to_client => e,
             _ = claim.kicked() => End::TakenOver,
         }
     };
+    // Every step from here is bounded: a client that does not read cannot
+    // hold its will, or a newcomer waiting for it, back.
     if end == End::TakenOver && connect.v5() {
         // DISCONNECT, reason 0x8E: session taken over.
-        let _ = wr.write_all(&[0xE0, 1, 0x8E]).await;
+        let _ = timeout(WILL_TIMEOUT, wr.write_all(&[0xE0, 1, 0x8E])).await;
     }
-    let _ = wr.shutdown().await;
+    let _ = timeout(WILL_TIMEOUT, wr.shutdown()).await;
     drop(wr);
     drop(rd);
     if end != End::Bye
@@ -217,14 +232,14 @@ async fn open_upstream<W: AsyncWrite + Unpin>(
         // poisons its listener: refuse here (server unavailable / quota
         // exceeded).
         info!(%peer, client_id = %c.client_id, sessions, "too many MQTT connections; refused");
-        let _ = client.write_all(&refuse(3, 0x97)).await;
+        let _ = timeout(WILL_TIMEOUT, client.write_all(&refuse(3, 0x97))).await;
         return None;
     }
     let addr = if c.v5() { shared.v5 } else { shared.v4 };
     let id = packet::broker_client_id(&c.client_id);
     if id.len() > usize::from(u16::MAX) {
         // Identifier rejected.
-        let _ = client.write_all(&refuse(2, 0x85)).await;
+        let _ = timeout(WILL_TIMEOUT, client.write_all(&refuse(2, 0x85))).await;
         return None;
     }
     let keep_alive = if c.keep_alive == 0 {
@@ -233,16 +248,28 @@ async fn open_upstream<W: AsyncWrite + Unpin>(
         c.keep_alive
     };
     let hello = packet::encode_connect(c, &id, keep_alive);
-    let _permit = shared.connects.acquire().await.ok()?;
+    let Ok(Ok(_permit)) = timeout(CONNACK_TIMEOUT, shared.connects.acquire()).await else {
+        info!(%peer, client_id = %c.client_id, "too many CONNECTs waiting for the broker; refused");
+        let _ = timeout(WILL_TIMEOUT, client.write_all(&refuse(3, 0x88))).await;
+        return None;
+    };
+    let stream = match TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(e) => {
+            // Local (out of descriptors, typically), not the broker's fault.
+            warn!(%peer, error = %e, "cannot connect to the embedded broker; refused");
+            let _ = timeout(WILL_TIMEOUT, client.write_all(&refuse(3, 0x88))).await;
+            return None;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = tokio::io::split(stream);
     let attempt = timeout(CONNACK_TIMEOUT, async {
-        let stream = TcpStream::connect(addr).await.ok()?;
-        let _ = stream.set_nodelay(true);
-        let (mut rd, mut wr) = tokio::io::split(stream);
         wr.write_all(&hello).await.ok()?;
         let mut ack = BytesMut::with_capacity(64);
         loop {
             if let Some(f) = packet::frame(&ack, 1 << 16).ok()? {
-                return Some((rd, wr, ack, f));
+                return Some((ack, f));
             }
             if rd.read_buf(&mut ack).await.ok()? == 0 {
                 return None;
@@ -251,10 +278,12 @@ async fn open_upstream<W: AsyncWrite + Unpin>(
     })
     .await;
     match attempt {
-        Ok(Some((rd, wr, ack, f))) if f.kind() == packet::CONNACK => {
+        Ok(Some((ack, f))) if f.kind() == packet::CONNACK => {
             shared.broker_health.answered();
             let accepted = ack.get(f.header_len + 1) == Some(&0);
-            if client.write_all(&ack).await.is_err() || !accepted {
+            let relayed = timeout(WILL_TIMEOUT, client.write_all(&ack)).await;
+            if !matches!(relayed, Ok(Ok(()))) || !accepted {
+                close_upstream(&mut rd, &mut wr).await;
                 return None;
             }
             Some((rd, wr))
@@ -262,20 +291,22 @@ async fn open_upstream<W: AsyncWrite + Unpin>(
         Ok(_) => {
             shared.broker_health.unanswered();
             warn!(%peer, client_id = %c.client_id, "the broker closed the connection without CONNACK");
-            let _ = client.write_all(&refuse(3, 0x88)).await;
+            let _ = timeout(WILL_TIMEOUT, client.write_all(&refuse(3, 0x88))).await;
             None
         }
         Err(_) => {
             shared.broker_health.unanswered();
             warn!(%peer, client_id = %c.client_id, "the broker sent no CONNACK in time");
-            let _ = client.write_all(&refuse(3, 0x88)).await;
+            let _ = timeout(WILL_TIMEOUT, client.write_all(&refuse(3, 0x88))).await;
+            close_upstream(&mut rd, &mut wr).await;
             None
         }
     }
 }
 
-/// What both directions of one session share (one task: the atomics and
-/// the lock are never contended).
+/// What both directions of one session share. Both run in one task, so the
+/// atomics and the lock are never contended; they are there because the
+/// task must be `Send`.
 struct Session<'a> {
     shared: &'a Shared,
     v5: bool,
@@ -305,7 +336,7 @@ impl Session<'_> {
                     Ok(None) => break,
                     Err(e) => {
                         debug!(error = %e, "client sent a malformed packet");
-                        return End::ClientGone;
+                        return self.flush_and_end(up, &mut out).await;
                     }
                 };
                 let mut pkt = buf.split_to(f.len);
@@ -313,7 +344,7 @@ impl Session<'_> {
                     packet::PUBLISH => {
                         if let Err(e) = self.publish(&pkt, f, &mut out) {
                             debug!(error = %e, "client sent a malformed PUBLISH");
-                            return End::ClientGone;
+                            return self.flush_and_end(up, &mut out).await;
                         }
                         continue;
                     }
@@ -322,7 +353,7 @@ impl Session<'_> {
                         let down = |filter: &str| packet::filter_reaches(filter, prefix);
                         if let Err(e) = packet::downgrade_subscribe(&mut pkt, f, self.v5, down) {
                             debug!(error = %e, "client sent a malformed SUBSCRIBE");
-                            return End::ClientGone;
+                            return self.flush_and_end(up, &mut out).await;
                         }
                     }
                     packet::DISCONNECT => {
@@ -335,7 +366,7 @@ impl Session<'_> {
                         }
                         return End::Bye;
                     }
-                    packet::CONNECT => return End::ClientGone,
+                    packet::CONNECT => return self.flush_and_end(up, &mut out).await,
                     _ => {}
                 }
                 out.extend_from_slice(&pkt);
@@ -377,6 +408,13 @@ impl Session<'_> {
         }
     }
 
+    /// The client broke the protocol: what it sent before still goes to the
+    /// broker, then the session ends (with the will).
+    async fn flush_and_end<W: AsyncWrite + Unpin>(&self, up: &mut W, out: &mut BytesMut) -> End {
+        let _ = up.write_all(out).await;
+        End::ClientGone
+    }
+
     /// Appends the PUBLISH to `out`, rewritten where the broker or the
     /// registry needs it.
     fn publish(&self, pkt: &[u8], f: Frame, out: &mut BytesMut) -> Result<(), Malformed> {
@@ -386,6 +424,9 @@ impl Session<'_> {
             && !p.properties.is_empty()
             && let Some(alias) = p.topic_alias()
         {
+            if alias == 0 || alias > TOPIC_ALIAS_MAX {
+                return Err(Malformed::Bad("topic alias out of range"));
+            }
             let mut aliases = self.aliases.lock().unwrap();
             if p.topic.is_empty() {
                 let t = aliases
@@ -417,178 +458,155 @@ impl Session<'_> {
     }
 }
 
-/// Forwards the broker's packets to the client, minus the PINGRESPs that
-/// answer the front's own pings.
-async fn session_to_client<R, W>(s: &Session<'_>, up: &mut R, wr: &mut W) -> End
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = BytesMut::with_capacity(8192);
-    loop {
-        match up.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => return End::BrokerGone,
-            Ok(_) => {}
-        }
-        if s.keep_alive == 0 && s.own_pings.load(Ordering::Relaxed) > 0 {
-            // Rare (hourly): drop the PINGRESPs that answer our pings.
-            let mut kept = BytesMut::with_capacity(buf.len());
-            while let Ok(Some(f)) = packet::frame(&buf, usize::MAX) {
-                let pkt = buf.split_to(f.len);
-                if f.kind() == packet::PINGRESP && s.own_pings.load(Ordering::Relaxed) > 0 {
-                    s.own_pings.fetch_sub(1, Ordering::Relaxed);
-                } else {
-                    kept.extend_from_slice(&pkt);
+impl Session<'_> {
+    /// Forwards the broker's packets to the client, minus the PINGRESPs
+    /// that answer the front's own pings (only a keepalive-0 session gets
+    /// those; its stream is relayed packet by packet, the others' byte for
+    /// byte). A client that takes longer than 1.5 x its keepalive (at least
+    /// `WRITE_LIMIT`) to take a write is gone.
+    async fn broker_to_client<R, W>(&self, up: &mut R, wr: &mut W) -> End
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let limit = match self.keep_alive {
+            0 => WRITE_LIMIT_NO_KEEPALIVE,
+            ka => WRITE_LIMIT.max(Duration::from_millis(u64::from(ka) * 1500)),
+        };
+        let mut buf = BytesMut::with_capacity(8192);
+        let mut out = BytesMut::new();
+        loop {
+            match up.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return End::BrokerGone,
+                Ok(_) => {}
+            }
+            let chunk = if self.keep_alive == 0 {
+                // Whole packets only, so a PINGRESP is never mistaken for
+                // bytes in the middle of a packet.
+                while let Ok(Some(f)) = packet::frame(&buf, usize::MAX) {
+                    let pkt = buf.split_to(f.len);
+                    let ours = f.kind() == packet::PINGRESP
+                        && self
+                            .own_pings
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                                n.checked_sub(1)
+                            })
+                            .is_ok();
+                    if !ours {
+                        out.extend_from_slice(&pkt);
+                    }
+                }
+                &mut out
+            } else {
+                &mut buf
+            };
+            match timeout(limit, wr.write_all(chunk)).await {
+                Ok(Ok(())) => chunk.clear(),
+                Ok(Err(_)) => return End::ClientGone,
+                Err(_) => {
+                    debug!("client stopped reading; dropped");
+                    return End::ClientGone;
                 }
             }
-            kept.extend_from_slice(&buf);
-            buf = kept;
         }
-        if wr.write_all(&buf).await.is_err() {
-            return End::ClientGone;
-        }
-        buf.clear();
     }
 }
 
-/// Publishes a will: through the session's own broker connection while it
-/// is open (the broker then handles it before that connection's close, and
-/// so before a newcomer with the same client id), else through a fresh one.
-async fn fire_will(
-    shared: &Shared,
-    will: &packet::Will,
-    v5: bool,
-    upstream: Option<(&mut ReadHalf<TcpStream>, &mut WriteHalf<TcpStream>)>,
-) {
-    if let Some((rd, wr)) = upstream
-        && wr.write_all(&packet::will_publish(will, v5)).await.is_ok()
-    {
-        close_upstream(rd, wr).await;
-        return;
+/// The least time a client gets to take a write, and the time a client
+/// without keepalive gets.
+const WRITE_LIMIT: Duration = Duration::from_secs(5);
+const WRITE_LIMIT_NO_KEEPALIVE: Duration = Duration::from_secs(60);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topics::Topics;
+
+    fn shared() -> Shared {
+        let a = SocketAddr::from(([127, 0, 0, 1], 1));
+        Shared::new(a, a, Topics::new("homicro"), None, Duration::from_secs(1))
     }
-    // A fresh v4 connection with a one-off client id.
-    let n = GENERATION.fetch_add(1, Ordering::Relaxed);
-    let id = format!("homicro-front-will-{}-{n}", std::process::id());
-    let hello = {
-        let mut h = BytesMut::new();
-        let len = 10 + 2 + id.len();
-        h.extend_from_slice(&[
-            0x10, len as u8, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60,
-        ]);
-        h.extend_from_slice(&(id.len() as u16).to_be_bytes());
-        h.extend_from_slice(id.as_bytes());
-        h
-    };
-    let result = timeout(WILL_TIMEOUT, async {
-        let stream = TcpStream::connect(shared.v4).await?;
-        let _ = stream.set_nodelay(true);
-        let (mut rd, mut wr) = tokio::io::split(stream);
-        wr.write_all(&hello).await?;
-        let mut ack = [0u8; 4];
-        rd.read_exact(&mut ack).await?;
-        wr.write_all(&packet::will_publish(will, false)).await?;
-        close_upstream(&mut rd, &mut wr).await;
-        Ok::<(), std::io::Error>(())
-    })
-    .await;
-    if !matches!(result, Ok(Ok(()))) {
-        warn!(topic = %will.topic, "will not published: the broker did not answer");
+
+    fn session(shared: &Shared, keep_alive: u16, own_pings: u32) -> Session<'_> {
+        Session {
+            shared,
+            v5: false,
+            host: "10.0.0.1".into(),
+            own_pings: AtomicU32::new(own_pings),
+            keep_alive,
+            aliases: Mutex::new(HashMap::new()),
+        }
     }
-}
 
-/// Ends a broker connection: FIN, then wait (briefly) until the broker has
-/// closed its side, so that what was written before is handled before a
-/// newcomer with the same client id connects.
-///
-/// Never with a DISCONNECT packet: rumqttd then handles the disconnect
-/// twice (once for the packet, once when its link ends), and the second
-/// one, arriving after the connection's id was reused by a new client,
-/// drops that new client, often before its CONNACK (seen as "no-connection
-/// id N is already gone" in rumqttd's log, and as CONNECTs that are never
-/// answered under a storm of short connections).
-async fn close_upstream<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(rd: &mut R, wr: &mut W) {
-    let _ = wr.shutdown().await;
-    drain_until_closed(rd).await;
-}
+    /// A PUBLISH whose second half, read on its own, starts like a PINGRESP
+    /// reaches the client whole; only the real PINGRESP answering the
+    /// front's ping is dropped.
+    #[tokio::test]
+    async fn own_pingresps_are_dropped_by_packet_not_by_read() {
+        let sh = shared();
+        let s = session(&sh, 0, 1);
+        let mut publish = vec![0x30, 8, 0, 1, b't', 0xD0, 0x00, b'x', b'y', b'z'];
+        let (head, tail) = publish.split_at(5);
+        let (mut broker, mut from_broker) = tokio::io::duplex(64);
+        let (mut to_client, mut client) = tokio::io::duplex(64);
+        let relay = async { s.broker_to_client(&mut from_broker, &mut to_client).await };
+        let feed = async {
+            broker.write_all(head).await.unwrap();
+            tokio::task::yield_now().await;
+            broker.write_all(tail).await.unwrap();
+            broker.write_all(&[0xD0, 0x00]).await.unwrap(); // ours
+            broker.write_all(&[0xD0, 0x00]).await.unwrap(); // the client's
+            drop(broker);
+        };
+        let (end, ()) = tokio::join!(relay, feed);
+        assert_eq!(end, End::BrokerGone);
+        drop(to_client);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        publish.extend_from_slice(&[0xD0, 0x00]);
+        assert_eq!(got, publish);
+        assert_eq!(s.own_pings.load(Ordering::Relaxed), 0);
+    }
 
-async fn drain_until_closed<R: AsyncRead + Unpin>(rd: &mut R) {
-    let mut sink = [0u8; 1024];
-    let _ = timeout(WILL_TIMEOUT, async {
-        while let Ok(n) = rd.read(&mut sink).await {
-            if n == 0 {
-                return;
-            }
-        }
-    })
-    .await;
-}
-
-/// A session's hold on its client id.
-struct Claim {
-    id: String,
-    generation: u64,
-    kick: Option<oneshot::Receiver<()>>,
-    done: Option<oneshot::Sender<()>>,
-}
-
-impl Claim {
-    /// Takes the client id over: asks a live session with the same id to
-    /// end, and waits (briefly) until it has, its will published.
-    async fn take(shared: &Shared, id: &str) -> Claim {
-        let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
-        let (kick_tx, kick_rx) = oneshot::channel();
-        let (done_tx, done_rx) = oneshot::channel();
-        if id.is_empty() {
-            // The broker assigns an id: nothing to take over.
-            return Claim {
-                id: String::new(),
-                generation,
-                kick: Some(kick_rx),
-                done: Some(done_tx),
-            };
-        }
-        let previous = shared.sessions.lock().unwrap().insert(
-            id.to_string(),
-            SessionSlot {
-                generation,
-                kick: kick_tx,
-                done: done_rx,
-            },
+    #[tokio::test]
+    async fn topic_aliases_are_resolved_and_bounded() {
+        let sh = shared();
+        let mut s = session(&sh, 30, 0);
+        s.v5 = true;
+        let publish = |topic: &str, alias: u16| {
+            let mut body = vec![0, topic.len() as u8];
+            body.extend_from_slice(topic.as_bytes());
+            body.extend_from_slice(&[3, 0x23]);
+            body.extend_from_slice(&alias.to_be_bytes());
+            body.extend_from_slice(b"p");
+            let mut p = vec![0x30, body.len() as u8];
+            p.extend_from_slice(&body);
+            p
+        };
+        let mut out = BytesMut::new();
+        let set = publish("a/b", 7);
+        s.publish(
+            &set,
+            packet::frame(&set, 1 << 20).unwrap().unwrap(),
+            &mut out,
+        )
+        .unwrap();
+        let used = publish("", 7);
+        s.publish(
+            &used,
+            packet::frame(&used, 1 << 20).unwrap().unwrap(),
+            &mut out,
+        )
+        .unwrap();
+        let plain = [0x30, 7, 0, 3, b'a', b'/', b'b', 0, b'p'];
+        assert_eq!(
+            &out[..],
+            [plain, plain].concat(),
+            "properties dropped, alias resolved"
         );
-        if let Some(prev) = previous {
-            let _ = prev.kick.send(());
-            if timeout(Duration::from_secs(5), prev.done).await.is_err() {
-                info!(client_id = id, "previous session slow to close; going on");
-            }
+        for bad in [publish("x", 0), publish("x", 4097), publish("", 9)] {
+            let f = packet::frame(&bad, 1 << 20).unwrap().unwrap();
+            assert!(s.publish(&bad, f, &mut out).is_err());
         }
-        Claim {
-            id: id.to_string(),
-            generation,
-            kick: Some(kick_rx),
-            done: Some(done_tx),
-        }
-    }
-
-    /// Resolves when another connection takes the id over.
-    async fn kicked(&mut self) {
-        if let Some(rx) = self.kick.as_mut()
-            && rx.await.is_ok()
-        {
-            return;
-        }
-        std::future::pending::<()>().await
-    }
-
-    fn release(mut self, shared: &Shared) {
-        if !self.id.is_empty() {
-            let mut sessions = shared.sessions.lock().unwrap();
-            if sessions
-                .get(&self.id)
-                .is_some_and(|s| s.generation == self.generation)
-            {
-                sessions.remove(&self.id);
-            }
-        }
-        drop(self.done.take());
     }
 }

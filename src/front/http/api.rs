@@ -115,7 +115,7 @@ impl Api<'_> {
         })
     }
 
-    fn loopback_only(&self, what: &str) -> Result<(), ApiError> {
+    pub(super) fn loopback_only(&self, what: &str) -> Result<(), ApiError> {
         if is_loopback(self.peer.ip()) {
             return Ok(());
         }

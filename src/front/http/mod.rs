@@ -138,10 +138,16 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -
             Ok(b) => api.self_register(&b).await,
             Err(e) => Err(e),
         },
-        Route::Register => match body(req, shared.handshake_timeout).await {
-            Ok(b) => api.register(&b).await,
-            Err(e) => Err(e),
-        },
+        // Loopback is checked before the body is read.
+        Route::Register => {
+            match api.loopback_only("register a record on behalf of another service") {
+                Ok(()) => match body(req, shared.handshake_timeout).await {
+                    Ok(b) => api.register(&b).await,
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            }
+        }
         Route::Deregister(name) => api.deregister(&name).await,
         Route::Health => Ok(api.health().await),
         Route::Metrics => Ok(api.metrics().await),

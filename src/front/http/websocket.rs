@@ -20,7 +20,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tracing::debug;
 
 use super::{Resp, error};
@@ -56,7 +56,12 @@ pub(super) fn upgrade(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketA
             Ok(upgraded) => {
                 let _open = shared.metrics.websocket.enter();
                 let io = TokioIo::new(upgraded);
-                let ws = WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+                // No message larger than an MQTT packet the front accepts
+                // (tungstenite's defaults allow 64 MiB, reserved up front).
+                let config = WebSocketConfig::default()
+                    .max_message_size(Some(shared.max_packet))
+                    .max_frame_size(Some(shared.max_packet));
+                let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
                 let (ours, proxy) = tokio::io::duplex(BUFFER);
                 tokio::join!(
                     mqtt::serve(shared.clone(), proxy, peer, Via::WebSocket),
@@ -187,11 +192,20 @@ where
         why = inbound => why,
         () = outbound => None,
     };
-    if let Some(frame) = close {
-        let _ = tx.send(Message::Close(Some(frame))).await;
-    }
-    let _ = tx.close().await;
+    // The proxy sees its client gone at once, whatever the socket does next.
+    drop((rd, wr));
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        if let Some(frame) = close {
+            let _ = tx.send(Message::Close(Some(frame))).await;
+        }
+        let _ = tx.close().await;
+    })
+    .await;
 }
+
+/// How long a closing handshake may take (a client that stops reading
+/// would hold it forever).
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,123 @@
+//! Client ids held by live MQTT sessions, for takeovers: a newcomer with a
+//! live client id asks the old session to end and waits until its will is
+//! out and its broker connection closed, so that rumqttd never sees two
+//! connections for one client id (a takeover there fires the wrong will,
+//! and one before the first CONNACK can poison its listener).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::timeout;
+
+use super::Shared;
+
+/// A live session's entry, for takeovers by the same client id.
+pub(crate) struct SessionSlot {
+    generation: u64,
+    kick: oneshot::Sender<()>,
+    done: oneshot::Receiver<()>,
+}
+
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// How long a newcomer waits for the session it takes over to end. A
+/// session ends within its bounded steps (the CONNACK wait, a write to its
+/// client, the will, the broker's close), well within this.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(20);
+
+/// The old session did not end in time.
+#[derive(Debug)]
+pub(crate) struct Stuck;
+
+/// A session's hold on its client id.
+pub(crate) struct Claim {
+    id: String,
+    generation: u64,
+    kick: Option<oneshot::Receiver<()>>,
+    done: Option<oneshot::Sender<()>>,
+}
+
+impl Claim {
+    /// Takes the client id over: asks a live session with the same id to
+    /// end, and waits until it has, its will published.
+    pub(crate) async fn take(shared: &Shared, id: &str) -> Result<Claim, Stuck> {
+        let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
+        let (kick_tx, kick_rx) = oneshot::channel();
+        let (done_tx, done_rx) = oneshot::channel();
+        if id.is_empty() {
+            // The broker assigns an id: nothing to take over.
+            return Ok(Claim {
+                id: String::new(),
+                generation,
+                kick: Some(kick_rx),
+                done: Some(done_tx),
+            });
+        }
+        let previous = shared.sessions.lock().unwrap().insert(
+            id.to_string(),
+            SessionSlot {
+                generation,
+                kick: kick_tx,
+                done: done_rx,
+            },
+        );
+        let claim = Claim {
+            id: id.to_string(),
+            generation,
+            kick: Some(kick_rx),
+            done: Some(done_tx),
+        };
+        if let Some(prev) = previous {
+            let _ = prev.kick.send(());
+            if timeout(TAKEOVER_WAIT, prev.done).await.is_err() {
+                claim.release(shared);
+                return Err(Stuck);
+            }
+        }
+        Ok(claim)
+    }
+
+    /// Resolves when another connection takes the id over.
+    pub(crate) async fn kicked(&mut self) {
+        if let Some(rx) = self.kick.as_mut()
+            && rx.await.is_ok()
+        {
+            return;
+        }
+        std::future::pending::<()>().await
+    }
+
+    /// Whether another connection has asked this session to end.
+    pub(crate) fn is_kicked(&mut self) -> bool {
+        use tokio::sync::oneshot::error::TryRecvError;
+        let Some(rx) = self.kick.as_mut() else {
+            return false;
+        };
+        match rx.try_recv() {
+            Err(TryRecvError::Empty) => false,
+            // A oneshot must not be polled once it has answered.
+            Ok(()) => {
+                self.kick = None;
+                true
+            }
+            Err(TryRecvError::Closed) => {
+                self.kick = None;
+                false
+            }
+        }
+    }
+
+    pub(crate) fn release(mut self, shared: &Shared) {
+        if !self.id.is_empty() {
+            let mut sessions = shared.sessions.lock().unwrap();
+            if sessions
+                .get(&self.id)
+                .is_some_and(|s| s.generation == self.generation)
+            {
+                sessions.remove(&self.id);
+            }
+        }
+        drop(self.done.take());
+    }
+}
