@@ -5,6 +5,7 @@
 //! cargo bench --bench bench              # the full run (about 6 minutes)
 //! cargo bench --bench bench -- --quick   # small N, every item, ~30 s
 //! cargo bench --bench bench -- --runs 5 --only 1,3
+//! cargo bench --bench bench -- --only 7 --runs 5   # the front vs direct
 //! cargo bench --bench bench -- --only 5 --connections 1000
 //! HOMICRO_BENCH_CONFIG=my.toml cargo bench --bench bench   # serve --config
 //! ```
@@ -51,6 +52,11 @@ struct Subject {
     kind: Kind,
     child: Child,
     url: BrokerUrl,
+    /// homicro only: rumqttd's own MQTT 3.1.1 listener behind the front.
+    direct: Option<BrokerUrl>,
+    /// homicro only: CONNECTs the front retried because rumqttd sent no
+    /// CONNACK (counted from its log).
+    front_retries: Arc<AtomicU64>,
     _dir: tempfile::TempDir,
 }
 
@@ -91,6 +97,8 @@ impl Subject {
                         host: "127.0.0.1".into(),
                         port,
                     },
+                    direct: None,
+                    front_retries: Arc::default(),
                     _dir: dir,
                 }
             }
@@ -105,7 +113,10 @@ impl Subject {
                     "--state-file",
                 ])
                 .arg(dir.path().join("state.json"))
-                .env("RUST_LOG", "warn,homicro::serve=info,rumqttd=off")
+                .env(
+                    "RUST_LOG",
+                    "warn,homicro::serve=info,homicro::front=info,rumqttd=off",
+                )
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped());
                 if kind == Kind::BrokerOnly {
@@ -116,17 +127,36 @@ impl Subject {
                 }
                 let mut child = cmd.spawn().expect("homicro");
                 let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-                let url = loop {
+                // The front's line comes first: `listen=… v4=… v5=…`.
+                let field = |line: &str, key: &str| {
+                    let addr = line.split(key).nth(1)?.split_whitespace().next()?;
+                    let addr: std::net::SocketAddr = addr.parse().ok()?;
+                    Some(BrokerUrl {
+                        host: addr.ip().to_string(),
+                        port: addr.port(),
+                    })
+                };
+                let (url, direct) = loop {
                     let line = lines.next().expect("serve exited").unwrap();
-                    if let Some(rest) = line.split("listen=").nth(1) {
-                        break BrokerUrl::parse(rest.split_whitespace().next().unwrap()).unwrap();
+                    if let Some(url) = field(&line, " listen=") {
+                        break (url, field(&line, " v4="));
                     }
                 };
-                std::thread::spawn(move || for _ in lines {});
+                let front_retries = Arc::new(AtomicU64::new(0));
+                let retries = front_retries.clone();
+                std::thread::spawn(move || {
+                    for line in lines.map_while(Result::ok) {
+                        if line.contains("broker sent no CONNACK") {
+                            retries.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
                 Subject {
                     kind,
                     child,
                     url,
+                    direct,
+                    front_retries,
                     _dir: dir,
                 }
             }
@@ -391,6 +421,9 @@ async fn main() {
     if opts.wants(6) {
         churn(&opts).await;
     }
+    if opts.wants(7) {
+        front_cost(&opts).await;
+    }
     println!("\n# done");
 }
 
@@ -545,56 +578,7 @@ async fn propagation(o: &Opts) {
         for run in 0..o.runs {
             let s = Subject::start(kind);
             preload(&s, 100).await;
-            let stop = Arc::new(AtomicU64::new(0));
-            let load = {
-                let (url, stop) = (s.url.clone(), stop.clone());
-                tokio::spawn(async move {
-                    let c = connect(&url).await;
-                    let mut sink = connect(&url).await;
-                    sink.subscribe(&["homicro/heartbeat/+"]).await;
-                    tokio::spawn(async move { while sink.rx.recv().await.is_some() {} });
-                    let mut tick = tokio::time::interval(Duration::from_millis(1));
-                    let mut i = 0usize;
-                    while stop.load(Ordering::Relaxed) == 0 {
-                        tick.tick().await;
-                        let hb = record(i % 100, "");
-                        let _ = c
-                            .client
-                            .publish(
-                                format!("homicro/heartbeat/p{}", i % 100),
-                                QoS::AtMostOnce,
-                                false,
-                                hb,
-                            )
-                            .await;
-                        i += 1;
-                    }
-                })
-            };
-            let mut watcher = connect(&s.url).await;
-            watcher.subscribe(&["homicro/services/+"]).await;
-            let publisher = connect(&s.url).await;
-            let mut lat = Vec::new();
-            for i in 0..samples {
-                let topic = format!("homicro/services/lat{run}-{i}");
-                let t = Instant::now();
-                publisher
-                    .client
-                    .publish(topic.clone(), QoS::AtLeastOnce, true, record(i, ""))
-                    .await
-                    .unwrap();
-                loop {
-                    if let Some(Incoming::Message { topic: got, .. }) = watcher.rx.recv().await
-                        && got == topic
-                    {
-                        break;
-                    }
-                }
-                lat.push(t.elapsed().as_secs_f64() * 1000.0);
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            stop.store(1, Ordering::Relaxed);
-            let _ = load.await;
+            let mut lat = propagation_once(&s.url, &format!("lat{run}"), samples).await;
             p50s.push(pct(&mut lat, 0.5));
             p99v.push(pct(&mut lat, 0.99));
         }
@@ -613,6 +597,112 @@ async fn propagation(o: &Opts) {
         p99s[0] / p99s[1]
     );
     println!("  target p99 < 5 ms: {}", target(p99s[0] < 5.0));
+}
+
+/// One propagation measurement on `url` (publisher, watcher and the
+/// background load all there): the latency of each of `samples` retained
+/// records `TAG-i`, in ms. Clears the records afterwards, so that the next
+/// measurement on the same process starts alike.
+async fn propagation_once(url: &BrokerUrl, tag: &str, samples: usize) -> Vec<f64> {
+    let stop = Arc::new(AtomicU64::new(0));
+    let load = {
+        let (url, stop) = (url.clone(), stop.clone());
+        tokio::spawn(async move {
+            let c = connect(&url).await;
+            let mut sink = connect(&url).await;
+            sink.subscribe(&["homicro/heartbeat/+"]).await;
+            let drain = tokio::spawn(async move { while sink.rx.recv().await.is_some() {} });
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            let mut i = 0usize;
+            while stop.load(Ordering::Relaxed) == 0 {
+                tick.tick().await;
+                let hb = record(i % 100, "");
+                let _ = c
+                    .client
+                    .publish(
+                        format!("homicro/heartbeat/p{}", i % 100),
+                        QoS::AtMostOnce,
+                        false,
+                        hb,
+                    )
+                    .await;
+                i += 1;
+            }
+            drain.abort();
+        })
+    };
+    let mut watcher = connect(url).await;
+    watcher.subscribe(&["homicro/services/+"]).await;
+    quiet(&mut watcher).await;
+    let publisher = connect(url).await;
+    let mut lat = Vec::new();
+    let mut names = HashSet::new();
+    for i in 0..samples {
+        let name = format!("{tag}-{i}");
+        let topic = format!("homicro/services/{name}");
+        let t = Instant::now();
+        publisher
+            .client
+            .publish(topic.clone(), QoS::AtLeastOnce, true, record(i, ""))
+            .await
+            .unwrap();
+        loop {
+            if let Some(Incoming::Message { topic: got, .. }) = watcher.rx.recv().await
+                && got == topic
+            {
+                break;
+            }
+        }
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        names.insert(name);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    stop.store(1, Ordering::Relaxed);
+    let _ = load.await;
+    for n in &names {
+        publisher
+            .client
+            .publish(format!("homicro/services/{n}"), QoS::AtLeastOnce, true, "")
+            .await
+            .unwrap();
+    }
+    watch_clears(&mut watcher, &names, false, Duration::from_secs(30)).await;
+    lat
+}
+
+/// Reads until nothing arrived for 50 ms (a retained snapshot, say).
+async fn quiet(c: &mut Conn) {
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(50), c.rx.recv()).await {}
+}
+
+/// Waits until `watcher` has seen every name in `names` cleared (an empty
+/// publish on services/NAME) and, when `events`, its `deregistered` event.
+async fn watch_clears(
+    watcher: &mut Conn,
+    names: &HashSet<String>,
+    events: bool,
+    limit: Duration,
+) -> bool {
+    let (mut cleared, mut gone) = (HashSet::new(), HashSet::new());
+    let deadline = tokio::time::Instant::now() + limit;
+    while cleared.len() < names.len() || (events && gone.len() < names.len()) {
+        let Ok(Some(m)) = tokio::time::timeout_at(deadline, watcher.rx.recv()).await else {
+            return false;
+        };
+        if let Incoming::Message { topic, payload, .. } = m {
+            if let Some(n) = topic.strip_prefix("homicro/services/") {
+                if payload.is_empty() && names.contains(n) {
+                    cleared.insert(n.to_string());
+                }
+            } else if let Some(n) = topic.strip_prefix("homicro/events/")
+                && payload.windows(14).any(|w| w == b"\"deregistered\"")
+                && names.contains(n)
+            {
+                gone.insert(n.to_string());
+            }
+        }
+    }
+    true
 }
 
 /// 4. N records with ttl 2 s: how late each clear arrives after its deadline.
@@ -674,23 +764,25 @@ fn connect_packet(id: &str) -> Vec<u8> {
 }
 
 /// One short-lived client: CONNECT, CONNACK, DISCONNECT, closed with RST so
-/// that no TIME_WAIT piles up on this side.
-async fn touch(port: u16, id: &str) -> bool {
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return false;
-    };
-    if s.write_all(&connect_packet(id)).await.is_err() {
-        return false;
-    }
+/// that no TIME_WAIT piles up on this side. Returns the time from the TCP
+/// connect to the CONNACK, `None` when none came within 5 s.
+async fn touch(port: u16, id: &str) -> Option<Duration> {
+    let t = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let _ = s.set_nodelay(true);
+    s.write_all(&connect_packet(id)).await.ok()?;
     let mut ack = [0u8; 4];
     let ok = tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut ack))
         .await
         .is_ok_and(|r| r.is_ok())
         && ack[0] == 0x20;
+    let took = t.elapsed();
     let _ = s.write_all(&[0xe0, 0]).await;
     #[allow(deprecated)]
     let _ = s.set_linger(Some(Duration::ZERO));
-    ok
+    ok.then_some(took)
 }
 
 /// 5. Resident memory holding N records, and after many short-lived clients.
@@ -715,7 +807,7 @@ async fn memory(o: &Opts) {
             tasks.push(tokio::spawn(async move {
                 let mut ok = 0;
                 for i in (w..conns).step_by(50) {
-                    ok += touch(port, &format!("short-{i}")).await as usize;
+                    ok += touch(port, &format!("short-{i}")).await.is_some() as usize;
                 }
                 ok
             }));
@@ -820,4 +912,250 @@ async fn churn(o: &Opts) {
         "  the registry's own share: {:.1}% of one core",
         cpu_share[0] - cpu_share[1]
     );
+}
+
+/// The two ways to the embedded broker that item 7 compares.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// The public port: the front, then rumqttd's v4 listener.
+    Front,
+    /// rumqttd's v4 listener itself, on loopback.
+    Direct,
+}
+
+impl Path {
+    /// Part of names and client ids (registry names are lower case).
+    fn tag(self) -> &'static str {
+        match self {
+            Path::Front => "front",
+            Path::Direct => "direct",
+        }
+    }
+
+    /// The order within run `run`: alternating, so that warm-up and drift
+    /// within a run hit both paths alike.
+    fn order(run: usize) -> [Path; 2] {
+        if run.is_multiple_of(2) {
+            [Path::Front, Path::Direct]
+        } else {
+            [Path::Direct, Path::Front]
+        }
+    }
+}
+
+/// One figure per run on each path.
+#[derive(Default)]
+struct Pair {
+    front: Vec<f64>,
+    direct: Vec<f64>,
+}
+
+impl Pair {
+    fn push(&mut self, path: Path, v: f64) {
+        match path {
+            Path::Front => self.front.push(v),
+            Path::Direct => self.direct.push(v),
+        }
+    }
+
+    /// Medians over the runs: (front, direct, front / direct).
+    fn medians(&self) -> (f64, f64, f64) {
+        let (f, d) = (median(self.front.clone()), median(self.direct.clone()));
+        (f, d, f / d)
+    }
+
+    /// front / direct run by run, for the spread.
+    fn per_run(&self) -> String {
+        let r: Vec<String> = self
+            .front
+            .iter()
+            .zip(&self.direct)
+            .map(|(f, d)| format!("{:.2}", f / d))
+            .collect();
+        r.join(" ")
+    }
+
+    fn line(&self, what: &str, unit: &str, decimals: usize) {
+        let (f, d, r) = self.medians();
+        println!(
+            "    {what:<34} front {f:>9.decimals$}{unit}   direct {d:>9.decimals$}{unit}   front/direct {r:.2} (runs: {})",
+            self.per_run()
+        );
+    }
+}
+
+/// 7. The one-port front against rumqttd's own v4 listener behind it.
+///
+/// One `serve` process, the same workloads, front and direct interleaved.
+async fn front_cost(o: &Opts) {
+    let (n, k) = (o.n(20_000, 2_000), 50);
+    let (samples, one_by_one, storm) = (o.n(1000, 100), o.n(500, 50), o.n(2_000, 200));
+    println!(
+        "\n## 7. Front vs direct: one serve process, through the public port vs straight to rumqttd's v4 listener, interleaved"
+    );
+    println!(
+        "  (a) {k} connected clients register {n} names with host, until a watcher saw all; (b) propagation, {samples} samples under 1,000 msg/s; (c) connect → CONNACK, {one_by_one} one by one, then {storm} by 50 at a time"
+    );
+    let mut verdicts = Vec::new();
+    for kind in [Kind::BrokerOnly, Kind::Homicro] {
+        let s = Subject::start(kind);
+        let direct = s
+            .direct
+            .clone()
+            .expect("serve logs the front's v4= address");
+        let url = |p: Path| match p {
+            Path::Front => s.url.clone(),
+            Path::Direct => direct.clone(),
+        };
+        println!(
+            "  {}",
+            if kind == Kind::Homicro {
+                "registry on (homicro as shipped):"
+            } else {
+                "--no-registry (the front alone: the headline):"
+            }
+        );
+        // Heartbeats of (b)'s load refresh these.
+        preload(&s, 100).await;
+        for p in [Path::Front, Path::Direct] {
+            registrations(&s, &url(p), &format!("w{}", p.tag()), n / 10, k).await;
+        }
+        let (mut rate, mut cpu) = (Pair::default(), Pair::default());
+        for run in 0..o.runs {
+            for p in Path::order(run) {
+                let (r, c) = registrations(&s, &url(p), &format!("t{run}{}", p.tag()), n, k).await;
+                rate.push(p, r);
+                cpu.push(p, c);
+            }
+        }
+        let (mut p50, mut p99) = (Pair::default(), Pair::default());
+        for run in 0..o.runs {
+            for p in Path::order(run) {
+                let mut lat =
+                    propagation_once(&url(p), &format!("l{run}{}", p.tag()), samples).await;
+                p50.push(p, pct(&mut lat, 0.5));
+                p99.push(p, pct(&mut lat, 0.99));
+            }
+        }
+        let (mut setup, mut rate_storm) = (Pair::default(), Pair::default());
+        let (mut late, mut lost) = ([0usize; 2], [0usize; 2]);
+        let retries0 = s.front_retries.load(Ordering::Relaxed);
+        for run in 0..o.runs {
+            for p in Path::order(run) {
+                let port = url(p).port;
+                let mut times = Vec::new();
+                for i in 0..one_by_one {
+                    if let Some(t) = touch(port, &format!("c{run}{}-{i}", p.tag())).await {
+                        times.push(t.as_secs_f64() * 1000.0);
+                    }
+                }
+                setup.push(p, median(times));
+                let t = Instant::now();
+                let mut tasks = Vec::new();
+                for w in 0..50 {
+                    tasks.push(tokio::spawn(async move {
+                        let mut got = Vec::new();
+                        for i in (w..storm).step_by(50) {
+                            got.push(touch(port, &format!("s{run}{}-{i}", p.tag())).await);
+                        }
+                        got
+                    }));
+                }
+                for task in tasks {
+                    for got in task.await.unwrap() {
+                        late[p as usize] += got.is_none_or(|t| t > Duration::from_secs(2)) as usize;
+                        lost[p as usize] += got.is_none() as usize;
+                    }
+                }
+                rate_storm.push(p, storm as f64 / t.elapsed().as_secs_f64());
+            }
+        }
+        let retries = s.front_retries.load(Ordering::Relaxed) - retries0;
+        rate.line("registrations/s", "", 0);
+        cpu.line("serve CPU per 1,000 registrations", " ms", 1);
+        p50.line("propagation p50", " ms", 3);
+        p99.line("propagation p99", " ms", 3);
+        setup.line("connect → CONNACK, median", " ms", 3);
+        rate_storm.line("connections/s, 50 at a time", "", 0);
+        println!(
+            "    CONNACK not within 2 s (of which none within 5 s): front {} ({}), direct {} ({}); the front retried {retries} CONNECTs rumqttd left unanswered",
+            late[0], lost[0], late[1], lost[1]
+        );
+        let ok = rate.medians().2 >= 0.9 && p99.medians().2 <= 1.1;
+        verdicts.push(ok);
+    }
+    println!(
+        "  target throughput and p99 within 10% through the front: {} (--no-registry, the headline); {} (registry on)",
+        target(verdicts[0]),
+        target(verdicts[1])
+    );
+}
+
+/// Item 1's workload on `url`, on a process that lives on: `k` connected
+/// clients publish `n` retained records `TAG-sI`, each with its own host
+/// (so that the front completes nothing), as fast as they go. Returns
+/// registrations/s until a watcher saw all (with the registry: and their
+/// `registered` events) and the serve process's CPU ms per 1,000; then
+/// clears them.
+async fn registrations(s: &Subject, url: &BrokerUrl, tag: &str, n: usize, k: usize) -> (f64, f64) {
+    let events = s.kind == Kind::Homicro;
+    let mut watcher = connect(url).await;
+    watcher
+        .subscribe(&["homicro/services/+", "homicro/events/+"])
+        .await;
+    quiet(&mut watcher).await;
+    let mut clients = Vec::new();
+    for task in (0..k)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { connect(&url).await })
+        })
+        .collect::<Vec<_>>()
+    {
+        clients.push(task.await.unwrap());
+    }
+    let names: Vec<String> = (0..n).map(|i| format!("{tag}-s{i}")).collect();
+    let want: HashSet<String> = names.iter().cloned().collect();
+    let per = n.div_ceil(k);
+    let (cpu0, t) = (s.cpu(), Instant::now());
+    for (c, (j, chunk)) in clients.iter().zip(names.chunks(per).enumerate()) {
+        let (client, chunk) = (c.client.clone(), chunk.to_vec());
+        tokio::spawn(async move {
+            for (i, name) in chunk.iter().enumerate() {
+                client
+                    .publish_bytes(
+                        format!("homicro/services/{name}"),
+                        QoS::AtLeastOnce,
+                        true,
+                        Bytes::from(record(j * per + i, "")),
+                    )
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    let ok = watch_all(&mut watcher, &want, events, Duration::from_secs(120)).await;
+    let took = t.elapsed();
+    let cpu = s.cpu() - cpu0;
+    if !ok {
+        println!("    {tag}: did not complete");
+    }
+    for (c, chunk) in clients.iter().zip(names.chunks(per)) {
+        for name in chunk {
+            c.client
+                .publish(
+                    format!("homicro/services/{name}"),
+                    QoS::AtLeastOnce,
+                    true,
+                    "",
+                )
+                .await
+                .unwrap();
+        }
+    }
+    watch_clears(&mut watcher, &want, events, Duration::from_secs(120)).await;
+    (
+        n as f64 / took.as_secs_f64(),
+        cpu.as_secs_f64() * 1000.0 / (n as f64 / 1000.0),
+    )
 }
