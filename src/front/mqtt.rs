@@ -25,8 +25,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{debug, info, warn};
 
@@ -47,6 +48,9 @@ pub enum Via {
 const CONNACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the front pings the broker for a client with keepalive 0.
 const PING_EVERY: Duration = Duration::from_secs(3600);
+/// How much the client-to-broker buffer makes room for before a read, once
+/// a read filled what it had.
+const BURST_ROOM: usize = 32 * 1024;
 /// The topic aliases rumqttd announces in its CONNACK (Topic Alias Maximum).
 const TOPIC_ALIAS_MAX: u16 = 4096;
 
@@ -206,7 +210,7 @@ async fn read_connect<R: AsyncRead + Unpin>(
     }
 }
 
-type Upstream = (ReadHalf<TcpStream>, WriteHalf<TcpStream>);
+type Upstream = (OwnedReadHalf, OwnedWriteHalf);
 
 /// Opens the broker connection and relays its CONNACK to the client.
 ///
@@ -263,7 +267,7 @@ async fn open_upstream<W: AsyncWrite + Unpin>(
         }
     };
     let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (mut rd, mut wr) = stream.into_split();
     let attempt = timeout(CONNACK_TIMEOUT, async {
         wr.write_all(&hello).await.ok()?;
         let mut ack = BytesMut::with_capacity(64);
@@ -329,6 +333,7 @@ impl Session<'_> {
         W: AsyncWrite + Unpin,
     {
         let mut out = BytesMut::with_capacity(4096);
+        let mut room = 1024;
         loop {
             loop {
                 let f = match packet::frame(buf, self.shared.max_packet) {
@@ -377,6 +382,13 @@ impl Session<'_> {
                 }
                 out.clear();
             }
+            // Room for a whole burst in one read (and so one write on), once
+            // the client has shown it sends bursts: an idle connection keeps
+            // a small buffer.
+            if buf.capacity() - buf.len() < room {
+                buf.reserve(room);
+            }
+            let space = buf.capacity() - buf.len();
             let read = if self.keep_alive == 0 {
                 match timeout(PING_EVERY, rd.read_buf(buf)).await {
                     Ok(r) => r,
@@ -403,6 +415,7 @@ impl Session<'_> {
             };
             match read {
                 Ok(0) | Err(_) => return End::ClientGone,
+                Ok(n) if n >= space => room = BURST_ROOM,
                 Ok(_) => {}
             }
         }

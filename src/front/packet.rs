@@ -511,10 +511,11 @@ pub fn filter_reaches(filter: &str, prefix: &str) -> bool {
 
 /// A record or heartbeat JSON object without `host`, completed with `host`
 /// (the publisher's address). `None`: leave the payload as it is (not a
-/// JSON object, or it has a `host`).
+/// JSON object, or it has a `host`). Only the top-level keys are read:
+/// values are skipped without being built.
 pub fn with_host(payload: &[u8], host: &str) -> Option<Vec<u8>> {
-    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(payload).ok()?;
-    if map.contains_key("host") {
+    let keys: TopKeys = serde_json::from_slice(payload).ok()?;
+    if keys.has_host {
         return None;
     }
     let at = payload.iter().position(|b| *b == b'{')?;
@@ -523,11 +524,48 @@ pub fn with_host(payload: &[u8], host: &str) -> Option<Vec<u8>> {
     out.extend_from_slice(&payload[..=at]);
     out.extend_from_slice(b"\"host\":");
     out.extend_from_slice(field.as_bytes());
-    if !map.is_empty() {
+    if keys.count > 0 {
         out.push(b',');
     }
     out.extend_from_slice(&payload[at + 1..]);
     Some(out)
+}
+
+/// What `with_host` needs of a JSON object: its number of keys and whether
+/// one is `host`.
+struct TopKeys {
+    count: usize,
+    has_host: bool,
+}
+
+impl<'de> serde::Deserialize<'de> for TopKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = TopKeys;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<TopKeys, A::Error> {
+                let mut keys = TopKeys {
+                    count: 0,
+                    has_host: false,
+                };
+                while let Some(k) = m.next_key::<std::borrow::Cow<'de, str>>()? {
+                    keys.count += 1;
+                    keys.has_host |= k == "host";
+                    m.next_value::<serde::de::IgnoredAny>()?;
+                }
+                Ok(keys)
+            }
+        }
+        d.deserialize_map(Visit)
+    }
 }
 
 /// The v5 DISCONNECT reason code (0 when absent or v4).

@@ -2,8 +2,9 @@
 //! connection is ended.
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::timeout;
 use tracing::warn;
 
@@ -25,7 +26,7 @@ pub(crate) async fn fire_will(
     shared: &Shared,
     will: &packet::Will,
     v5: bool,
-    upstream: Option<(&mut ReadHalf<TcpStream>, &mut WriteHalf<TcpStream>)>,
+    upstream: Option<(&mut OwnedReadHalf, &mut OwnedWriteHalf)>,
 ) {
     if let Some((rd, wr)) = upstream
         && wr.write_all(&packet::will_publish(will, v5)).await.is_ok()
@@ -49,7 +50,7 @@ pub(crate) async fn fire_will(
     let result = timeout(WILL_TIMEOUT, async {
         let stream = TcpStream::connect(shared.v4).await?;
         let _ = stream.set_nodelay(true);
-        let (mut rd, mut wr) = tokio::io::split(stream);
+        let (mut rd, mut wr) = stream.into_split();
         wr.write_all(&hello).await?;
         let mut ack = [0u8; 4];
         rd.read_exact(&mut ack).await?;
