@@ -263,3 +263,31 @@ impl RateLimit {
 pub fn announce(listen: SocketAddr, shared: &Shared) {
     info!(%listen, v4 = %shared.v4, v5 = %shared.v5, "front listening (MQTT 3.1.1 and 5, WebSocket /mqtt, HTTP API)");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_get_tcp_keepalive() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        set_keepalive(&s);
+        let r = socket2::SockRef::from(&s);
+        assert!(r.keepalive().unwrap());
+        assert_eq!(r.tcp_keepalive_time().unwrap(), Duration::from_secs(60));
+        assert_eq!(r.tcp_keepalive_interval().unwrap(), Duration::from_secs(10));
+        assert_eq!(r.tcp_keepalive_retries().unwrap(), 3);
+    }
+
+    #[test]
+    fn garbage_is_logged_at_most_once_a_second() {
+        let mut rl = RateLimit::new(Duration::from_secs(1));
+        let t = Instant::now();
+        assert_eq!(rl.allow(t), Some(0));
+        assert_eq!(rl.allow(t + Duration::from_millis(10)), None);
+        assert_eq!(rl.allow(t + Duration::from_millis(900)), None);
+        assert_eq!(rl.allow(t + Duration::from_secs(1)), Some(2));
+    }
+}
