@@ -634,3 +634,59 @@ async fn clients_that_stop_reading_are_dropped_with_their_will_and_can_be_taken_
     // (at least 5 s), and its will fires.
     watch.expect_raw("test/will/b", b"gone").await;
 }
+
+#[tokio::test]
+async fn persistent_sessions_keep_their_own_id_and_clean_ones_share_a_pool() {
+    let s = Serve::start().await;
+    // Clean sessions (most devices) reach the broker under pooled ids, so
+    // rumqttd's memory of every id it saw stays bounded; they work as ever.
+    for i in 0..50 {
+        let id = format!("blip-{i}");
+        let hello = Hello {
+            client_id: &id,
+            keep_alive: 30,
+            ..Hello::default()
+        };
+        let (c, code) = Raw::connect(s.port(), &hello).await;
+        assert_eq!(code, 0);
+        c.disconnect().await;
+    }
+    // A persistent session (clean session 0) is the broker's to keep under
+    // the client's own id: its subscription survives a reconnect.
+    let connect = |clean: bool| {
+        let mut body = vec![
+            0,
+            4,
+            b'M',
+            b'Q',
+            b'T',
+            b'T',
+            4,
+            if clean { 2 } else { 0 },
+            0,
+            30,
+        ];
+        body.extend_from_slice(&[0, 7]);
+        body.extend_from_slice(b"durable");
+        let mut p = vec![0x10, body.len() as u8];
+        p.extend_from_slice(&body);
+        p
+    };
+    let mut t = TcpStream::connect(("127.0.0.1", s.port())).await.unwrap();
+    t.write_all(&connect(false)).await.unwrap();
+    let mut ack = [0u8; 4];
+    t.read_exact(&mut ack).await.unwrap();
+    assert_eq!(ack, [0x20, 2, 0, 0]);
+    let mut sub = vec![0x82, 11, 0, 1, 0, 6];
+    sub.extend_from_slice(b"test/d");
+    sub.push(1);
+    t.write_all(&sub).await.unwrap();
+    let mut suback = [0u8; 5];
+    t.read_exact(&mut suback).await.unwrap();
+    t.write_all(&[0xE0, 0]).await.unwrap();
+    drop(t);
+    let mut t = TcpStream::connect(("127.0.0.1", s.port())).await.unwrap();
+    t.write_all(&connect(false)).await.unwrap();
+    t.read_exact(&mut ack).await.unwrap();
+    assert_eq!(ack, [0x20, 2, 1, 0], "session present: the broker kept it");
+}

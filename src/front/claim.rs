@@ -4,11 +4,12 @@
 //! connections for one client id (a takeover there fires the wrong will,
 //! and one before the first CONNACK can poison its listener).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
-use tokio::time::timeout;
+use tokio::time::{Instant, timeout};
 
 use super::Shared;
 
@@ -119,5 +120,67 @@ impl Claim {
             }
         }
         drop(self.done.take());
+    }
+}
+
+/// Client ids for the broker, for sessions the broker keeps nothing of
+/// (clean sessions): rumqttd remembers every client id it has seen (its
+/// "graveyard", ~0.9 KiB each), so 100,000 devices that came and went with
+/// their own ids would stay in memory for good. Such sessions get an id
+/// from this pool instead, reused once its last connection has been closed
+/// for `REUSE_AFTER` (rumqttd handles a close after the socket is gone),
+/// so rumqttd sees about as many ids as connections live at once. The
+/// client's own id still decides takeovers (in the front).
+#[derive(Debug, Default)]
+pub(crate) struct IdPool {
+    free: VecDeque<(u64, Instant)>,
+    next: u64,
+}
+
+const REUSE_AFTER: Duration = Duration::from_secs(1);
+
+impl IdPool {
+    pub(crate) fn take(&mut self, now: Instant) -> u64 {
+        if let Some(&(n, at)) = self.free.front()
+            && now >= at + REUSE_AFTER
+        {
+            self.free.pop_front();
+            return n;
+        }
+        self.next += 1;
+        self.next
+    }
+
+    pub(crate) fn release(&mut self, n: u64, now: Instant) {
+        self.free.push_back((n, now));
+    }
+
+    /// The broker's client id for pool entry `n`: `%` followed by a letter
+    /// never comes out of `packet::broker_client_id`, so it is no client's
+    /// own id.
+    pub(crate) fn broker_id(n: u64) -> String {
+        format!("%pool-{n}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_ids_are_reused_only_after_a_while() {
+        let mut p = IdPool::default();
+        let t = Instant::now();
+        let (a, b) = (p.take(t), p.take(t));
+        assert_ne!(a, b);
+        p.release(a, t);
+        assert_ne!(p.take(t + Duration::from_millis(999)), a, "too soon");
+        assert_eq!(p.take(t + REUSE_AFTER), a);
+        assert!(!IdPool::broker_id(a).starts_with("%2"));
+        assert_ne!(
+            crate::front::packet::broker_client_id(&IdPool::broker_id(a)),
+            IdPool::broker_id(a),
+            "a client using a pool id as its own gets another broker id"
+        );
     }
 }

@@ -56,8 +56,10 @@ pub struct Shared {
     /// Whether the broker still answers CONNECTs.
     pub broker_health: BrokerHealth,
     pub started: Instant,
-    /// Live MQTT sessions by client id, for takeovers (see `mqtt.rs`).
+    /// Live MQTT sessions by client id, for takeovers (see `claim.rs`).
     pub(crate) sessions: Mutex<HashMap<String, claim::SessionSlot>>,
+    /// Broker client ids for clean sessions (see `claim::IdPool`).
+    pub(crate) broker_ids: Mutex<claim::IdPool>,
 }
 
 /// CONNECTs that may wait for the broker's CONNACK at once (rumqttd's
@@ -150,6 +152,7 @@ impl Shared {
             broker_health: BrokerHealth::default(),
             started: Instant::now(),
             sessions: Mutex::new(HashMap::new()),
+            broker_ids: Mutex::new(claim::IdPool::default()),
         }
     }
 }

@@ -32,7 +32,7 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{debug, info, warn};
 
 use super::Shared;
-use super::claim::Claim;
+use super::claim::{Claim, IdPool};
 use super::packet::{self, Connect, Frame, Malformed};
 use super::will::{WILL_TIMEOUT, close_upstream, fire_will};
 
@@ -119,7 +119,12 @@ pub(crate) async fn serve_until<S>(
         let _ = timeout(WILL_TIMEOUT, wr.write_all(&refuse)).await;
         return;
     };
-    let Some(up) = open_upstream(&shared, &connect, &mut wr, peer).await else {
+    let pooled = PooledId::take(&shared, &connect);
+    let broker_id = match &pooled {
+        Some(p) => IdPool::broker_id(p.n).into(),
+        None => packet::broker_client_id(&connect.client_id),
+    };
+    let Some(up) = open_upstream(&shared, &connect, &broker_id, &mut wr, peer).await else {
         claim.release(&shared);
         return;
     };
@@ -169,6 +174,35 @@ pub(crate) async fn serve_until<S>(
     }
     debug!(%peer, client_id = %id, ?end, "MQTT session closed");
     claim.release(&shared);
+}
+
+/// A clean session's broker client id from the pool, given back when the
+/// session is over (dropped after its broker connection was closed).
+struct PooledId {
+    shared: Arc<Shared>,
+    n: u64,
+}
+
+impl PooledId {
+    fn take(shared: &Arc<Shared>, c: &Connect) -> Option<PooledId> {
+        if c.persistent() {
+            // The broker keeps the session under the client's own id.
+            return None;
+        }
+        let n = shared.broker_ids.lock().unwrap().take(Instant::now());
+        Some(PooledId {
+            shared: shared.clone(),
+            n,
+        })
+    }
+}
+
+impl Drop for PooledId {
+    fn drop(&mut self) {
+        if let Ok(mut pool) = self.shared.broker_ids.lock() {
+            pool.release(self.n, Instant::now());
+        }
+    }
 }
 
 /// A CONNECT that could not be read, and the CONNACK to answer it with.
@@ -225,6 +259,7 @@ type Upstream = (OwnedReadHalf, OwnedWriteHalf);
 async fn open_upstream<W: AsyncWrite + Unpin>(
     shared: &Shared,
     c: &Connect,
+    id: &str,
     client: &mut W,
     peer: SocketAddr,
 ) -> Option<Upstream> {
@@ -240,7 +275,6 @@ async fn open_upstream<W: AsyncWrite + Unpin>(
         return None;
     }
     let addr = if c.v5() { shared.v5 } else { shared.v4 };
-    let id = packet::broker_client_id(&c.client_id);
     if id.len() > usize::from(u16::MAX) {
         // Identifier rejected.
         let _ = timeout(WILL_TIMEOUT, client.write_all(&refuse(2, 0x85))).await;
@@ -251,7 +285,7 @@ async fn open_upstream<W: AsyncWrite + Unpin>(
     } else {
         c.keep_alive
     };
-    let hello = packet::encode_connect(c, &id, keep_alive);
+    let hello = packet::encode_connect(c, id, keep_alive);
     let Ok(Ok(_permit)) = timeout(CONNACK_TIMEOUT, shared.connects.acquire()).await else {
         info!(%peer, client_id = %c.client_id, "too many CONNECTs waiting for the broker; refused");
         let _ = timeout(WILL_TIMEOUT, client.write_all(&refuse(3, 0x88))).await;

@@ -240,6 +240,20 @@ impl Connect {
     pub fn clean_start(&self) -> bool {
         self.flags & 0x02 != 0
     }
+
+    /// Whether the broker keeps the session after the connection ends: no
+    /// clean session (v4), or a v5 session expiry interval above 0.
+    pub fn persistent(&self) -> bool {
+        if !self.clean_start() {
+            return true;
+        }
+        self.v5()
+            && Properties(Reader {
+                buf: &self.properties,
+            })
+            .filter_map(Result::ok)
+            .any(|(id, v)| id == 0x11 && v != [0, 0, 0, 0])
+    }
 }
 
 /// Reads a CONNECT packet (`packet` is the whole frame).
