@@ -2,6 +2,7 @@
 //! broker (`actor`), and the handle the rest of the program holds.
 
 mod actor;
+mod echoes;
 pub mod health;
 mod probe;
 pub mod state;

@@ -2,7 +2,7 @@
 //! the publishes to make out. No I/O and no clock of its own; the actor
 //! feeds it and carries its output to the broker.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 
 use bytes::Bytes;
 use serde_json::{Value, json};
@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::echoes::Echoes;
 use super::health::{self, Outcome, Probe, Verdict};
 use crate::record::{Endpoint, Name, Record};
 use crate::topics::{Incoming, Topics};
@@ -66,11 +67,6 @@ enum Judged {
     Quiet,
 }
 
-/// How many of its own publishes per topic the registry remembers while
-/// waiting for them to come back. A queue this long means the broker drops
-/// our echoes; forgetting the oldest then only risks one missed refresh.
-const MAX_ECHOES: usize = 64;
-
 /// The registry: every record, its deadline, and the echoes of its own
 /// publishes still on their way back through the broker.
 #[derive(Debug)]
@@ -80,7 +76,7 @@ pub struct Registry {
     offline: Bytes,
     records: HashMap<Name, Entry>,
     deadlines: BTreeSet<(Instant, Name)>,
-    echoes: HashMap<String, VecDeque<Bytes>>,
+    echoes: Echoes,
     restored: Vec<Name>,
     changes: u64,
     stats: Stats,
@@ -99,7 +95,7 @@ impl Registry {
             offline: state("offline"),
             records: HashMap::new(),
             deadlines: BTreeSet::new(),
-            echoes: HashMap::new(),
+            echoes: Echoes::default(),
             restored: Vec::new(),
             changes: 0,
             stats: Stats::default(),
@@ -185,7 +181,7 @@ impl Registry {
         let mut out = vec![self.online()];
         // Publishes still unconfirmed may have been lost with the old session
         // (a clean session drops QoS 1 in flight): assert those topics again.
-        let mut pending: Vec<String> = self.echoes.drain().map(|(raw, _)| raw).collect();
+        let mut pending: Vec<String> = self.echoes.drain_topics();
         pending.sort();
         out.extend(
             pending
@@ -226,10 +222,10 @@ impl Registry {
         match self.topics.classify(topic) {
             Incoming::Service(raw) => {
                 let raw = raw.to_string();
-                if delivery == Delivery::Live && self.take_echo(&raw, &payload) {
+                if delivery == Delivery::Live && self.echoes.take(&raw, &payload) {
                     return Vec::new();
                 }
-                let reassert = delivery == Delivery::Live && self.echoes.contains_key(&raw);
+                let reassert = delivery == Delivery::Live && self.echoes.pending(&raw);
                 let mut out = match self.on_record(now, &raw, payload, delivery) {
                     Judged::Accepted(ev) => vec![ev],
                     // What the broker now holds is the refused publish:
@@ -245,7 +241,7 @@ impl Registry {
                     // outcome again after it.
                     out.push(self.current(&raw));
                 }
-                self.note_echoes(&out);
+                self.echoes.note(&self.topics, &out);
                 out
             }
             // A retained heartbeat is an old one replayed at subscribe time.
@@ -290,7 +286,7 @@ impl Registry {
             }
         };
         out.append(&mut self.extra);
-        self.note_echoes(&out);
+        self.echoes.note(&self.topics, &out);
         (answer, out)
     }
 
@@ -314,7 +310,7 @@ impl Registry {
             out.push(self.clear(name.as_str()));
             out.push(self.event(&name, "expired", Some(&entry.endpoint)));
         }
-        self.note_echoes(&out);
+        self.echoes.note(&self.topics, &out);
         out
     }
 
@@ -372,7 +368,7 @@ impl Registry {
             },
         };
         out.append(&mut self.extra);
-        self.note_echoes(&out);
+        self.echoes.note(&self.topics, &out);
         out
     }
 
@@ -571,32 +567,6 @@ impl Registry {
             }
             entry.deadline = Some(now + ttl);
             self.deadlines.insert((now + ttl, name.clone()));
-        }
-    }
-
-    fn take_echo(&mut self, raw: &str, payload: &Bytes) -> bool {
-        let Some(queue) = self.echoes.get_mut(raw) else {
-            return false;
-        };
-        if queue.front() != Some(payload) {
-            return false;
-        }
-        queue.pop_front();
-        if queue.is_empty() {
-            self.echoes.remove(raw);
-        }
-        true
-    }
-
-    fn note_echoes(&mut self, out: &[Publish]) {
-        for p in out.iter().filter(|p| p.retain) {
-            if let Incoming::Service(raw) = self.topics.classify(&p.topic) {
-                let queue = self.echoes.entry(raw.to_string()).or_default();
-                if queue.len() == MAX_ECHOES {
-                    queue.pop_front();
-                }
-                queue.push_back(p.payload.clone());
-            }
         }
     }
 
