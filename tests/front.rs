@@ -690,3 +690,25 @@ async fn persistent_sessions_keep_their_own_id_and_clean_ones_share_a_pool() {
     t.read_exact(&mut ack).await.unwrap();
     assert_eq!(ack, [0x20, 2, 1, 0], "session present: the broker kept it");
 }
+
+#[tokio::test]
+async fn a_client_the_broker_drops_still_gets_its_will_published() {
+    let s = Serve::start().await;
+    let mut watch = Client::connect(&s.url).await;
+    watch.subscribe("test/will/+").await;
+    let hello = Hello {
+        client_id: "rude",
+        keep_alive: 30,
+        will: Some(("test/will/rude", b"gone", false)),
+        ..Hello::default()
+    };
+    let (mut c, code) = Raw::connect(s.port(), &hello).await;
+    assert_eq!(code, 0);
+    // A payload just over the broker's limit (1 MiB; the front's limit has
+    // room for headers above it): rumqttd closes the connection, and the
+    // will goes out through a fresh broker connection.
+    let big = vec![b'x'; (1 << 20) + 1000];
+    c.publish("test/big", &big, false, false, &[]).await;
+    assert!(c.closed_within(WAIT).await);
+    watch.expect_raw("test/will/rude", b"gone").await;
+}

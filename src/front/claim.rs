@@ -5,6 +5,7 @@
 //! and one before the first CONNACK can poison its listener).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -31,8 +32,9 @@ const TAKEOVER_WAIT: Duration = Duration::from_secs(20);
 #[derive(Debug)]
 pub(crate) struct Stuck;
 
-/// A session's hold on its client id.
+/// A session's hold on its client id, given back when it drops.
 pub(crate) struct Claim {
+    shared: Arc<Shared>,
     id: String,
     generation: u64,
     kick: Option<oneshot::Receiver<()>>,
@@ -42,37 +44,31 @@ pub(crate) struct Claim {
 impl Claim {
     /// Takes the client id over: asks a live session with the same id to
     /// end, and waits until it has, its will published.
-    pub(crate) async fn take(shared: &Shared, id: &str) -> Result<Claim, Stuck> {
+    pub(crate) async fn take(shared: &Arc<Shared>, id: &str) -> Result<Claim, Stuck> {
         let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
-        let (kick_tx, kick_rx) = oneshot::channel();
-        let (done_tx, done_rx) = oneshot::channel();
-        if id.is_empty() {
-            // The broker assigns an id: nothing to take over.
-            return Ok(Claim {
-                id: String::new(),
-                generation,
-                kick: Some(kick_rx),
-                done: Some(done_tx),
-            });
-        }
-        let previous = shared.sessions.lock().unwrap().insert(
-            id.to_string(),
-            SessionSlot {
-                generation,
-                kick: kick_tx,
-                done: done_rx,
-            },
-        );
-        let claim = Claim {
+        let mut claim = Claim {
+            shared: shared.clone(),
             id: id.to_string(),
             generation,
-            kick: Some(kick_rx),
-            done: Some(done_tx),
+            kick: None,
+            done: None,
         };
+        if id.is_empty() {
+            // The broker assigns an id: nothing to take over.
+            return Ok(claim);
+        }
+        let (kick_tx, kick_rx) = oneshot::channel();
+        let (done_tx, done_rx) = oneshot::channel();
+        (claim.kick, claim.done) = (Some(kick_rx), Some(done_tx));
+        let slot = SessionSlot {
+            generation,
+            kick: kick_tx,
+            done: done_rx,
+        };
+        let previous = shared.sessions.lock().unwrap().insert(id.to_string(), slot);
         if let Some(prev) = previous {
             let _ = prev.kick.send(());
             if timeout(TAKEOVER_WAIT, prev.done).await.is_err() {
-                claim.release(shared);
                 return Err(Stuck);
             }
         }
@@ -108,17 +104,19 @@ impl Claim {
             }
         }
     }
+}
 
-    pub(crate) fn release(mut self, shared: &Shared) {
-        if !self.id.is_empty() {
-            let mut sessions = shared.sessions.lock().unwrap();
-            if sessions
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if !self.id.is_empty()
+            && let Ok(mut sessions) = self.shared.sessions.lock()
+            && sessions
                 .get(&self.id)
                 .is_some_and(|s| s.generation == self.generation)
-            {
-                sessions.remove(&self.id);
-            }
+        {
+            sessions.remove(&self.id);
         }
+        // A newcomer waiting for this session goes on.
         drop(self.done.take());
     }
 }
@@ -158,8 +156,37 @@ impl IdPool {
     /// The broker's client id for pool entry `n`: `%` followed by a letter
     /// never comes out of `packet::broker_client_id`, so it is no client's
     /// own id.
-    pub(crate) fn broker_id(n: u64) -> String {
+    fn broker_id(n: u64) -> String {
         format!("%pool-{n}")
+    }
+}
+
+/// A pooled broker id, given back when it drops (after its broker
+/// connection was closed).
+pub(crate) struct PooledId {
+    shared: Arc<Shared>,
+    n: u64,
+}
+
+impl PooledId {
+    pub(crate) fn take(shared: &Arc<Shared>) -> PooledId {
+        let n = shared.broker_ids.lock().unwrap().take(Instant::now());
+        PooledId {
+            shared: shared.clone(),
+            n,
+        }
+    }
+
+    pub(crate) fn broker_id(&self) -> String {
+        IdPool::broker_id(self.n)
+    }
+}
+
+impl Drop for PooledId {
+    fn drop(&mut self) {
+        if let Ok(mut pool) = self.shared.broker_ids.lock() {
+            pool.release(self.n, Instant::now());
+        }
     }
 }
 

@@ -32,7 +32,7 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{debug, info, warn};
 
 use super::Shared;
-use super::claim::{Claim, IdPool};
+use super::claim::{Claim, PooledId};
 use super::packet::{self, Connect, Frame, Malformed};
 use super::will::{WILL_TIMEOUT, close_upstream, fire_will};
 
@@ -119,13 +119,14 @@ pub(crate) async fn serve_until<S>(
         let _ = timeout(WILL_TIMEOUT, wr.write_all(&refuse)).await;
         return;
     };
-    let pooled = PooledId::take(&shared, &connect);
+    // A clean session goes to the broker under a pooled id; the broker
+    // keeps a persistent one under the client's own (escaped) id.
+    let pooled = (!connect.persistent()).then(|| PooledId::take(&shared));
     let broker_id = match &pooled {
-        Some(p) => IdPool::broker_id(p.n).into(),
+        Some(p) => p.broker_id().into(),
         None => packet::broker_client_id(&connect.client_id),
     };
     let Some(up) = open_upstream(&shared, &connect, &broker_id, &mut wr, peer).await else {
-        claim.release(&shared);
         return;
     };
     let (mut up_rd, mut up_wr) = up;
@@ -173,36 +174,8 @@ pub(crate) async fn serve_until<S>(
         close_upstream(&mut up_rd, &mut up_wr).await;
     }
     debug!(%peer, client_id = %id, ?end, "MQTT session closed");
-    claim.release(&shared);
-}
-
-/// A clean session's broker client id from the pool, given back when the
-/// session is over (dropped after its broker connection was closed).
-struct PooledId {
-    shared: Arc<Shared>,
-    n: u64,
-}
-
-impl PooledId {
-    fn take(shared: &Arc<Shared>, c: &Connect) -> Option<PooledId> {
-        if c.persistent() {
-            // The broker keeps the session under the client's own id.
-            return None;
-        }
-        let n = shared.broker_ids.lock().unwrap().take(Instant::now());
-        Some(PooledId {
-            shared: shared.clone(),
-            n,
-        })
-    }
-}
-
-impl Drop for PooledId {
-    fn drop(&mut self) {
-        if let Ok(mut pool) = self.shared.broker_ids.lock() {
-            pool.release(self.n, Instant::now());
-        }
-    }
+    // `claim` (the client id) and `pooled` (the broker id) are given back
+    // as they drop, now that the broker connection is closed.
 }
 
 /// A CONNECT that could not be read, and the CONNACK to answer it with.

@@ -351,6 +351,21 @@ pub fn encode_connect(c: &Connect, client_id: &str, keep_alive: u16) -> BytesMut
     out
 }
 
+/// A plain MQTT 3.1.1 clean-session CONNECT, for the front's own one-off
+/// connections.
+pub fn clean_connect_v4(client_id: &str, keep_alive: u16) -> BytesMut {
+    let c = Connect {
+        level: 4,
+        flags: 0x02,
+        keep_alive,
+        properties: Bytes::new(),
+        client_id: client_id.to_string(),
+        will: None,
+        credentials: Bytes::new(),
+    };
+    encode_connect(&c, client_id, keep_alive)
+}
+
 /// A client id the broker accepts, one-to-one with the client's own:
 /// rumqttd refuses `/ + # $` (and the front adds none of its own ids'
 /// prefix), so those and `%` are percent-escaped.

@@ -1,29 +1,27 @@
 //! Wills, which the front keeps instead of the broker, and how a broker
 //! connection is ended.
 
-use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::timeout;
 use tracing::warn;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::Shared;
+use super::claim::PooledId;
 use super::packet;
 
 /// How long a will, and a broker connection's close, may take.
 pub(crate) const WILL_TIMEOUT: Duration = Duration::from_secs(2);
 
-static ONE_OFF: AtomicU64 = AtomicU64::new(0);
-
 /// Publishes a will: through the session's own broker connection while it
 /// is open (the broker then handles it before that connection's close, and
 /// so before a newcomer with the same client id), else through a fresh one.
 pub(crate) async fn fire_will(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     will: &packet::Will,
     v5: bool,
     upstream: Option<(&mut OwnedReadHalf, &mut OwnedWriteHalf)>,
@@ -34,19 +32,9 @@ pub(crate) async fn fire_will(
         close_upstream(rd, wr).await;
         return;
     }
-    // A fresh v4 connection with a one-off client id.
-    let n = ONE_OFF.fetch_add(1, Ordering::Relaxed);
-    let id = format!("homicro-front-will-{}-{n}", std::process::id());
-    let hello = {
-        let mut h = BytesMut::new();
-        let len = 10 + 2 + id.len();
-        h.extend_from_slice(&[
-            0x10, len as u8, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60,
-        ]);
-        h.extend_from_slice(&(id.len() as u16).to_be_bytes());
-        h.extend_from_slice(id.as_bytes());
-        h
-    };
+    // A fresh v4 connection, under a pooled id like any clean session.
+    let id = PooledId::take(shared);
+    let hello = packet::clean_connect_v4(&id.broker_id(), 60);
     let result = timeout(WILL_TIMEOUT, async {
         let stream = TcpStream::connect(shared.v4).await?;
         let _ = stream.set_nodelay(true);
@@ -54,6 +42,9 @@ pub(crate) async fn fire_will(
         wr.write_all(&hello).await?;
         let mut ack = [0u8; 4];
         rd.read_exact(&mut ack).await?;
+        if ack != [0x20, 2, 0, 0] {
+            return Err(std::io::Error::other("CONNECT refused"));
+        }
         wr.write_all(&packet::will_publish(will, false)).await?;
         close_upstream(&mut rd, &mut wr).await;
         Ok::<(), std::io::Error>(())
