@@ -48,11 +48,11 @@
 //! [`cli`] is the commands for people, built on it. The wire
 //! contract is `docs/PROTOCOL.md`.
 
-pub mod broker;
+pub mod bus;
 pub mod cli;
 pub mod client;
 pub mod config;
-pub mod front;
+pub mod http;
 pub mod mqtt;
 pub mod record;
 pub mod registry;

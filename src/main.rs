@@ -235,9 +235,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     let rt = runtime();
     match rt.block_on(homicro::serve::run(config, stop_signal())) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(
-            e @ (homicro::serve::ServeError::Broker(_) | homicro::serve::ServeError::Listen { .. }),
-        ) => {
+        Err(e @ homicro::serve::ServeError::Listen { .. }) => {
             eprintln!("homicro: {e}");
             ExitCode::from(2)
         }

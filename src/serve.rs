@@ -1,143 +1,163 @@
-//! `homicro serve`: the embedded broker behind the one-port front (unless
-//! an external broker is given) and the registry actor beside it, until
-//! `shutdown` resolves.
+//! `homicro serve`: the bus on the one port with the registry as its gate
+//! (or the registry alone against an external broker), until `shutdown`
+//! resolves.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
+use rumqttd::RouterConfig;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tracing::{error, info};
+use tracing::info;
 
-use crate::broker::{BrokerError, EmbeddedBroker};
-use crate::config::{BrokerUrl, ServeConfig};
-use crate::front::{self, Shared};
+use crate::bus::{self, Bus, Limits, Router, listener};
+use crate::config::{BrokerConfig, BrokerUrl, ServeConfig};
 use crate::registry::{self, Handle};
 use crate::topics::Topics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error(transparent)]
-    Broker(#[from] BrokerError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("the embedded broker stopped")]
-    BrokerStopped,
+    #[error(transparent)]
+    Router(#[from] bus::router::RouterGone),
 }
 
 /// A running `serve`: where clients connect, and the registry's handle.
 pub struct Running {
     /// The MQTT address clients use (port resolved) or the external broker.
     pub broker: BrokerUrl,
-    /// `None` with `registry = false` (the broker alone, for benchmarks).
+    /// `None` with `registry = false` (the bus alone, for benchmarks).
     pub registry: Option<Handle>,
-    /// The front's shared state (embedded mode only).
-    pub front: Option<Arc<Shared>>,
-    embedded: Option<EmbeddedBroker>,
-    front_task: Option<JoinHandle<()>>,
+    /// The bus (embedded mode only).
+    pub bus: Option<Arc<Bus>>,
+    listener_task: Option<JoinHandle<()>>,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if let Some(t) = &self.front_task {
+        if let Some(t) = &self.listener_task {
             t.abort();
         }
     }
 }
 
 /// Binds the public port first (so a taken port fails before anything
-/// starts), then starts the broker (if embedded), the registry and the
-/// front.
+/// starts), then starts the router (if embedded), the registry and the
+/// listener.
 pub async fn start(config: &ServeConfig) -> Result<Running, ServeError> {
     let Some(url) = &config.broker else {
         return start_embedded(config).await;
     };
     info!(broker = %url, "using an external broker");
-    let registry = spawn_registry(config, url.clone(), true);
+    let registry = match config.registry {
+        true => Some(
+            registry::Handle::spawn(options(config, registry::Bus::External(url.clone()))).await?,
+        ),
+        false => None,
+    };
     info!(listen = %url, prefix = %config.prefix, "homicro serving");
     Ok(Running {
         broker: url.clone(),
         registry,
-        front: None,
-        embedded: None,
-        front_task: None,
+        bus: None,
+        listener_task: None,
     })
 }
 
 async fn start_embedded(config: &ServeConfig) -> Result<Running, ServeError> {
     let addr = config.listen;
-    let listener = TcpListener::bind(addr)
+    let tcp = TcpListener::bind(addr)
         .await
         .map_err(|source| ServeError::Listen { addr, source })?;
-    let listen = listener
+    let listen = tcp
         .local_addr()
         .map_err(|source| ServeError::Listen { addr, source })?;
-    raise_fd_limit();
-    let b = EmbeddedBroker::start(&config.embedded).await?;
-    let registry = spawn_registry(config, url_of(b.v4), false);
-    let mut shared = Shared::new(
-        b.v4,
-        b.v5,
+    let router = Router::start(router_config(&config.embedded));
+    let registry = match config.registry {
+        true => Some(
+            registry::Handle::spawn(options(config, registry::Bus::Embedded(router.clone())))
+                .await?,
+        ),
+        false => {
+            info!("registry off: the bus alone");
+            None
+        }
+    };
+    let limits = limits(config);
+    info!(
+        max_sessions = limits.max_sessions,
+        max_connections = limits.max_connections,
+        "limits from the file-descriptor limit"
+    );
+    let bus = Arc::new(Bus::new(
+        limits,
+        router,
         Topics::new(&config.prefix),
         registry.clone(),
-        config.embedded.connect_timeout,
-    );
-    // Room for the fixed header, topic and properties around the largest
-    // payload the broker accepts.
-    shared.max_packet = config.embedded.max_payload_size + 65_536 + 16;
-    // Room under the broker's limit for the registry and the front's own
-    // one-off connections (wills).
-    shared.max_sessions = config.embedded.max_connections.saturating_sub(16).max(1);
-    let shared = Arc::new(shared);
-    front::announce(listen, &shared);
-    let front_task = tokio::spawn(front::run(listener, shared.clone()));
+    ));
+    info!(%listen, "listening (MQTT 3.1.1 and 5, WebSocket /mqtt, HTTP API)");
+    let listener_task = tokio::spawn(listener::run(tcp, bus.clone()));
     let public = url_of(listen);
     info!(listen = %public, prefix = %config.prefix, "homicro serving");
     Ok(Running {
         broker: public,
         registry,
-        front: Some(shared),
-        embedded: Some(b),
-        front_task: Some(front_task),
+        bus: Some(bus),
+        listener_task: Some(listener_task),
     })
 }
 
-fn spawn_registry(config: &ServeConfig, broker: BrokerUrl, will: bool) -> Option<Handle> {
-    let registry = config.registry.then(|| {
-        Handle::spawn(registry::Options {
-            broker,
-            prefix: config.prefix.clone(),
-            state_file: config.state_file.clone(),
-            state_flush: config.state_flush,
-            will,
-            health_concurrency: config.health_concurrency,
-        })
-    });
-    if registry.is_none() {
-        info!("registry off: the broker alone");
+fn options(config: &ServeConfig, bus: registry::Bus) -> registry::Options {
+    registry::Options {
+        bus,
+        prefix: config.prefix.clone(),
+        state_file: config.state_file.clone(),
+        state_flush: config.state_flush,
+        health_concurrency: config.health_concurrency,
     }
-    registry
 }
 
-/// Each MQTT client through the front holds three descriptors (its socket,
-/// the front's broker connection and the broker's end of it): lift the
-/// soft limit to the hard one.
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write a live local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
+/// The bus's limits: sessions and connections from the file-descriptor
+/// limit (one descriptor per client) within the configured cap.
+fn limits(config: &ServeConfig) -> Limits {
+    let e = &config.embedded;
+    let (max_sessions, max_connections) = listener::caps(
+        listener::fd_limit(),
+        config.health_concurrency,
+        e.max_connections,
+    );
+    Limits {
+        // Room for the fixed header, topic and properties around the
+        // largest payload.
+        max_packet: e.max_payload_size + 65_536 + 16,
+        max_payload: e.max_payload_size,
+        handshake_timeout: e.connect_timeout,
+        max_sessions,
+        max_connections,
+        ..Limits::default()
+    }
+}
+
+/// rumqttd's router settings (its defaults do not work: every field is
+/// set). Links hold as many sessions as the bus allows, plus the
+/// registry's.
+pub fn router_config(c: &BrokerConfig) -> RouterConfig {
+    RouterConfig {
+        max_connections: c.max_connections + 16,
+        // For QoS 0 subscriptions (all of the bus's) this is both the batch
+        // size of a read and the cap on retained messages delivered at
+        // subscribe time: it must exceed the number of records.
+        max_outgoing_packet_count: c.max_retained_delivery,
+        max_segment_size: c.segment_size,
+        max_segment_count: c.segment_count,
+        custom_segment: None,
+        initialized_filters: None,
+        shared_subscriptions_strategy: Default::default(),
     }
 }
 
@@ -148,26 +168,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let running = start(&config).await?;
-    tokio::pin!(shutdown);
-    let mut check = tokio::time::interval(Duration::from_secs(1));
-    let result = loop {
-        tokio::select! {
-            _ = &mut shutdown => break Ok(()),
-            _ = check.tick() => {
-                if running.embedded.as_ref().is_some_and(EmbeddedBroker::failed) {
-                    error!("embedded broker listener failed; stopping");
-                    break Err(ServeError::BrokerStopped);
-                }
-                if running.front.as_ref().is_some_and(|f| f.broker_health.broken()) {
-                    error!(
-                        "the embedded broker answers no CONNECT any more (rumqttd's listener \
-                         is poisoned); stopping so that a supervisor restarts homicro"
-                    );
-                    break Err(ServeError::BrokerStopped);
-                }
-            }
-        }
-    };
+    shutdown.await;
+    let result: Result<(), ServeError> = Ok(());
     info!("shutting down");
     if let Some(r) = &running.registry {
         r.shutdown().await;

@@ -70,7 +70,7 @@ async fn a_qos1_or_qos2_newcomer_gets_all_ten_thousand_records() {
     let n = 10_000;
     fill(&s.url, n).await;
 
-    // paho-style QoS 1 subscriber: granted QoS 0, every record delivered.
+    // paho-style QoS 1 subscriber: granted QoS 1, every record delivered.
     let (mut raw, _) = Raw::connect(
         s.port(),
         &Hello {
@@ -82,7 +82,7 @@ async fn a_qos1_or_qos2_newcomer_gets_all_ten_thousand_records() {
     .await;
     assert_eq!(
         raw.subscribe("homicro/services/#", 1).await,
-        0,
+        1,
         "granted QoS"
     );
     let mut got = 0;
@@ -549,57 +549,6 @@ async fn random_bytes_after_any_start_never_hang_or_harm_the_front() {
     c.register("after-fuzz", r#"{"host":"10.0.0.6","port":1}"#)
         .await;
     assert!(records(&s.url).await.contains_key("steady"));
-}
-
-/// rumqttd's own v4 listener, from serve's log.
-fn internal_v4(s: &Serve) -> u16 {
-    let log = s.log();
-    let line = log.lines().find(|l| l.contains("front listening")).unwrap();
-    let v4 = line
-        .split(" v4=")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap();
-    v4.rsplit(':').next().unwrap().parse().unwrap()
-}
-
-#[tokio::test]
-async fn a_poisoned_broker_stops_serve_for_its_supervisor() {
-    let mut s = Serve::start().await;
-    s.panics_expected = true;
-    // Reach rumqttd directly, as nothing through the front can: a client id
-    // it refuses, twice, leaves a dead entry in its will table and then
-    // a poisoned lock: every later CONNECT on that listener fails.
-    let direct = internal_v4(&s);
-    for _ in 0..2 {
-        let mut t = TcpStream::connect(("127.0.0.1", direct)).await.unwrap();
-        let mut hello = vec![0x10, 15, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 30, 0, 3];
-        hello.extend_from_slice(b"a/b");
-        t.write_all(&hello).await.unwrap();
-        let mut b = [0u8; 4];
-        let _ = tokio::time::timeout(Duration::from_secs(2), t.read(&mut b)).await;
-    }
-    // Clients through the front are told "server unavailable" (CONNACK 3)
-    // at once, and after a few in a row serve stops with a clear error.
-    for i in 0..5 {
-        let id = format!("after-poison-{i}");
-        let hello = Hello {
-            client_id: &id,
-            keep_alive: 30,
-            ..Hello::default()
-        };
-        let (_c, code) = Raw::connect(s.port(), &hello).await;
-        assert_eq!(code, 3, "{id}");
-    }
-    let status = s.wait_exit().await;
-    assert!(!status.success());
-    assert!(
-        s.log().contains("answers no CONNECT any more"),
-        "{}",
-        s.log()
-    );
 }
 
 #[tokio::test]

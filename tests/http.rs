@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{Client, Mosquitto, Serve, WAIT};
+use homicro::bus::{self, Bus, Limits, Router};
 use homicro::config::BrokerUrl;
-use homicro::front::{self, Shared};
 use homicro::registry::{self, Handle};
 use homicro::topics::Topics;
 use http_body_util::{BodyExt, Full};
@@ -72,21 +72,27 @@ impl Api {
         let mosq = Mosquitto::start().await;
         let tmp = tempfile::tempdir().unwrap();
         let registry = Handle::spawn(registry::Options {
-            broker: mosq.url.clone(),
+            bus: registry::Bus::External(mosq.url.clone()),
             prefix: "homicro".into(),
             state_file: tmp.path().join("state.json"),
             state_flush: Duration::from_secs(1),
-            will: true,
             health_concurrency: 8,
-        });
-        let broker: SocketAddr = format!("{}:{}", mosq.url.host, mosq.url.port)
-            .parse()
-            .unwrap();
+        })
+        .await
+        .unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let topics = Topics::new("homicro");
-        let shared = Shared::new(broker, broker, topics, Some(registry), IDLE);
-        let front = tokio::spawn(front::run(listener, Arc::new(shared)));
+        let embedded = homicro::config::ServeConfig::load(None, &Default::default())
+            .unwrap()
+            .embedded;
+        let router = Router::start(homicro::serve::router_config(&embedded));
+        let limits = Limits {
+            handshake_timeout: IDLE,
+            ..Limits::default()
+        };
+        let shared = Bus::new(limits, router, topics, Some(registry));
+        let front = tokio::spawn(bus::listener::run(listener, Arc::new(shared)));
         let mut c = Client::connect(&mosq.url).await;
         c.subscribe("homicro/registry").await;
         c.expect("homicro/registry", |v| v["state"] == "online")

@@ -15,6 +15,9 @@ use super::health::{Outcome, Probe};
 use super::probe;
 use super::state::{Delivery, Publish, Registry, Stats};
 use super::{Answer, Status};
+use crate::bus::codec;
+use crate::bus::gate::{Gated, Submission};
+use crate::bus::router::{Link, RoutedPublish};
 use crate::mqtt::Incoming;
 use crate::record::Name;
 use crate::statefile;
@@ -29,17 +32,44 @@ pub(super) enum Request {
         payload: Bytes,
         respond_to: oneshot::Sender<Answer>,
     },
+    /// A record or heartbeat published on the embedded bus, to be judged
+    /// before the bus stores it.
+    Gate {
+        submission: Submission,
+        respond_to: oneshot::Sender<Gated>,
+    },
     Records(oneshot::Sender<Vec<(Name, Bytes)>>),
     Record(Name, oneshot::Sender<Option<Bytes>>),
     Shutdown(oneshot::Sender<()>),
+}
+
+/// How the registry reaches the bus.
+pub(super) enum Transport {
+    /// An external broker, through rumqttc: records are judged after the
+    /// broker stored them, and refusals are repaired.
+    Mqtt {
+        client: AsyncClient,
+        incoming: mpsc::UnboundedReceiver<Incoming>,
+    },
+    /// The embedded bus's router: the registry is the gate, and publishes
+    /// what it accepts itself.
+    Router(Link),
+}
+
+/// The submission whose publishes the registry is making: its record or
+/// heartbeat goes out as its publisher sent it (origin and QoS).
+#[derive(Clone, Copy)]
+struct On<'a> {
+    topic: &'a str,
+    origin: u64,
+    qos: u8,
 }
 
 pub(super) struct Actor {
     pub state: Registry,
     /// Bounds how many health probes run at once.
     pub probes_in_flight: Arc<Semaphore>,
-    pub client: AsyncClient,
-    pub incoming: mpsc::UnboundedReceiver<Incoming>,
+    pub transport: Transport,
     pub requests: mpsc::Receiver<Request>,
     pub state_file: PathBuf,
     pub flush_every: Duration,
@@ -50,6 +80,9 @@ pub(super) struct Actor {
 
 impl Actor {
     pub async fn run(mut self) {
+        if matches!(self.transport, Transport::Router(_)) {
+            self.on_incoming(Incoming::Connected).await;
+        }
         let writer = Writer::spawn(self.state_file.clone(), self.persist);
         let (probe_tx, mut probe_rx) = mpsc::unbounded_channel::<(Probe, Outcome)>();
         let mut flushed = self.state.changes();
@@ -66,7 +99,7 @@ impl Actor {
                     Some(req) => self.on_request(req).await,
                     None => break None,
                 },
-                msg = self.incoming.recv() => match msg {
+                msg = incoming(&mut self.transport) => match msg {
                     Some(m) => self.on_incoming(m).await,
                     None => { error!("mqtt event loop ended"); break None; }
                 },
@@ -131,6 +164,28 @@ impl Actor {
                 self.publish_all(out).await;
                 let _ = respond_to.send(answer);
             }
+            Request::Gate {
+                submission: sub,
+                respond_to,
+            } => {
+                let (verdict, out) =
+                    self.state
+                        .on_gate(Instant::now(), sub.kind, &sub.raw, sub.payload.clone());
+                let topic = match sub.kind {
+                    super::state::GateKind::Record => self.state.topics().service(&sub.raw),
+                    super::state::GateKind::Heartbeat => self.state.topics().heartbeat(&sub.raw),
+                };
+                let on = On {
+                    topic: &topic,
+                    origin: sub.origin,
+                    qos: sub.qos,
+                };
+                self.publish_on(out, Some(on)).await;
+                let _ = respond_to.send(match verdict {
+                    Ok(()) => Gated::Accepted,
+                    Err(code) => Gated::Refused(code),
+                });
+            }
             Request::Records(tx) => {
                 let records = self.state.records();
                 let _ = tx.send(records.map(|(n, b)| (n.clone(), b.clone())).collect());
@@ -150,10 +205,13 @@ impl Actor {
                 info!(records = self.state.len(), "connected to the broker");
                 let out = self.state.on_connected();
                 self.publish_all(out).await;
+                let Transport::Mqtt { client, .. } = &self.transport else {
+                    return;
+                };
                 let mut filters: Vec<String> = self.state.topics().registry_filters().into();
                 filters.push(self.state.topics().registry());
                 for f in filters {
-                    if let Err(e) = self.client.subscribe(f, QoS::AtMostOnce).await {
+                    if let Err(e) = client.subscribe(f, QoS::AtMostOnce).await {
                         error!(error = %e, "subscribe failed");
                     }
                 }
@@ -181,7 +239,33 @@ impl Actor {
         }
     }
 
-    async fn publish_all(&self, out: Vec<Publish>) {
+    async fn publish_all(&mut self, out: Vec<Publish>) {
+        self.publish_on(out, None).await
+    }
+
+    async fn publish_on(&mut self, out: Vec<Publish>, on: Option<On<'_>>) {
+        let client = match &mut self.transport {
+            Transport::Mqtt { client, .. } => client,
+            Transport::Router(link) => {
+                for p in out {
+                    let (origin, qos) = match on {
+                        Some(on) if on.topic == p.topic => (on.origin, on.qos),
+                        _ => (0, u8::from(p.retain)),
+                    };
+                    let cp = codec::Publish {
+                        qos,
+                        retain: p.retain,
+                        topic: p.topic,
+                        payload: p.payload,
+                        ..codec::Publish::default()
+                    };
+                    if link.publish(RoutedPublish::new(&cp, origin)).await.is_err() {
+                        error!("publish failed: the router has stopped");
+                    }
+                }
+                return;
+            }
+        };
         for p in out {
             // QoS 1 for what must not be lost (records, clears, online
             // state); errors and events are advisory.
@@ -190,8 +274,7 @@ impl Actor {
             } else {
                 QoS::AtMostOnce
             };
-            if let Err(e) = self
-                .client
+            if let Err(e) = client
                 .publish_bytes(p.topic, qos, p.retain, p.payload)
                 .await
             {
@@ -209,8 +292,19 @@ impl Actor {
     async fn stop(&mut self, writer: Writer) {
         let offline = self.state.offline();
         self.publish_all(vec![offline.clone()]).await;
+        let (client, incoming) = match &mut self.transport {
+            Transport::Mqtt { client, incoming } => (client, incoming),
+            Transport::Router(_) => {
+                // The router forwards at once; give the sessions a moment
+                // to write it before the process ends.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                writer.finish(self.encode()).await;
+                info!(records = self.state.len(), "registry stopped");
+                return;
+            }
+        };
         let seen = timeout(Duration::from_millis(800), async {
-            while let Some(m) = self.incoming.recv().await {
+            while let Some(m) = incoming.recv().await {
                 if let Incoming::Message { topic, payload, .. } = m
                     && topic == offline.topic
                     && payload == offline.payload
@@ -220,23 +314,29 @@ impl Actor {
             }
         })
         .await;
-        match seen {
-            // The broker forwards to every subscriber at once; an embedded
-            // one dies with this process, so give its writes a moment.
-            Ok(()) => tokio::time::sleep(Duration::from_millis(100)).await,
-            Err(_) => warn!("offline state not confirmed by the broker"),
+        if seen.is_err() {
+            warn!("offline state not confirmed by the broker");
         }
-        writer.finish(self.encode()).await;
-        let _ = self.client.disconnect().await;
+        let _ = client.disconnect().await;
         let _ = timeout(Duration::from_millis(300), async {
-            while let Some(m) = self.incoming.recv().await {
+            while let Some(m) = incoming.recv().await {
                 if matches!(m, Incoming::Closed) {
                     return;
                 }
             }
         })
         .await;
+        writer.finish(self.encode()).await;
         info!(records = self.state.len(), "registry stopped");
+    }
+}
+
+/// The next message from an external broker (never, on the router: the
+/// gate brings records as requests).
+async fn incoming(t: &mut Transport) -> Option<Incoming> {
+    match t {
+        Transport::Mqtt { incoming, .. } => incoming.recv().await,
+        Transport::Router(_) => std::future::pending().await,
     }
 }
 

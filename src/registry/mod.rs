@@ -20,18 +20,26 @@ use crate::config::BrokerUrl;
 use crate::record::Name;
 use crate::statefile::{self, Loaded};
 use crate::topics::Topics;
-use actor::{Actor, Request};
-pub use state::{Delivery, Publish, Registry, Stats};
+use actor::{Actor, Request, Transport};
+pub use state::{Delivery, GateKind, Publish, Registry, Stats};
+
+/// Which bus the registry works on.
+#[derive(Clone)]
+pub enum Bus {
+    /// An external broker at this address (the registry's MQTT will says
+    /// `offline`).
+    External(BrokerUrl),
+    /// The embedded bus: the registry is its gate, on a router link.
+    Embedded(crate::bus::Router),
+}
 
 /// Where and how the registry runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Options {
-    pub broker: BrokerUrl,
+    pub bus: Bus,
     pub prefix: String,
     pub state_file: PathBuf,
     pub state_flush: Duration,
-    /// Set the MQTT will to `offline` (for an external broker).
-    pub will: bool,
     /// How many health probes may run at once.
     pub health_concurrency: usize,
 }
@@ -63,7 +71,7 @@ pub struct Handle {
 
 impl Handle {
     /// Loads the state file and starts the actor on the current runtime.
-    pub fn spawn(opts: Options) -> Handle {
+    pub async fn spawn(opts: Options) -> Result<Handle, crate::bus::router::RouterGone> {
         let topics = Topics::new(&opts.prefix);
         let mut state = Registry::new(topics, env!("CARGO_PKG_VERSION"));
         let persist = match statefile::load(&opts.state_file) {
@@ -87,26 +95,32 @@ impl Handle {
                 moved_to.is_some()
             }
         };
-        let mut mqtt =
-            crate::mqtt::options(&crate::mqtt::client_id("homicro-registry"), &opts.broker);
-        if opts.will {
-            let off = state.offline();
-            mqtt.set_last_will(LastWill::new(
-                off.topic,
-                off.payload,
-                QoS::AtLeastOnce,
-                true,
-            ));
-        }
-        let (client, incoming) = crate::mqtt::connect(mqtt, Duration::from_millis(200));
+        let transport = match &opts.bus {
+            Bus::External(broker) => {
+                let mut mqtt =
+                    crate::mqtt::options(&crate::mqtt::client_id("homicro-registry"), broker);
+                let off = state.offline();
+                mqtt.set_last_will(LastWill::new(
+                    off.topic,
+                    off.payload,
+                    QoS::AtLeastOnce,
+                    true,
+                ));
+                let (client, incoming) = crate::mqtt::connect(mqtt, Duration::from_millis(200));
+                Transport::Mqtt { client, incoming }
+            }
+            Bus::Embedded(router) => {
+                state.set_gated();
+                Transport::Router(router.link().await?)
+            }
+        };
         let (tx, requests) = mpsc::channel(16);
         let actor = Actor {
             state,
             probes_in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(
                 opts.health_concurrency,
             )),
-            client,
-            incoming,
+            transport,
             requests,
             state_file: opts.state_file,
             flush_every: opts.state_flush,
@@ -114,7 +128,7 @@ impl Handle {
             connected: false,
         };
         tokio::spawn(actor.run());
-        Handle { tx }
+        Ok(Handle { tx })
     }
 
     /// Counters of what the registry has done.
@@ -144,6 +158,19 @@ impl Handle {
         self.ask(|respond_to| Request::Submit {
             name: name.to_string(),
             payload,
+            respond_to,
+        })
+        .await
+    }
+
+    /// Judges a record or heartbeat published on the embedded bus; an
+    /// accepted one the registry publishes itself.
+    pub async fn gate(
+        &self,
+        submission: crate::bus::gate::Submission,
+    ) -> Result<crate::bus::gate::Gated, Stopped> {
+        self.ask(|respond_to| Request::Gate {
+            submission,
             respond_to,
         })
         .await

@@ -32,6 +32,13 @@ pub enum Delivery {
     Retained,
 }
 
+/// What a publish put to the gate is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateKind {
+    Record,
+    Heartbeat,
+}
+
 /// Counters for logs and metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -60,8 +67,13 @@ struct Entry {
 enum Judged {
     /// Applied: its `registered`, `updated` or `deregistered` event.
     Accepted(Publish),
-    /// Refused, nothing changed: the error and the `rejected` event.
-    Refused { error: Publish, event: Publish },
+    /// Refused, nothing changed: the error code, the error and the
+    /// `rejected` event.
+    Refused {
+        code: String,
+        error: Publish,
+        event: Publish,
+    },
     /// Nothing to do or say (an empty publish to a free name, a retained
     /// copy of what the registry holds).
     Quiet,
@@ -77,6 +89,9 @@ pub struct Registry {
     records: HashMap<Name, Entry>,
     deadlines: BTreeSet<(Instant, Name)>,
     echoes: Echoes,
+    /// The registry is the bus's gate: it sees every record before the
+    /// broker does and none of its publishes come back (no echoes).
+    gated: bool,
     restored: Vec<Name>,
     changes: u64,
     stats: Stats,
@@ -96,11 +111,23 @@ impl Registry {
             records: HashMap::new(),
             deadlines: BTreeSet::new(),
             echoes: Echoes::default(),
+            gated: false,
             restored: Vec::new(),
             changes: 0,
             stats: Stats::default(),
             health: health::Schedule::default(),
             extra: Vec::new(),
+        }
+    }
+
+    /// Makes this registry the embedded bus's gate (see [`Registry::on_gate`]).
+    pub fn set_gated(&mut self) {
+        self.gated = true;
+    }
+
+    fn note_echoes(&mut self, out: &[Publish]) {
+        if !self.gated {
+            self.echoes.note(&self.topics, out);
         }
     }
 
@@ -230,7 +257,7 @@ impl Registry {
                     Judged::Accepted(ev) => vec![ev],
                     // What the broker now holds is the refused publish:
                     // restore the previous record or clear the topic.
-                    Judged::Refused { error, event } => vec![self.current(&raw), error, event],
+                    Judged::Refused { error, event, .. } => vec![self.current(&raw), error, event],
                     Judged::Quiet => Vec::new(),
                 };
                 out.append(&mut self.extra);
@@ -241,7 +268,7 @@ impl Registry {
                     // outcome again after it.
                     out.push(self.current(&raw));
                 }
-                self.echoes.note(&self.topics, &out);
+                self.note_echoes(&out);
                 out
             }
             // A retained heartbeat is an old one replayed at subscribe time.
@@ -277,7 +304,9 @@ impl Registry {
         };
         let (answer, mut out) = match self.on_record(now, raw, payload, Delivery::Live) {
             Judged::Accepted(ev) => (Ok(ev.payload.clone()), vec![self.current(raw), ev]),
-            Judged::Refused { error, event } => (Err(error.payload.clone()), vec![error, event]),
+            Judged::Refused { error, event, .. } => {
+                (Err(error.payload.clone()), vec![error, event])
+            }
             // A live submission is quiet only when it removes a free name.
             Judged::Quiet => {
                 let detail = format!("{name} is not registered");
@@ -286,8 +315,52 @@ impl Registry {
             }
         };
         out.append(&mut self.extra);
-        self.echoes.note(&self.topics, &out);
+        self.note_echoes(&out);
         (answer, out)
+    }
+
+    /// A record (empty: a removal) or a heartbeat published on the bus,
+    /// judged before the bus stores or forwards it. Accepted: the output
+    /// holds what the bus is to store and forward (the record, its clear,
+    /// or the heartbeat) and the event; refused: the error and the
+    /// `rejected` event only. An empty publish to a free or bad name is
+    /// accepted and changes nothing.
+    pub fn on_gate(
+        &mut self,
+        now: Instant,
+        kind: GateKind,
+        raw: &str,
+        payload: Bytes,
+    ) -> (Result<(), String>, Vec<Publish>) {
+        let (verdict, mut out) = match kind {
+            GateKind::Record => match self.on_record(now, raw, payload, Delivery::Live) {
+                Judged::Accepted(ev) => (Ok(()), vec![self.current(raw), ev]),
+                Judged::Refused { code, error, event } => (Err(code), vec![error, event]),
+                Judged::Quiet => (Ok(()), Vec::new()),
+            },
+            GateKind::Heartbeat => {
+                let errors = self.on_heartbeat(now, raw, &payload);
+                match errors.first() {
+                    None => {
+                        let beat = Publish {
+                            topic: self.topics.heartbeat(raw),
+                            payload,
+                            retain: false,
+                        };
+                        (Ok(()), vec![beat])
+                    }
+                    Some(e) => {
+                        let code = serde_json::from_slice::<Value>(&e.payload)
+                            .ok()
+                            .and_then(|v| v["error"].as_str().map(str::to_string))
+                            .unwrap_or_default();
+                        (Err(code), errors)
+                    }
+                }
+            }
+        };
+        out.append(&mut self.extra);
+        (verdict, out)
     }
 
     /// Expires every record whose deadline is at or before `now`.
@@ -310,7 +383,7 @@ impl Registry {
             out.push(self.clear(name.as_str()));
             out.push(self.event(&name, "expired", Some(&entry.endpoint)));
         }
-        self.echoes.note(&self.topics, &out);
+        self.note_echoes(&out);
         out
     }
 
@@ -368,7 +441,7 @@ impl Registry {
             },
         };
         out.append(&mut self.extra);
-        self.echoes.note(&self.topics, &out);
+        self.note_echoes(&out);
         out
     }
 
@@ -474,7 +547,11 @@ impl Registry {
         warn!(name = raw, error = code, detail = %detail, "refused");
         let error = self.error(raw, code, &detail, owner, from);
         let event = self.event_with(raw, "rejected", from, [("error", Value::from(code))]);
-        Judged::Refused { error, event }
+        Judged::Refused {
+            code: code.to_string(),
+            error,
+            event,
+        }
     }
 
     /// What the topic of `raw` should hold now: the record, or nothing.

@@ -24,8 +24,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 use tracing::debug;
 
 use super::{Resp, error};
-use crate::front::Shared;
-use crate::front::mqtt::{self, Via};
+use crate::bus::Bus;
 
 /// Subprotocols answered, best first: the standard's `mqtt`, and the
 /// `mqttv3.1` of older clients.
@@ -36,7 +35,7 @@ const BUFFER: usize = 64 * 1024;
 
 /// Answers `GET /mqtt`: 101 and MQTT over the upgraded connection, or a
 /// JSON error when the request is not a WebSocket handshake.
-pub(super) fn upgrade(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Resp {
+pub(super) fn upgrade(shared: Arc<Bus>, req: Request<Incoming>, peer: SocketAddr) -> Resp {
     let accepted = match handshake(req.headers()) {
         Ok(a) => a,
         Err(Refused::Version) => {
@@ -59,12 +58,12 @@ pub(super) fn upgrade(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketA
                 // No message larger than an MQTT packet the front accepts
                 // (tungstenite's defaults allow 64 MiB, reserved up front).
                 let config = WebSocketConfig::default()
-                    .max_message_size(Some(shared.max_packet))
-                    .max_frame_size(Some(shared.max_packet));
+                    .max_message_size(Some(shared.limits.max_packet))
+                    .max_frame_size(Some(shared.limits.max_packet));
                 let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
                 let (ours, proxy) = tokio::io::duplex(BUFFER);
                 tokio::join!(
-                    mqtt::serve(shared.clone(), proxy, peer, Via::WebSocket),
+                    crate::bus::listener::serve_mqtt(shared.clone(), proxy, peer),
                     pump(ws, ours),
                 );
             }

@@ -29,7 +29,7 @@ use serde_json::json;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::Shared;
+use crate::bus::Bus;
 use crate::record::MAX_RECORD_SIZE;
 
 /// The largest request body read: a record plus room for `name` and the
@@ -41,7 +41,7 @@ type Resp = Response<Full<Bytes>>;
 
 /// Serves HTTP/1.1 on `stream` until the client closes it, stays idle for
 /// the handshake timeout between requests, or upgrades `/mqtt`.
-pub async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+pub async fn serve(shared: Arc<Bus>, stream: TcpStream, peer: SocketAddr) {
     let _open = shared.metrics.http.enter();
     let svc = {
         let shared = shared.clone();
@@ -52,13 +52,30 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     };
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(shared.handshake_timeout)
+        .header_read_timeout(shared.limits.handshake_timeout)
         .max_buf_size(64 * 1024)
         .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();
     if let Err(e) = conn.await {
         debug!(%peer, error = %e, "HTTP connection ended");
     }
+}
+
+/// Answers a connection that came when the server was full: 503 with a
+/// JSON error, then closes.
+pub async fn unavailable(mut stream: TcpStream, deadline: tokio::time::Instant) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = [0u8; 4096];
+    let _ = tokio::time::timeout_at(deadline, stream.read(&mut head)).await;
+    let body = json!({"error": "unavailable", "detail": "homicro is at its connection limit; try again later"})
+        .to_string();
+    let resp = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(resp.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
 
 /// What a request asks for, from its method and path.
@@ -107,7 +124,7 @@ fn route(method: &Method, path: &str) -> Result<Route, NoRoute> {
     }
 }
 
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Resp {
+async fn handle(shared: Arc<Bus>, req: Request<Incoming>, peer: SocketAddr) -> Resp {
     let route = match route(req.method(), req.uri().path()) {
         Ok(r) => r,
         Err(NoRoute::NotFound) => {
@@ -134,14 +151,14 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -
         Route::Mqtt => return websocket::upgrade(shared.clone(), req, peer),
         Route::Discover => api.discover(req.uri().query()).await,
         Route::DiscoverOne(name) => api.discover_one(&name).await,
-        Route::SelfRegister => match body(req, shared.handshake_timeout).await {
+        Route::SelfRegister => match body(req, shared.limits.handshake_timeout).await {
             Ok(b) => api.self_register(&b).await,
             Err(e) => Err(e),
         },
         // Loopback is checked before the body is read.
         Route::Register => {
             match api.loopback_only("register a record on behalf of another service") {
-                Ok(()) => match body(req, shared.handshake_timeout).await {
+                Ok(()) => match body(req, shared.limits.handshake_timeout).await {
                     Ok(b) => api.register(&b).await,
                     Err(e) => Err(e),
                 },

@@ -12,13 +12,13 @@ use hyper::header::{CONTENT_TYPE, HeaderValue};
 use serde_json::{Map, Value, json};
 
 use super::{ApiError, Resp, json_bytes};
-use crate::front::{Gauge, Metrics, Shared};
+use crate::bus::{Bus, Gauge, Metrics};
 use crate::record::{Name, Query, Record};
 use crate::registry::{Answer, Handle, Status, Stopped};
 
 /// One request's view of the front.
 pub(super) struct Api<'a> {
-    pub shared: &'a Shared,
+    pub shared: &'a Bus,
     pub peer: SocketAddr,
 }
 
@@ -71,7 +71,7 @@ impl Api<'_> {
 
     /// `GET /health`: the registry's own state.
     pub async fn health(&self) -> Resp {
-        let status = match &self.shared.registry {
+        let status = match &self.shared.gate {
             Some(r) => Some(r.status().await),
             None => None,
         };
@@ -82,7 +82,7 @@ impl Api<'_> {
 
     /// `GET /metrics`: Prometheus text format 0.0.4.
     pub async fn metrics(&self) -> Resp {
-        let status = match &self.shared.registry {
+        let status = match &self.shared.gate {
             Some(r) => r.status().await.ok(),
             None => None,
         };
@@ -106,7 +106,7 @@ impl Api<'_> {
     }
 
     fn registry(&self) -> Result<&Handle, ApiError> {
-        self.shared.registry.as_ref().ok_or_else(|| {
+        self.shared.gate.as_ref().ok_or_else(|| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",

@@ -1,0 +1,171 @@
+//! The house's MQTT bus: homicro's own MQTT 3.1.1 and 5 server on
+//! rumqttd's router, in-process.
+//!
+//! ```text
+//!  socket ─▶ listener (classify, limits) ─▶ connect (CONNECT, CONNACK)
+//!        ─▶ session (keepalive, QoS flows, aliases, wills, expiry) ─┬─▶ router (store, fan out)
+//!                     └─ PREFIX/services|heartbeat ─▶ registry gate ─┘        │
+//!  session ◀── forwards (QoS = min(publish, granted), properties) ◀───────────┘
+//! ```
+//!
+//! `codec` is pure (bytes in, packets out); `session::outbound` is the
+//! pure delivery queue; `router` wraps rumqttd's router and what must
+//! travel through it; `session` is one task per MQTT session, outliving
+//! its connections while the session has not expired.
+
+pub mod classify;
+pub mod codec;
+pub mod connect;
+pub mod gate;
+pub mod listener;
+pub mod router;
+pub mod session;
+pub mod sessions;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::registry;
+use crate::topics::Topics;
+pub use router::Router;
+
+/// The bus's limits and the values it announces in CONNACK.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// The largest packet accepted from a client, in bytes.
+    pub max_packet: usize,
+    /// The largest payload a client may publish; a larger one closes its
+    /// connection (MQTT 5: reason 0x95).
+    pub max_payload: usize,
+    /// QoS 2 messages a client may have unreleased (our Receive Maximum).
+    pub receive_maximum: u16,
+    /// QoS 1 and 2 messages in flight to a 3.1.1 client (an MQTT 5 client
+    /// says its own Receive Maximum).
+    pub max_inflight: u16,
+    /// Messages a session queues for its client; more are dropped.
+    pub max_queued: usize,
+    /// Topic aliases a client may use.
+    pub topic_alias_max: u16,
+    /// The longest keepalive granted; longer (or 0, in MQTT 5) is lowered
+    /// to it and announced as Server Keep Alive.
+    pub max_keepalive: u16,
+    /// How long a new connection may take to send its whole CONNECT.
+    pub handshake_timeout: Duration,
+    /// MQTT sessions at once (derived from the file-descriptor limit).
+    pub max_sessions: usize,
+    /// Open connections of any kind at once; beyond `max_sessions` the
+    /// rest are answered "server unavailable" and closed.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_packet: (1 << 20) + 65_552,
+            max_payload: 1 << 20,
+            receive_maximum: 20,
+            max_inflight: 20,
+            max_queued: 1000,
+            topic_alias_max: 10,
+            max_keepalive: 65_535,
+            handshake_timeout: Duration::from_secs(10),
+            max_sessions: 10_000,
+            max_connections: 10_064,
+        }
+    }
+}
+
+/// What every connection and session task shares.
+pub struct Bus {
+    pub limits: Limits,
+    pub router: Router,
+    pub topics: Topics,
+    /// The registry, judging publishes under `PREFIX/services` and
+    /// `PREFIX/heartbeat` (`None` with `--no-registry`).
+    pub gate: Option<registry::Handle>,
+    pub metrics: Metrics,
+    pub started: Instant,
+    pub(crate) sessions: Mutex<HashMap<String, sessions::Entry>>,
+    next_session: AtomicU64,
+}
+
+impl Bus {
+    pub fn new(
+        limits: Limits,
+        router: Router,
+        topics: Topics,
+        gate: Option<registry::Handle>,
+    ) -> Bus {
+        Bus {
+            limits,
+            router,
+            topics,
+            gate,
+            metrics: Metrics::default(),
+            started: Instant::now(),
+            sessions: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+        }
+    }
+
+    /// A number for a new session, unique in this process (never 0: the
+    /// server's own publishes).
+    pub fn session_number(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// MQTT sessions alive now (connected or waiting for their client).
+    pub fn session_count(&self) -> usize {
+        self.sessions.lock().unwrap().len()
+    }
+}
+
+/// Counters of the bus, for `GET /metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub accepted: AtomicU64,
+    pub mqtt_v4: Gauge,
+    pub mqtt_v5: Gauge,
+    pub websocket: Gauge,
+    pub http: Gauge,
+    /// Connections closed because they sent something unrecognisable.
+    pub garbage: AtomicU64,
+    /// Connections closed because they said nothing within the timeout.
+    pub silent: AtomicU64,
+    /// Connections refused because the bus was full.
+    pub refused_full: AtomicU64,
+    /// Publishes refused: to the registry's own topics, or by the gate.
+    pub refused_publishes: AtomicU64,
+    /// Messages dropped because a session's queue was full.
+    pub dropped: AtomicU64,
+    /// Wills published.
+    pub wills: AtomicU64,
+}
+
+/// Connections of one kind: how many are open and how many there were.
+#[derive(Debug, Default)]
+pub struct Gauge {
+    pub open: AtomicU64,
+    pub total: AtomicU64,
+}
+
+impl Gauge {
+    /// Counts a connection open until the guard drops.
+    pub fn enter(&self) -> GaugeGuard<'_> {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        self.total.fetch_add(1, Ordering::Relaxed);
+        GaugeGuard(self)
+    }
+}
+
+pub struct GaugeGuard<'a>(&'a Gauge);
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}

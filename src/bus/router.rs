@@ -1,0 +1,435 @@
+//! rumqttd's router, in-process: it stores retained messages, matches
+//! topics and fans messages out to links. homicro uses it for that alone:
+//! every link is a clean session subscribed at QoS 0, so the router never
+//! tracks acknowledgements (no in-flight cap, no cut retained delivery);
+//! QoS, sessions, wills and properties are the session layer's.
+//!
+//! What the router cannot keep for us travels in one user property
+//! ([`Meta`]) that is added on the way in and removed on the way out: the
+//! publisher's QoS (the router overwrites it with the subscription's), the
+//! retain flag (live forwards lose it), the publishing session (NoLocal),
+//! when it was published and its message expiry (the router's own expiry
+//! is wrong), and whether the payload is really empty (the router clears a
+//! retained message on any empty payload, retained or not).
+//!
+//! Sharp edges handled here, each read from rumqttd 0.20's source:
+//! `LinkTx::send` blocks on the router's channel (1,000 slots), so sends
+//! are coalesced (one wake-up per batch) and wait while it is full; a link
+//! must end with a DISCONNECT or the router keeps it forever ([`Link`]'s
+//! drop sends it); the router keeps a small record per client id it has
+//! seen, so links take ids from a pool ([`Router`]); a link paused with
+//! `Unschedule` must be woken.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
+use rumqttd::protocol::{
+    Disconnect, DisconnectReasonCode, Filter, Packet, PublishProperties, QoS, RetainForwardRule,
+    Subscribe, Unsubscribe,
+};
+use rumqttd::{Notification, RouterConfig};
+use tracing::{debug, warn};
+
+use super::codec::{Properties, Publish};
+
+/// The user property key that carries [`Meta`] through the router.
+pub const META_KEY: &str = "$homicro";
+
+/// The router is gone (its thread panicked).
+#[derive(Debug, thiserror::Error)]
+#[error("the message router has stopped")]
+pub struct RouterGone;
+
+type Build = dyn Fn(&str) -> Option<(LinkTx, LinkRx)> + Send + Sync;
+type Full = dyn Fn() -> bool + Send + Sync;
+
+/// The running router: builds links with pooled client ids.
+#[derive(Clone)]
+pub struct Router {
+    build: Arc<Build>,
+    full: Arc<Full>,
+    ids: Arc<Mutex<IdPool>>,
+}
+
+/// Router client ids for links: reused, so the router's per-id records
+/// stay as many as links ever open at once.
+#[derive(Default)]
+struct IdPool {
+    free: Vec<u32>,
+    next: u32,
+}
+
+impl Router {
+    /// Starts rumqttd's router on its own thread.
+    pub fn start(config: RouterConfig) -> Router {
+        let tx = rumqttd::Router::new(0, config).spawn();
+        let full_tx = tx.clone();
+        Router {
+            build: Arc::new(move |id: &str| {
+                match LinkBuilder::new(id, tx.clone()).clean_session(true).build() {
+                    Ok((ltx, lrx, _ack)) => Some((ltx, lrx)),
+                    Err(e) => {
+                        warn!(error = %e, "router refused a link");
+                        None
+                    }
+                }
+            }),
+            full: Arc::new(move || full_tx.is_full()),
+            ids: Arc::default(),
+        }
+    }
+
+    /// A new link (blocks the calling thread for a round trip to the
+    /// router: call from `spawn_blocking` or a thread of its own).
+    pub fn link_blocking(&self) -> Result<Link, RouterGone> {
+        let n = {
+            let mut ids = self.ids.lock().unwrap();
+            ids.free.pop().unwrap_or_else(|| {
+                ids.next += 1;
+                ids.next
+            })
+        };
+        match (self.build)(&format!("%link-{n}")) {
+            Some((tx, rx)) => Ok(Link {
+                tx: Some(tx),
+                rx,
+                id: n,
+                router: self.clone(),
+                paused: false,
+            }),
+            None => {
+                self.ids.lock().unwrap().free.push(n);
+                Err(RouterGone)
+            }
+        }
+    }
+
+    /// A new link, built off the async executor.
+    pub async fn link(&self) -> Result<Link, RouterGone> {
+        let r = self.clone();
+        tokio::task::spawn_blocking(move || r.link_blocking())
+            .await
+            .map_err(|_| RouterGone)?
+    }
+}
+
+/// One link to the router: a clean session whose subscriptions are all
+/// QoS 0. Ended with a DISCONNECT when dropped.
+pub struct Link {
+    tx: Option<LinkTx>,
+    rx: LinkRx,
+    id: u32,
+    router: Router,
+    /// The router sent `Unschedule` and waits for a wake-up.
+    paused: bool,
+}
+
+impl Link {
+    /// Hands a packet to the router: appended to the batch the router has
+    /// not taken yet, or sent with a wake-up when there is none.
+    async fn send(&mut self, packet: Packet) -> Result<(), RouterGone> {
+        let tx = self.tx.as_mut().ok_or(RouterGone)?;
+        {
+            // The router takes the whole buffer at once under this lock: if
+            // it is not empty, the wake-up sent with its first packet is
+            // still to come, and will take this one too.
+            let mut buf = tx.buffer();
+            if !buf.is_empty() {
+                buf.push_back(packet);
+                return Ok(());
+            }
+        }
+        while (self.router.full)() {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        tx.send(packet).await.map(|_| ()).map_err(|_| RouterGone)
+    }
+
+    pub async fn publish(&mut self, p: RoutedPublish) -> Result<(), RouterGone> {
+        let mut publish = rumqttd::protocol::Publish::new(p.topic, p.payload, p.retain);
+        publish.retain = p.retain;
+        self.send(Packet::Publish(publish, Some(p.props))).await
+    }
+
+    /// Subscribes `filter` at QoS 0; the router sends the retained
+    /// messages of a filter new to this link.
+    pub async fn subscribe(&mut self, filter: &str) -> Result<(), RouterGone> {
+        let f = Filter {
+            path: filter.to_string(),
+            qos: QoS::AtMostOnce,
+            nolocal: false,
+            preserve_retain: false,
+            retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+        };
+        let s = Subscribe {
+            pkid: 1,
+            filters: vec![f],
+        };
+        self.send(Packet::Subscribe(s, None)).await
+    }
+
+    pub async fn unsubscribe(&mut self, filter: &str) -> Result<(), RouterGone> {
+        let u = Unsubscribe {
+            pkid: 1,
+            filters: vec![filter.to_string()],
+        };
+        self.send(Packet::Unsubscribe(u, None)).await
+    }
+
+    /// The next message the router forwards to this link.
+    pub async fn next(&mut self) -> Result<Forwarded, RouterGone> {
+        loop {
+            if self.paused {
+                self.paused = false;
+                self.rx.wake().await.map_err(|_| RouterGone)?;
+            }
+            match self.rx.next().await {
+                Ok(Some(Notification::Forward(f))) => {
+                    return Ok(Forwarded::from_router(f.publish, f.properties));
+                }
+                Ok(Some(Notification::Unschedule)) => self.paused = true,
+                Ok(Some(other)) => debug!(link = self.id, ?other, "router notification ignored"),
+                Ok(None) => {}
+                Err(_) => return Err(RouterGone),
+            }
+        }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        if let Some(mut tx) = self.tx.take() {
+            let d = Disconnect {
+                reason_code: DisconnectReasonCode::NormalDisconnection,
+            };
+            // A blocking send: the router must hear of every ended link or
+            // it keeps it (and its buffers) for good.
+            let pushed = {
+                let mut buf = tx.buffer();
+                let pending = !buf.is_empty();
+                if pending {
+                    buf.push_back(Packet::Disconnect(d.clone(), None));
+                }
+                pending
+            };
+            if !pushed {
+                let _ = futures_util::FutureExt::now_or_never(tx.send(Packet::Disconnect(d, None)));
+            }
+            // The DISCONNECT is ahead of any later CONNECT with this id in
+            // the router's one channel: the id may be reused at once.
+            self.router.ids.lock().unwrap().free.push(self.id);
+        }
+    }
+}
+
+/// What the router carries for homicro beside a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Meta {
+    /// The publishing session (0: the server itself).
+    pub origin: u64,
+    pub qos: u8,
+    pub retain: bool,
+    /// The payload is empty (one placeholder byte travelled instead).
+    pub empty: bool,
+    /// When it was published, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// The message expiry interval it was published with (5).
+    pub expiry: Option<u32>,
+}
+
+impl Meta {
+    fn encode(&self) -> String {
+        let expiry = self.expiry.map(|e| e.to_string()).unwrap_or_default();
+        format!(
+            "{},{},{},{},{},{}",
+            self.origin, self.qos, self.retain as u8, self.empty as u8, self.at_ms, expiry
+        )
+    }
+
+    fn decode(s: &str) -> Option<Meta> {
+        let mut it = s.split(',');
+        let origin = it.next()?.parse().ok()?;
+        let qos = it.next()?.parse().ok()?;
+        let retain = it.next()? == "1";
+        let empty = it.next()? == "1";
+        let at_ms = it.next()?.parse().ok()?;
+        let expiry = match it.next()? {
+            "" => None,
+            e => Some(e.parse().ok()?),
+        };
+        Some(Meta {
+            origin,
+            qos,
+            retain,
+            empty,
+            at_ms,
+            expiry,
+        })
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A publish ready for the router: meta attached, expiry taken out of the
+/// router's hands, an empty payload replaced by a placeholder byte.
+#[derive(Debug, Clone)]
+pub struct RoutedPublish {
+    topic: Bytes,
+    payload: Bytes,
+    retain: bool,
+    props: PublishProperties,
+}
+
+impl RoutedPublish {
+    /// `p` as published by session `origin` (its topic alias resolved).
+    pub fn new(p: &Publish, origin: u64) -> RoutedPublish {
+        let empty = p.payload.is_empty();
+        let meta = Meta {
+            origin,
+            qos: p.qos,
+            retain: p.retain,
+            empty,
+            at_ms: now_ms(),
+            expiry: p.props.message_expiry,
+        };
+        let mut user: Vec<(String, String)> = p
+            .props
+            .user
+            .iter()
+            .filter(|(k, _)| k != META_KEY)
+            .cloned()
+            .collect();
+        user.push((META_KEY.to_string(), meta.encode()));
+        let props = PublishProperties {
+            payload_format_indicator: p.props.payload_format,
+            message_expiry_interval: None,
+            topic_alias: None,
+            response_topic: p.props.response_topic.clone(),
+            correlation_data: p.props.correlation_data.clone(),
+            user_properties: user,
+            subscription_identifiers: Vec::new(),
+            content_type: p.props.content_type.clone(),
+        };
+        // A non-retained empty publish must not clear the retained message:
+        // it travels with one byte, restored to empty on the way out.
+        let payload = if empty && !p.retain {
+            Bytes::from_static(b"\0")
+        } else {
+            p.payload.clone()
+        };
+        RoutedPublish {
+            topic: Bytes::from(p.topic.clone()),
+            payload,
+            retain: p.retain,
+            props,
+        }
+    }
+
+    pub fn topic(&self) -> &[u8] {
+        &self.topic
+    }
+}
+
+/// A message the router forwarded to a link, with what homicro carried
+/// beside it.
+#[derive(Debug, Clone)]
+pub struct Forwarded {
+    /// The message as published (QoS and retain from its publisher; the
+    /// message expiry interval as published).
+    pub publish: Publish,
+    pub meta: Meta,
+    /// Delivered from the retained store at subscribe time.
+    pub from_store: bool,
+}
+
+impl Forwarded {
+    fn from_router(p: rumqttd::protocol::Publish, props: Option<PublishProperties>) -> Forwarded {
+        let mut props = props.unwrap_or_default();
+        let meta = match props.user_properties.last() {
+            Some((k, v)) if k == META_KEY => Meta::decode(v),
+            _ => None,
+        };
+        if meta.is_some() {
+            props.user_properties.pop();
+        }
+        let meta = meta.unwrap_or(Meta {
+            origin: 0,
+            qos: 0,
+            retain: false,
+            empty: false,
+            at_ms: now_ms(),
+            expiry: None,
+        });
+        let payload = if meta.empty { Bytes::new() } else { p.payload };
+        let publish = Publish {
+            dup: false,
+            qos: meta.qos,
+            retain: meta.retain,
+            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+            pkid: 0,
+            payload,
+            props: Properties {
+                payload_format: props.payload_format_indicator,
+                message_expiry: meta.expiry,
+                content_type: props.content_type,
+                response_topic: props.response_topic,
+                correlation_data: props.correlation_data,
+                user: props.user_properties,
+                ..Properties::default()
+            },
+        };
+        Forwarded {
+            publish,
+            meta,
+            from_store: p.retain,
+        }
+    }
+
+    /// The expiry interval left at `now_ms` (`None`: it has none).
+    pub fn remaining_expiry(&self, now_ms: u64) -> Result<Option<u32>, Expired> {
+        let Some(e) = self.meta.expiry else {
+            return Ok(None);
+        };
+        let age = now_ms.saturating_sub(self.meta.at_ms) / 1000;
+        match (e as u64).checked_sub(age) {
+            Some(left) if left > 0 || age == 0 => Ok(Some(left as u32)),
+            _ => Err(Expired),
+        }
+    }
+}
+
+/// A message whose expiry interval ran out while it waited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expired;
+
+/// A queue of the forwards a link got while they wait for the client.
+pub type Backlog = VecDeque<Forwarded>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_round_trips() {
+        let m = Meta {
+            origin: 42,
+            qos: 2,
+            retain: true,
+            empty: false,
+            at_ms: 1_700_000_000_123,
+            expiry: Some(30),
+        };
+        assert_eq!(Meta::decode(&m.encode()), Some(m));
+        let m = Meta { expiry: None, ..m };
+        assert_eq!(Meta::decode(&m.encode()), Some(m));
+        assert_eq!(Meta::decode("garbage"), None);
+    }
+}

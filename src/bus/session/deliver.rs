@@ -1,0 +1,84 @@
+//! Messages from the router to the client: which subscriptions they
+//! match decides whether and how they are delivered (NoLocal, Retain As
+//! Published, Retain Handling, subscription identifiers, QoS =
+//! min(publish, granted)); the client's Maximum Packet Size and Receive
+//! Maximum decide when.
+
+use std::sync::atomic::Ordering;
+
+use super::{Session, WRITE_HIGH};
+use crate::bus::codec::{self, Version};
+use crate::bus::router::{self, Forwarded};
+
+impl Session {
+    /// Queues a forwarded message for the client, as its subscriptions
+    /// want it, or drops it.
+    pub(super) fn on_forward(&mut self, f: Forwarded) {
+        let mut granted: Option<u8> = None;
+        let mut all_no_local = true;
+        let mut all_suppress = true;
+        let mut rap = false;
+        let mut ids = Vec::new();
+        for (filter, sub) in &self.subs {
+            if !codec::matches(&f.publish.topic, filter) {
+                continue;
+            }
+            granted = Some(granted.map_or(sub.qos, |g| g.max(sub.qos)));
+            all_no_local &= sub.no_local;
+            all_suppress &= sub.suppress_retained;
+            rap |= sub.retain_as_published;
+            ids.extend(sub.id);
+        }
+        let Some(granted) = granted else {
+            return; // unsubscribed since
+        };
+        if (all_no_local && f.meta.origin == self.number) || (f.from_store && all_suppress) {
+            return;
+        }
+        let Ok(expiry) = f.remaining_expiry(router::now_ms()) else {
+            return; // expired while it waited
+        };
+        let mut p = f.publish;
+        p.qos = p.qos.min(granted);
+        p.retain = f.from_store || (rap && p.retain);
+        p.props.message_expiry = expiry;
+        ids.sort_unstable();
+        ids.dedup();
+        p.props.subscription_ids = ids;
+        if let Some(live) = &self.conn {
+            let mut sized = p.clone();
+            if sized.qos > 0 {
+                sized.pkid = 1;
+            }
+            if codec::publish_len(live.version, &sized) > live.max_packet {
+                return; // larger than the client takes (MQTT 5, 3.1.2.11.4)
+            }
+        }
+        let before = self.out.dropped;
+        self.out
+            .push(p, self.bus.limits.max_queued, self.conn.is_some());
+        if self.out.dropped > before {
+            self.bus.metrics.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Writes queued messages while the client has room for them.
+    pub(super) fn pump(&mut self) {
+        let Some(live) = &mut self.conn else {
+            return;
+        };
+        while live.wbuf.len() < WRITE_HIGH {
+            let Some(p) = self.out.next(live.receive_max) else {
+                break;
+            };
+            let v = live.version;
+            if v == Version::V4 {
+                let mut p = p;
+                p.props = Default::default();
+                codec::write_publish(&mut live.wbuf, v, &p);
+            } else {
+                codec::write_publish(&mut live.wbuf, v, &p);
+            }
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! What a session does with its client's packets: PUBLISH (topic aliases,
+//! Receive Maximum, QoS 1 and 2 flows, the registry's gate), SUBSCRIBE and
+//! UNSUBSCRIBE (on the router link), acknowledgements, PINGREQ and
+//! DISCONNECT.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+
+use tracing::debug;
+
+use super::{End, Session, Sub};
+use crate::bus::codec::{self, AckKind, Packet, Publish, Subscription, Version, reason};
+use crate::bus::gate::{self, Gated};
+use crate::bus::router::RoutedPublish;
+use crate::topics::Incoming;
+
+impl Session {
+    /// Handles every complete packet in the read buffer. `Err` ends the
+    /// connection.
+    pub(super) async fn on_bytes(&mut self) -> Result<(), End> {
+        loop {
+            let Some(live) = &mut self.conn else {
+                return Ok(());
+            };
+            let version = live.version;
+            let len = match codec::frame(&live.rbuf, self.bus.limits.max_packet) {
+                Ok(Some(len)) => len,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(self.malformed(e)),
+            };
+            let bytes = live.rbuf.split_to(len).freeze();
+            let packet = match codec::read(bytes, version) {
+                Ok(p) => p,
+                Err(e) => return Err(self.malformed(e)),
+            };
+            self.on_packet(packet).await?;
+        }
+    }
+
+    fn malformed(&self, e: codec::Error) -> End {
+        debug!(client_id = %self.client_id, error = %e, "bad packet; connection closed");
+        End::Abnormal(Some(e.reason()))
+    }
+
+    async fn on_packet(&mut self, packet: Packet) -> Result<(), End> {
+        match packet {
+            Packet::Publish(p) => self.on_publish(p).await?,
+            Packet::Ack { kind, pkid, reason } => self.on_ack(kind, pkid, reason),
+            Packet::Subscribe {
+                pkid,
+                id,
+                subscriptions,
+            } => self.on_subscribe(pkid, id, subscriptions).await,
+            Packet::Unsubscribe { pkid, filters } => self.on_unsubscribe(pkid, filters).await,
+            Packet::PingReq => {
+                if let Some(live) = &mut self.conn {
+                    codec::write_pingresp(&mut live.wbuf);
+                }
+            }
+            Packet::Disconnect {
+                reason: code,
+                props,
+            } => {
+                if let Some(e) = props.session_expiry {
+                    if self.expiry == 0 && e != 0 {
+                        return Err(End::Abnormal(Some(reason::PROTOCOL_ERROR)));
+                    }
+                    self.expiry = e;
+                }
+                self.close(if code == reason::DISCONNECT_WITH_WILL {
+                    End::Abnormal(None)
+                } else {
+                    End::Normal
+                })
+                .await;
+            }
+            Packet::Auth | Packet::Connect => {
+                return Err(End::Abnormal(Some(reason::PROTOCOL_ERROR)));
+            }
+        }
+        Ok(())
+    }
+
+    fn on_ack(&mut self, kind: AckKind, pkid: u16, code: u8) {
+        let Some(live) = &mut self.conn else {
+            return;
+        };
+        if kind == AckKind::PubRel {
+            let found = self.unreleased.remove(&pkid);
+            let code = if found {
+                0
+            } else {
+                reason::PACKET_ID_NOT_FOUND
+            };
+            codec::write_ack(&mut live.wbuf, live.version, AckKind::PubComp, pkid, code);
+            return;
+        }
+        if let Some(rel) = self.out.on_ack(kind, pkid, code) {
+            codec::write_ack(&mut live.wbuf, live.version, AckKind::PubRel, rel, 0);
+        }
+    }
+
+    async fn on_publish(&mut self, mut p: Publish) -> Result<(), End> {
+        let Some(live) = &mut self.conn else {
+            return Ok(());
+        };
+        if p.payload.len() > self.bus.limits.max_payload {
+            return Err(End::Abnormal(Some(reason::PACKET_TOO_LARGE)));
+        }
+        if let Some(alias) = p.props.topic_alias.take() {
+            if alias == 0 || alias > self.bus.limits.topic_alias_max {
+                return Err(End::Abnormal(Some(reason::TOPIC_ALIAS_INVALID)));
+            }
+            if p.topic.is_empty() {
+                match live.aliases.get(&alias) {
+                    Some(t) => p.topic = t.clone(),
+                    None => return Err(End::Abnormal(Some(reason::PROTOCOL_ERROR))),
+                }
+            } else {
+                live.aliases.insert(alias, p.topic.clone());
+            }
+        }
+        if p.qos == 2 {
+            if self.unreleased.contains(&p.pkid) {
+                // A resent QoS 2 message already taken: acknowledge again.
+                codec::write_ack(&mut live.wbuf, live.version, AckKind::PubRec, p.pkid, 0);
+                return Ok(());
+            }
+            if self.unreleased.len() >= self.bus.limits.receive_maximum as usize {
+                return Err(End::Abnormal(Some(reason::RECEIVE_MAXIMUM_EXCEEDED)));
+            }
+        }
+        let peer = live.peer;
+        let code = if p.props.payload_format == Some(1) && std::str::from_utf8(&p.payload).is_err()
+        {
+            reason::PAYLOAD_FORMAT_INVALID
+        } else {
+            self.route(&p, Some(peer)).await
+        };
+        let Some(live) = &mut self.conn else {
+            return Ok(());
+        };
+        // A 3.1.1 client has no way to hear of a refusal but the registry's
+        // error message: its publish is acknowledged as usual.
+        let code = if live.version == Version::V4 { 0 } else { code };
+        match p.qos {
+            1 => codec::write_ack(&mut live.wbuf, live.version, AckKind::PubAck, p.pkid, code),
+            2 => {
+                if code < 0x80 {
+                    self.unreleased.insert(p.pkid);
+                }
+                codec::write_ack(&mut live.wbuf, live.version, AckKind::PubRec, p.pkid, code);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Hands a publish (a client's, or a will) on: refused when it is for
+    /// the registry's own topics, judged by the registry when it is a
+    /// record or heartbeat, otherwise to the router. The MQTT 5 reason
+    /// code for the acknowledgement.
+    pub(super) async fn route(&mut self, p: &Publish, peer: Option<SocketAddr>) -> u8 {
+        if let Some(registry) = &self.bus.gate {
+            let topics = &self.bus.topics;
+            let kind = match topics.classify(&p.topic) {
+                Incoming::Service(raw) => Some((gate::Kind::Record, raw)),
+                Incoming::Heartbeat(raw) => Some((gate::Kind::Heartbeat, raw)),
+                Incoming::Registry => None,
+                Incoming::Other if !gate::reserved(topics, &p.topic) => {
+                    return self.publish(p).await;
+                }
+                Incoming::Other => None,
+            };
+            let Some((kind, raw)) = kind else {
+                self.bus
+                    .metrics
+                    .refused_publishes
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(client_id = %self.client_id, topic = %p.topic, "publish to a registry topic refused");
+                return reason::NOT_AUTHORIZED;
+            };
+            let submission = gate::Submission::new(kind, raw, p, peer, self.number);
+            return match registry.gate(submission).await {
+                Ok(Gated::Accepted) => reason::SUCCESS,
+                Ok(Gated::Refused(code)) => {
+                    self.bus
+                        .metrics
+                        .refused_publishes
+                        .fetch_add(1, Ordering::Relaxed);
+                    gate::reason_for(&code)
+                }
+                Err(_) => reason::SERVER_UNAVAILABLE,
+            };
+        }
+        self.publish(p).await
+    }
+
+    async fn publish(&mut self, p: &Publish) -> u8 {
+        match self.link.publish(RoutedPublish::new(p, self.number)).await {
+            Ok(()) => reason::SUCCESS,
+            Err(_) => reason::SERVER_UNAVAILABLE,
+        }
+    }
+
+    async fn on_subscribe(&mut self, pkid: u16, id: Option<u32>, subs: Vec<Subscription>) {
+        let mut codes = Vec::with_capacity(subs.len());
+        for s in subs {
+            if !codec::valid_filter(&s.filter) {
+                let v4 = self.conn.as_ref().is_some_and(|c| c.version == Version::V4);
+                codes.push(if v4 {
+                    0x80
+                } else {
+                    reason::TOPIC_FILTER_INVALID
+                });
+                continue;
+            }
+            let existed = self.subs.contains_key(&s.filter);
+            let router_ok = match (existed, s.retain_handling) {
+                (false, _) => self.link.subscribe(&s.filter).await,
+                // Retained messages again: the router sends them only for
+                // a filter new to the link.
+                (true, 0) => match self.link.unsubscribe(&s.filter).await {
+                    Ok(()) => self.link.subscribe(&s.filter).await,
+                    e => e,
+                },
+                (true, _) => Ok(()),
+            };
+            if router_ok.is_err() {
+                codes.push(reason::UNSPECIFIED);
+                continue;
+            }
+            let suppress = s.retain_handling == 2 || s.filter.starts_with("$share/");
+            self.subs.insert(
+                s.filter,
+                Sub {
+                    qos: s.qos,
+                    no_local: s.no_local,
+                    retain_as_published: s.retain_as_published,
+                    id,
+                    suppress_retained: suppress,
+                },
+            );
+            codes.push(s.qos);
+        }
+        if let Some(live) = &mut self.conn {
+            codec::write_suback(&mut live.wbuf, live.version, pkid, &codes);
+        }
+    }
+
+    async fn on_unsubscribe(&mut self, pkid: u16, filters: Vec<String>) {
+        let mut codes = Vec::with_capacity(filters.len());
+        for f in filters {
+            if self.subs.remove(&f).is_some() {
+                let _ = self.link.unsubscribe(&f).await;
+                codes.push(reason::SUCCESS);
+            } else {
+                codes.push(reason::NO_SUBSCRIPTION_EXISTED);
+            }
+        }
+        if let Some(live) = &mut self.conn {
+            codec::write_unsuback(&mut live.wbuf, live.version, pkid, &codes);
+        }
+    }
+}

@@ -1,0 +1,413 @@
+//! One MQTT session: a task that owns the session's state and its router
+//! link, and serves the connection attached to it. The task outlives its
+//! connections while the session has not expired: it keeps the
+//! subscriptions, queues QoS 1 and 2 messages for the absent client, and
+//! holds its will until the will delay or the session's end. A CONNECT
+//! with the same client id is attached to it (a takeover, and a resume
+//! unless it starts clean).
+
+mod deliver;
+mod inbound;
+pub mod outbound;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until};
+use tracing::{debug, warn};
+
+use super::codec::{self, AckKind, Properties, Publish, Version, Will, reason};
+use super::connect::{self, Conn, Reader, Writer};
+use super::router::{Forwarded, Link, RouterGone};
+use super::{Bus, sessions};
+use outbound::Outbound;
+
+/// Session expiry meaning "never" (3.1.1 persistent sessions).
+const FOREVER: u32 = u32::MAX;
+
+/// How much written-but-unsent data a connection may hold before the
+/// session stops taking messages from the router for it.
+const WRITE_HIGH: usize = 64 * 1024;
+
+/// One subscription's options.
+#[derive(Debug, Clone)]
+struct Sub {
+    qos: u8,
+    no_local: bool,
+    retain_as_published: bool,
+    id: Option<u32>,
+    /// Retained messages delivered at subscribe time are not wanted
+    /// (Retain Handling 2).
+    suppress_retained: bool,
+}
+
+/// The connection a session serves now.
+struct Live {
+    version: Version,
+    reader: Reader,
+    writer: Writer,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    /// Granted keepalive in seconds (0: none).
+    keep_alive: u16,
+    last_rx: Instant,
+    /// QoS 1 and 2 messages the client takes unacknowledged.
+    receive_max: u16,
+    /// The largest packet the client takes.
+    max_packet: usize,
+    /// Topic aliases the client set.
+    aliases: HashMap<u16, String>,
+    will: Option<Will>,
+    peer: SocketAddr,
+}
+
+impl Live {
+    fn keepalive_deadline(&self) -> Option<Instant> {
+        (self.keep_alive > 0)
+            .then(|| self.last_rx + Duration::from_millis(self.keep_alive as u64 * 1500))
+    }
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// DISCONNECT 0: no will.
+    Normal,
+    /// Anything else: the will goes out. `Some(code)`: an MQTT 5 client is
+    /// told why with a DISCONNECT first.
+    Abnormal(Option<u8>),
+}
+
+pub(super) struct Session {
+    bus: Arc<Bus>,
+    client_id: String,
+    number: u64,
+    link: Link,
+    subs: HashMap<String, Sub>,
+    out: Outbound,
+    /// QoS 2 packet ids received and not yet released by the client.
+    unreleased: HashSet<u16>,
+    /// Seconds the session outlives its connection.
+    expiry: u32,
+    conn: Option<Live>,
+    /// A will waiting for its delay to pass, or the session to end.
+    pending_will: Option<(Instant, Will)>,
+    /// When the session ends while no client is connected.
+    expires_at: Option<Instant>,
+    /// The session holds state from an earlier connection (a resume gets
+    /// session present).
+    has_state: bool,
+    /// The session is over: the task ends.
+    over: bool,
+    /// The address of the last client connected (for a record or
+    /// heartbeat will without `host`).
+    last_peer: Option<SocketAddr>,
+}
+
+/// Runs session `number` of `client_id`, serving the connections `rx`
+/// brings, until it ends.
+pub async fn run(
+    bus: Arc<Bus>,
+    client_id: String,
+    number: u64,
+    mut rx: mpsc::UnboundedReceiver<Conn>,
+) {
+    let link = match bus.router.link().await {
+        Ok(l) => l,
+        Err(RouterGone) => {
+            warn!(client_id, "no router link; session refused");
+            sessions::remove(&bus, &client_id, number, rx);
+            return;
+        }
+    };
+    let mut s = Session {
+        bus: bus.clone(),
+        client_id: client_id.clone(),
+        number,
+        link,
+        subs: HashMap::new(),
+        out: Outbound::default(),
+        unreleased: HashSet::new(),
+        expiry: 0,
+        conn: None,
+        pending_will: None,
+        expires_at: None,
+        has_state: false,
+        over: false,
+        last_peer: None,
+    };
+    s.serve(&mut rx).await;
+    if let Some((_, will)) = s.pending_will.take() {
+        s.publish_will(will).await;
+    }
+    sessions::remove(&bus, &client_id, number, rx);
+    debug!(client_id, "session ended");
+}
+
+enum Event {
+    Attach(Option<Box<Conn>>),
+    Read(std::io::Result<usize>),
+    Wrote(std::io::Result<usize>),
+    Forward(Result<Box<Forwarded>, RouterGone>),
+    KeepaliveTimeout,
+    WillDue,
+    Expired,
+}
+
+impl Session {
+    async fn serve(&mut self, rx: &mut mpsc::UnboundedReceiver<Conn>) {
+        while !self.over {
+            self.pump();
+            match self.next_event(rx).await {
+                Event::Attach(Some(conn)) => self.attach(*conn).await,
+                Event::Attach(None) => self.over = true,
+                Event::Read(Ok(n)) if n > 0 => {
+                    if let Some(live) = &mut self.conn {
+                        live.last_rx = Instant::now();
+                    }
+                    if let Err(end) = self.on_bytes().await {
+                        self.close(end).await;
+                    }
+                }
+                Event::Read(_) | Event::Wrote(Err(_)) => self.close(End::Abnormal(None)).await,
+                Event::Wrote(Ok(n)) => {
+                    if let Some(live) = &mut self.conn {
+                        live.wbuf.advance(n);
+                        if live.wbuf.is_empty() && live.wbuf.capacity() > 4 * WRITE_HIGH {
+                            live.wbuf = BytesMut::new();
+                        }
+                    }
+                }
+                Event::Forward(Ok(f)) => self.on_forward(*f),
+                Event::Forward(Err(RouterGone)) => {
+                    warn!(client_id = %self.client_id, "router gone; session ends");
+                    self.close(End::Abnormal(Some(reason::SERVER_SHUTTING_DOWN)))
+                        .await;
+                    self.over = true;
+                }
+                Event::KeepaliveTimeout => {
+                    debug!(client_id = %self.client_id, "keepalive timed out");
+                    self.close(End::Abnormal(Some(reason::KEEP_ALIVE_TIMEOUT)))
+                        .await;
+                }
+                Event::WillDue => {
+                    if let Some((_, will)) = self.pending_will.take() {
+                        self.publish_will(will).await;
+                    }
+                }
+                Event::Expired => self.over = true,
+            }
+        }
+    }
+
+    /// Whether to take more messages from the router now: not while the
+    /// client's queue is full or its connection has much unsent.
+    fn wants_forwards(&self) -> bool {
+        if self.out.queued() >= self.bus.limits.max_queued {
+            return self.conn.is_none();
+        }
+        self.conn.as_ref().is_none_or(|c| c.wbuf.len() < WRITE_HIGH)
+    }
+
+    async fn next_event(&mut self, rx: &mut mpsc::UnboundedReceiver<Conn>) -> Event {
+        let pull = self.wants_forwards();
+        let keepalive = self.conn.as_ref().and_then(Live::keepalive_deadline);
+        let will_at = self.pending_will.as_ref().map(|(t, _)| *t);
+        let expires_at = self.expires_at.filter(|_| self.conn.is_none());
+        let (read, write) = match &mut self.conn {
+            Some(c) => (
+                Some((&mut c.reader, &mut c.rbuf)),
+                Some((&mut c.writer, &c.wbuf)),
+            ),
+            None => (None, None),
+        };
+        tokio::select! {
+            c = rx.recv() => Event::Attach(c.map(Box::new)),
+            r = read_some(read) => Event::Read(r),
+            w = write_some(write) => Event::Wrote(w),
+            f = self.link.next(), if pull => Event::Forward(f.map(Box::new)),
+            _ = sleep_at(keepalive) => Event::KeepaliveTimeout,
+            _ = sleep_at(will_at) => Event::WillDue,
+            _ = sleep_at(expires_at) => Event::Expired,
+        }
+    }
+
+    /// A connection for this session: takes over from the one it has,
+    /// resumes or starts the session afresh, and answers CONNACK.
+    async fn attach(&mut self, conn: Conn) {
+        if self.conn.is_some() {
+            debug!(client_id = %self.client_id, peer = %conn.peer, "session taken over");
+            self.close(End::Abnormal(Some(reason::SESSION_TAKEN_OVER)))
+                .await;
+        }
+        let c = &conn.connect;
+        let resume = !c.clean_start && self.has_state && !self.over;
+        if !resume {
+            self.reset().await;
+        } else if self.pending_will.take().is_some() {
+            debug!(client_id = %self.client_id, "reconnected within the will delay; will dropped");
+        }
+        self.over = false;
+        self.has_state = true;
+        self.expires_at = None;
+        self.expiry = match c.version {
+            Version::V4 if c.clean_start => 0,
+            Version::V4 => FOREVER,
+            Version::V5 => c.props.session_expiry.unwrap_or(0),
+        };
+        let version = c.version;
+        let props = connect::connack_properties(&self.bus, c, conn.assigned);
+        let keep_alive = connect::granted_keepalive(self.bus.limits.max_keepalive, c);
+        let receive_max = match version {
+            Version::V4 => self.bus.limits.max_inflight,
+            Version::V5 => c.props.receive_maximum.unwrap_or(u16::MAX),
+        };
+        let max_packet = c.props.max_packet_size.map_or(usize::MAX, |m| m as usize);
+        let gauge = match version {
+            Version::V4 => &self.bus.metrics.mqtt_v4,
+            Version::V5 => &self.bus.metrics.mqtt_v5,
+        };
+        gauge.open.fetch_add(1, Ordering::Relaxed);
+        gauge.total.fetch_add(1, Ordering::Relaxed);
+        let mut live = Live {
+            version,
+            reader: conn.reader,
+            writer: conn.writer,
+            rbuf: conn.rbuf,
+            wbuf: BytesMut::with_capacity(256),
+            keep_alive,
+            last_rx: Instant::now(),
+            receive_max,
+            max_packet,
+            aliases: HashMap::new(),
+            will: conn.connect.will,
+            peer: conn.peer,
+        };
+        self.last_peer = Some(conn.peer);
+        codec::write_connack(&mut live.wbuf, version, resume, 0, &props);
+        if resume {
+            for out in self.out.resend() {
+                match out {
+                    outbound::Out::Publish(p) => codec::write_publish(&mut live.wbuf, version, &p),
+                    outbound::Out::Release(pkid) => {
+                        codec::write_ack(&mut live.wbuf, version, AckKind::PubRel, pkid, 0)
+                    }
+                }
+            }
+        }
+        self.conn = Some(live);
+        // Packets that came right behind the CONNECT.
+        if let Err(end) = self.on_bytes().await {
+            self.close(end).await;
+        }
+    }
+
+    /// Discards the session's state: a clean start, or the end of a
+    /// session whose connection is replaced.
+    async fn reset(&mut self) {
+        if let Some((_, will)) = self.pending_will.take() {
+            self.publish_will(will).await;
+        }
+        for filter in std::mem::take(&mut self.subs).into_keys() {
+            if self.link.unsubscribe(&filter).await.is_err() {
+                break;
+            }
+        }
+        self.out = Outbound::default();
+        self.unreleased.clear();
+    }
+
+    /// Ends the connection. The will goes out now, or after its delay
+    /// while the session lives on; a session with no expiry ends.
+    async fn close(&mut self, end: End) {
+        let Some(mut live) = self.conn.take() else {
+            return;
+        };
+        let gauge = match live.version {
+            Version::V4 => &self.bus.metrics.mqtt_v4,
+            Version::V5 => &self.bus.metrics.mqtt_v5,
+        };
+        gauge.open.fetch_sub(1, Ordering::Relaxed);
+        if let End::Abnormal(Some(code)) = end
+            && live.version == Version::V5
+        {
+            codec::write_disconnect(&mut live.wbuf, code, &Properties::default());
+        }
+        let wbuf = std::mem::take(&mut live.wbuf);
+        let mut writer = live.writer;
+        // Bounded: a client that reads nothing must not hold the session.
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            writer.write_all(&wbuf).await?;
+            writer.shutdown().await
+        })
+        .await;
+        if let (End::Abnormal(_), Some(will)) = (end, live.will.take()) {
+            let delay = will.props.will_delay.unwrap_or(0);
+            if delay == 0 || self.expiry == 0 {
+                self.publish_will(will).await;
+            } else {
+                let at = Instant::now() + Duration::from_secs(delay.min(self.expiry) as u64);
+                self.pending_will = Some((at, will));
+            }
+        }
+        match self.expiry {
+            0 => self.over = true,
+            FOREVER => {}
+            secs => self.expires_at = Some(Instant::now() + Duration::from_secs(secs as u64)),
+        }
+    }
+
+    /// Publishes a will the way its client would have published it.
+    async fn publish_will(&mut self, will: Will) {
+        self.bus.metrics.wills.fetch_add(1, Ordering::Relaxed);
+        let mut props = will.props;
+        props.will_delay = None;
+        let p = Publish {
+            dup: false,
+            qos: will.qos,
+            retain: will.retain,
+            topic: will.topic,
+            pkid: 0,
+            payload: will.payload,
+            props,
+        };
+        let code = self.route(&p, self.last_peer).await;
+        debug!(client_id = %self.client_id, topic = %p.topic, code, "will published");
+    }
+}
+
+async fn read_some(io: Option<(&mut Reader, &mut BytesMut)>) -> std::io::Result<usize> {
+    match io {
+        Some((r, buf)) => {
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(if buf.capacity() >= 4096 {
+                    32 * 1024
+                } else {
+                    4096
+                });
+            }
+            r.read_buf(buf).await
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn write_some(io: Option<(&mut Writer, &BytesMut)>) -> std::io::Result<usize> {
+    match io {
+        Some((w, buf)) if !buf.is_empty() => w.write(buf).await,
+        _ => std::future::pending().await,
+    }
+}
+
+async fn sleep_at(t: Option<Instant>) {
+    match t {
+        Some(t) => sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
