@@ -10,6 +10,7 @@ use crate::client::{
     self, Announcement, Announcements, Broker, ConnectionError, Directory, DirectoryOptions,
     RegisterError, Registration, RegistrationBuilder, Service,
 };
+use crate::protocol::{EventKind, RegistryState};
 use crate::record::Name;
 
 /// A command failed; `code` is the process exit code (1: it did not work,
@@ -236,22 +237,26 @@ pub async fn watch(
             n = a.next() => n?,
         };
         match next {
-            Announcement::Registry(state) if !as_json => println!("registry {state}"),
-            Announcement::Registry(state) => println!("{}", serde_json::json!({"registry": state})),
-            Announcement::Event { payload, .. } if as_json => println!("{payload}"),
-            Announcement::Event {
-                event,
-                name,
-                payload,
-            } => {
-                if event == "updated" && payload["changed"] == false {
+            Announcement::Registry(state) => {
+                let state = state.map_or("unknown", RegistryState::as_str);
+                if as_json {
+                    println!("{}", serde_json::json!({"registry": state}));
+                } else {
+                    println!("registry {state}");
+                }
+            }
+            Announcement::Event { event, .. } if as_json => {
+                println!("{}", serde_json::to_string(&event).expect("json"));
+            }
+            Announcement::Event { name, event } => {
+                if event.event == EventKind::Updated && event.changed == Some(false) {
                     continue; // a refresh, not a change
                 }
-                let mut line = format!("{event:<12} {name}");
-                if let Some(ep) = payload["endpoint"].as_str() {
+                let mut line = format!("{:<12} {name}", event.event);
+                if let Some(ep) = &event.endpoint {
                     line.push_str(&format!(" {ep}"));
                 }
-                if let Some(e) = payload["error"].as_str() {
+                if let Some(e) = event.error {
                     line.push_str(&format!(" ({e})"));
                 }
                 println!("{line}");

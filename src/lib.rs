@@ -46,7 +46,8 @@
 //! the rules and the actor; [`broker`] configures the embedded broker;
 //! [`serve`] wires them; [`client`] is the helper for Rust services;
 //! [`cli`] is the commands for people, built on it. The wire
-//! contract is `docs/PROTOCOL.md`.
+//! contract is `docs/PROTOCOL.md`; [`protocol`] types the registry's
+//! payloads for all of them.
 
 pub mod bus;
 pub mod cli;
@@ -54,6 +55,7 @@ pub mod client;
 pub mod config;
 pub mod http;
 pub mod mqtt;
+pub mod protocol;
 pub mod record;
 pub mod registry;
 pub mod serve;

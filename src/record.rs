@@ -10,6 +10,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
+use crate::protocol::ErrorCode;
+
 /// The largest record the registry accepts, in bytes (protocol: 16 KiB).
 pub const MAX_RECORD_SIZE: usize = 16 * 1024;
 
@@ -31,11 +33,11 @@ pub enum RecordError {
 
 impl RecordError {
     /// The protocol's error code: `bad_name`, `too_large` or `invalid`.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            RecordError::BadName { .. } => "bad_name",
-            RecordError::TooLarge { .. } => "too_large",
-            RecordError::Invalid(_) => "invalid",
+            RecordError::BadName { .. } => ErrorCode::BadName,
+            RecordError::TooLarge { .. } => ErrorCode::TooLarge,
+            RecordError::Invalid(_) => ErrorCode::Invalid,
         }
     }
 }
@@ -95,11 +97,28 @@ impl std::str::FromStr for Name {
 }
 
 /// Where a service is reached; the owner of a name. The host is lower-cased,
-/// and "no port" is a value of its own.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// and "no port" is a value of its own. Its JSON form is `{"host","port"}`,
+/// read by [`Endpoint::new`]'s rules.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "EndpointJson")]
 pub struct Endpoint {
     pub host: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+}
+
+/// An endpoint as it arrives, before validation.
+#[derive(serde::Deserialize)]
+struct EndpointJson {
+    host: String,
+    port: Option<u16>,
+}
+
+impl TryFrom<EndpointJson> for Endpoint {
+    type Error = RecordError;
+    fn try_from(e: EndpointJson) -> Result<Endpoint, RecordError> {
+        Endpoint::new(&e.host, e.port)
+    }
 }
 
 impl Endpoint {
@@ -124,12 +143,7 @@ impl Endpoint {
 
     /// The JSON form used in heartbeats and error payloads.
     pub fn to_json(&self) -> Value {
-        let mut m = Map::new();
-        m.insert("host".into(), Value::String(self.host.clone()));
-        if let Some(p) = self.port {
-            m.insert("port".into(), Value::from(p));
-        }
-        Value::Object(m)
+        serde_json::to_value(self).expect("an endpoint is a JSON object")
     }
 }
 
@@ -518,7 +532,7 @@ mod tests {
             &"x".repeat(64),
         ] {
             let e = Name::parse(bad).unwrap_err();
-            assert_eq!(e.code(), "bad_name", "{bad}");
+            assert_eq!(e.code(), ErrorCode::BadName, "{bad}");
         }
     }
 
@@ -628,7 +642,7 @@ mod tests {
         for (json, want) in cases {
             let got = err(json);
             assert!(got.contains(want), "{json}: {got:?} lacks {want:?}");
-            assert_eq!(parse(json).unwrap_err().code(), "invalid");
+            assert_eq!(parse(json).unwrap_err().code(), ErrorCode::Invalid);
         }
         assert!(
             Record::parse(&name("a"), Bytes::from_static(b"\xff"))
@@ -642,7 +656,7 @@ mod tests {
     fn size_limit() {
         let pad = "x".repeat(MAX_RECORD_SIZE);
         let e = parse(&format!(r#"{{"host":"h","meta":{{"p":"{pad}"}}}}"#)).unwrap_err();
-        assert_eq!(e.code(), "too_large");
+        assert_eq!(e.code(), ErrorCode::TooLarge);
         let fits = "x".repeat(MAX_RECORD_SIZE - 40);
         assert!(parse(&format!(r#"{{"host":"h","meta":{{"p":"{fits}"}}}}"#)).is_ok());
     }

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 
 use super::codec::{Publish, reason};
+use crate::protocol::ErrorCode;
 use crate::topics::Topics;
 
 pub use crate::registry::state::GateKind as Kind;
@@ -48,7 +49,7 @@ pub enum Gated {
     /// Applied; the registry has published it (and its event).
     Accepted,
     /// Refused with this error code (published on `PREFIX/errors/NAME`).
-    Refused(String),
+    Refused(ErrorCode),
 }
 
 /// Whether `topic` is one only the registry writes (other than
@@ -62,11 +63,11 @@ pub fn reserved(topics: &Topics, topic: &str) -> bool {
 }
 
 /// The MQTT 5 reason code for a registry error code.
-pub fn reason_for(code: &str) -> u8 {
+pub fn reason_for(code: ErrorCode) -> u8 {
     match code {
-        "bad_name" => reason::TOPIC_NAME_INVALID,
-        "invalid" | "too_large" => reason::PAYLOAD_FORMAT_INVALID,
-        "owned" => reason::NOT_AUTHORIZED,
+        ErrorCode::BadName => reason::TOPIC_NAME_INVALID,
+        ErrorCode::Invalid | ErrorCode::TooLarge => reason::PAYLOAD_FORMAT_INVALID,
+        ErrorCode::Owned => reason::NOT_AUTHORIZED,
         _ => reason::IMPLEMENTATION_SPECIFIC,
     }
 }

@@ -20,6 +20,7 @@ use tracing::{debug, warn};
 
 use super::{Broker, Connection, ConnectionError, random};
 use crate::mqtt::Incoming;
+use crate::protocol::HealthStatus;
 use crate::record::{BadQuery, Endpoint, Name, Query, Record};
 use crate::topics::Topics;
 
@@ -92,29 +93,6 @@ struct State {
     services: BTreeMap<Name, Service>,
     failed: HashMap<Name, Instant>,
     health: HashMap<Name, HealthStatus>,
-}
-
-/// The registry's last health result for a record (`PREFIX/health/NAME`).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-pub struct HealthStatus {
-    /// `passing` or `failing`.
-    pub status: String,
-    /// Failures in a row so far, and how many clear the record.
-    pub failures: u32,
-    pub of: u32,
-    /// What is probed: `GET http://…` or `tcp host:port`.
-    pub check: String,
-    pub detail: String,
-}
-
-impl std::fmt::Display for HealthStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.failures == 0 {
-            f.write_str(&self.status)
-        } else {
-            write!(f, "{} {}/{}", self.status, self.failures, self.of)
-        }
-    }
 }
 
 struct Shared {

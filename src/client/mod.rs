@@ -36,7 +36,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttc::{AsyncClient, LastWill, QoS};
-use serde_json::Value;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::{Instant, timeout_at};
 
@@ -50,6 +49,7 @@ pub use registration::{
 };
 
 use crate::mqtt::{self, Incoming, SnapshotError};
+use crate::protocol::{EventKind, EventPayload, RegistryState, RegistryStatus};
 use crate::topics::Topics;
 
 /// How long the helper waits for the broker or the registry to answer.
@@ -200,14 +200,12 @@ impl Connection {
     }
 }
 
-/// What `PREFIX/registry` says: `Some("online")`, `Some("offline")`, or
-/// `None` when there is no registry on the broker.
-pub(crate) fn registry_state(payload: &[u8]) -> Option<String> {
-    serde_json::from_slice::<Value>(payload)
-        .ok()?
-        .get("state")?
-        .as_str()
-        .map(str::to_string)
+/// What `PREFIX/registry` says; `None` when there is no registry on the
+/// broker, or the payload is not a registry state.
+pub(crate) fn registry_state(payload: &[u8]) -> Option<RegistryState> {
+    serde_json::from_slice::<RegistryStatus>(payload)
+        .ok()
+        .map(|s| s.state)
 }
 
 /// The local address this machine uses to reach `broker` (no packet sent):
@@ -248,8 +246,8 @@ pub async fn deregister(broker: &Broker, prefix: &str, name: &Name) -> Result<bo
     loop {
         match c.next(deadline).await {
             Ok(Incoming::Message { topic, payload, .. }) if topic == events => {
-                let v: Value = serde_json::from_slice(&payload).unwrap_or_default();
-                if v["event"] == "deregistered" {
+                let event = serde_json::from_slice::<EventPayload>(&payload);
+                if event.is_ok_and(|e| e.event == EventKind::Deregistered) {
                     c.close().await;
                     return Ok(true);
                 }
@@ -272,15 +270,11 @@ pub(crate) fn random() -> u64 {
 /// What the registry announces on `PREFIX/events/+` and `PREFIX/registry`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Announcement {
-    /// An event: `registered`, `updated`, `deregistered`, `expired`,
-    /// `rejected`, `restored`, `unhealthy`; the payload as published.
-    Event {
-        event: String,
-        name: String,
-        payload: Value,
-    },
-    /// The registry's state: `online` or `offline`.
-    Registry(String),
+    /// An event; `name` is the topic's NAME.
+    Event { name: String, event: EventPayload },
+    /// The registry's state; `None` when `PREFIX/registry` holds none (it
+    /// was cleared, or is not a registry state).
+    Registry(Option<RegistryState>),
 }
 
 /// Follows the registry's announcements (for `homicro watch`), reconnecting
@@ -332,27 +326,48 @@ impl Announcements {
                 },
             };
             if topic == self.filters[1] {
-                return Ok(Announcement::Registry(
-                    registry_state(&payload).unwrap_or_else(|| "unknown".into()),
-                ));
+                return Ok(Announcement::Registry(registry_state(&payload)));
             }
-            let v: Value = serde_json::from_slice(&payload).unwrap_or_default();
-            let Some(event) = v["event"].as_str() else {
+            let Ok(event) = serde_json::from_slice::<EventPayload>(&payload) else {
                 continue;
             };
             let name = topic
                 .strip_prefix(&format!("{}/events/", self.topics.prefix()))
                 .unwrap_or(&topic)
                 .to_string();
-            return Ok(Announcement::Event {
-                event: event.to_string(),
-                name,
-                payload: v,
-            });
+            return Ok(Announcement::Event { name, event });
         }
     }
 
     pub async fn close(self) {
         self.conn.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A forged `PREFIX/registry` (anyone may publish there) that is not a
+    /// registry state reads as no registry, never as `online`, and never panics.
+    #[test]
+    fn a_forged_registry_state_is_not_online() {
+        for forged in [
+            &b"online"[..],
+            b"",
+            b"\xff\xfe",
+            b"{",
+            br#"{"state":"ONLINE","version":"0.1.0"}"#,
+            br#"{"state":"maybe","version":"0.1.0"}"#,
+            br#"{"state":1,"version":"0.1.0"}"#,
+            br#"{"state":"online"}"#,
+            br#"["online"]"#,
+        ] {
+            assert_eq!(registry_state(forged), None, "{forged:?}");
+        }
+        let offline = br#"{"state":"offline","version":"0.1.0"}"#;
+        assert_eq!(registry_state(offline), Some(RegistryState::Offline));
+        let online = br#"{"version":"9.9.9","extra":[1],"state":"online"}"#;
+        assert_eq!(registry_state(online), Some(RegistryState::Online));
     }
 }

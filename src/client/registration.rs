@@ -15,6 +15,7 @@ use super::{
     ANSWER_TIMEOUT, Broker, Connection, ConnectionError, local_address_towards, registry_state,
 };
 use crate::mqtt::Incoming;
+use crate::protocol::{ErrorCode, ErrorPayload, EventKind, EventPayload, RegistryState};
 use crate::record::{Endpoint, Name, Record, RecordError};
 use crate::topics::Topics;
 
@@ -256,12 +257,10 @@ impl RegistrationBuilder {
         })
     }
 
-    /// Publishes the record once, waits for the registry to accept it and
-    /// disconnects, without keeping it alive or deregistering.
-    pub async fn publish_once(
-        self,
-        broker: &Broker,
-    ) -> Result<(Record, &'static str), RegisterError> {
+    /// Publishes the record once, waits for the registry to accept it
+    /// (`registered` or `updated`) and disconnects, without keeping it alive
+    /// or deregistering.
+    pub async fn publish_once(self, broker: &Broker) -> Result<(Record, EventKind), RegisterError> {
         let host = match &self.host {
             Some(h) => h.clone(),
             None => local_address_towards(broker).map_err(|e| ConnectionError::Connect {
@@ -309,13 +308,13 @@ impl Session {
     }
 
     /// Subscribes, publishes the record and waits for the registry's answer:
-    /// `"registered"` or `"updated"`. With `check_registry`, refuses to
+    /// `registered` or `updated`. With `check_registry`, refuses to
     /// publish when the registry is known to be offline or absent.
     async fn assert(
         &mut self,
         c: &mut Connection,
         check_registry: bool,
-    ) -> Result<&'static str, RegisterError> {
+    ) -> Result<EventKind, RegisterError> {
         let filters = self.filters.clone();
         c.subscribe(&filters[..3]).await?;
         if check_registry {
@@ -324,7 +323,7 @@ impl Session {
                 .iter()
                 .find(|(t, ..)| *t == filters[2])
                 .and_then(|(_, p, _)| registry_state(p));
-            if state.as_deref() != Some("online") {
+            if state != Some(RegistryState::Online) {
                 return Err(RegisterError::RegistryOffline);
             }
         }
@@ -371,15 +370,16 @@ impl Session {
     }
 
     /// The registry's answer to our publish, if this message is one.
-    fn answer(&self, topic: &str, payload: &[u8]) -> Option<Result<&'static str, RegisterError>> {
-        let v: Value = serde_json::from_slice(payload).ok()?;
-        if topic == self.filters[0] && self.is_about(&v) {
-            return Some(Err(self.refusal(&v)));
+    fn answer(&self, topic: &str, payload: &[u8]) -> Option<Result<EventKind, RegisterError>> {
+        if topic == self.filters[0] {
+            let e = serde_json::from_slice::<ErrorPayload>(payload).ok()?;
+            return self.is_about(&e).then(|| Err(refusal(e)));
         }
-        if topic == self.filters[1] && v["endpoint"] == self.record.endpoint.to_string() {
-            return match v["event"].as_str() {
-                Some("registered") => Some(Ok("registered")),
-                Some("updated") => Some(Ok("updated")),
+        if topic == self.filters[1] {
+            let ev = serde_json::from_slice::<EventPayload>(payload).ok()?;
+            let ours = ev.endpoint == Some(self.record.endpoint.to_string());
+            return match ev.event {
+                EventKind::Registered | EventKind::Updated if ours => Some(Ok(ev.event)),
                 _ => None,
             };
         }
@@ -387,30 +387,10 @@ impl Session {
     }
 
     /// Whether an error payload is about our publish (not someone else's).
-    fn is_about(&self, e: &Value) -> bool {
-        match e.get("endpoint") {
-            Some(ep) => *ep == self.record.endpoint.to_json(),
-            None => true,
-        }
-    }
-
-    fn refusal(&self, e: &Value) -> RegisterError {
-        let detail = e["detail"].as_str().unwrap_or("").to_string();
-        match e["error"].as_str() {
-            Some("owned") => {
-                let owner = Endpoint::new(
-                    e["owner"]["host"].as_str().unwrap_or("unknown"),
-                    e["owner"]["port"].as_u64().map(|p| p as u16),
-                )
-                .unwrap_or_else(|_| Endpoint {
-                    host: "unknown".into(),
-                    port: None,
-                });
-                RegisterError::Owned { owner, detail }
-            }
-            Some(code) => RegisterError::Invalid(format!("{code}: {detail}")),
-            None => RegisterError::Invalid(detail),
-        }
+    fn is_about(&self, e: &ErrorPayload) -> bool {
+        e.endpoint
+            .as_ref()
+            .is_none_or(|ep| *ep == self.record.endpoint)
     }
 
     /// Keeps the registration alive until told to deregister.
@@ -522,14 +502,15 @@ impl Session {
         }
         if topic == self.filters[2] {
             // A registry that comes (back) online may not know us.
-            return !retained && registry_state(payload).as_deref() == Some("online");
+            return !retained && registry_state(payload) == Some(RegistryState::Online);
         }
-        if topic == self.filters[0] {
-            let v: Value = serde_json::from_slice(payload).unwrap_or_default();
-            match v["error"].as_str() {
-                Some("unknown") => return true,
-                Some("owned") if self.is_about(&v) => {
-                    if let RegisterError::Owned { owner, .. } = self.refusal(&v) {
+        if topic == self.filters[0]
+            && let Ok(e) = serde_json::from_slice::<ErrorPayload>(payload)
+        {
+            match e.error {
+                ErrorCode::Unknown => return true,
+                ErrorCode::Owned if self.is_about(&e) => {
+                    if let RegisterError::Owned { owner, .. } = refusal(e) {
                         warn!(name = %self.name, owner = %owner, "name taken by another endpoint; giving up");
                         *lost = true;
                         let _ = status.send(Status::Lost { owner });
@@ -539,6 +520,20 @@ impl Session {
             }
         }
         false
+    }
+}
+
+/// The error a refusal is to the caller.
+fn refusal(e: ErrorPayload) -> RegisterError {
+    match (e.error, e.owner) {
+        (ErrorCode::Owned, owner) => RegisterError::Owned {
+            owner: owner.unwrap_or_else(|| Endpoint {
+                host: "unknown".into(),
+                port: None,
+            }),
+            detail: e.detail,
+        },
+        (code, _) => RegisterError::Invalid(format!("{code}: {}", e.detail)),
     }
 }
 

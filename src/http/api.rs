@@ -13,6 +13,7 @@ use serde_json::{Map, Value, json};
 
 use super::{ApiError, Resp, json_bytes};
 use crate::bus::{Bus, Gauge, Metrics};
+use crate::protocol::{ErrorCode, ErrorPayload, EventKind, EventPayload};
 use crate::record::{Name, Query, Record};
 use crate::registry::{Answer, Handle, Status, Stopped};
 
@@ -41,7 +42,7 @@ impl Api<'_> {
             Some(bytes) => Ok(json_bytes(StatusCode::OK, bytes)),
             None => Err(ApiError::new(
                 StatusCode::NOT_FOUND,
-                "unknown",
+                ErrorCode::Unknown,
                 format!("{name} is not registered"),
             )),
         }
@@ -109,7 +110,7 @@ impl Api<'_> {
         self.shared.gate.as_ref().ok_or_else(|| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
+                ErrorCode::Unavailable,
                 "this server runs without a registry (--no-registry)",
             )
         })
@@ -123,14 +124,18 @@ impl Api<'_> {
             "only a client on this machine may {what}; {} is not loopback (use PUT /self-register)",
             self.peer.ip().to_canonical()
         );
-        Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", detail))
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            detail,
+        ))
     }
 }
 
 fn stopped(_: Stopped) -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
+        ErrorCode::Unavailable,
         "the registry has stopped",
     )
 }
@@ -140,31 +145,38 @@ pub(super) fn is_loopback(ip: IpAddr) -> bool {
     ip.to_canonical().is_loopback()
 }
 
-/// The HTTP status of one of the registry's error codes.
-pub(super) fn status_of(code: &str) -> StatusCode {
+/// The HTTP status of an error code.
+pub(super) fn status_of(code: ErrorCode) -> StatusCode {
     match code {
-        "too_large" => StatusCode::PAYLOAD_TOO_LARGE,
-        "owned" => StatusCode::CONFLICT,
-        "unknown" => StatusCode::NOT_FOUND,
-        _ => StatusCode::BAD_REQUEST,
+        ErrorCode::BadName | ErrorCode::Invalid => StatusCode::BAD_REQUEST,
+        ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::Owned => StatusCode::CONFLICT,
+        ErrorCode::Unknown | ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 
 /// The response to a submission: the registry's event (201 for
 /// `registered`, else 200) or its error, as they are.
 fn answered(answer: Answer) -> Resp {
-    let field = |bytes: &Bytes, key: &str| {
-        serde_json::from_slice::<Value>(bytes)
-            .ok()
-            .and_then(|v| v.get(key)?.as_str().map(str::to_string))
-            .unwrap_or_default()
-    };
     match answer {
-        Ok(event) if field(&event, "event") == "registered" => {
-            json_bytes(StatusCode::CREATED, event)
+        Ok(event) => {
+            let registered = serde_json::from_slice::<EventPayload>(&event)
+                .is_ok_and(|e| e.event == EventKind::Registered);
+            let status = if registered {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            json_bytes(status, event)
         }
-        Ok(event) => json_bytes(StatusCode::OK, event),
-        Err(err) => json_bytes(status_of(&field(&err, "error")), err),
+        Err(err) => {
+            let code = serde_json::from_slice::<ErrorPayload>(&err)
+                .map_or(ErrorCode::Invalid, |e| e.error);
+            json_bytes(status_of(code), err)
+        }
     }
 }
 

@@ -30,6 +30,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::bus::Bus;
+use crate::protocol::ErrorCode;
 use crate::record::MAX_RECORD_SIZE;
 
 /// The largest request body read: a record plus room for `name` and the
@@ -129,13 +130,13 @@ async fn handle(shared: Arc<Bus>, req: Request<Incoming>, peer: SocketAddr) -> R
         Ok(r) => r,
         Err(NoRoute::NotFound) => {
             let detail = format!("no such path: {}", req.uri().path());
-            return error(StatusCode::NOT_FOUND, "not_found", &detail);
+            return error(StatusCode::NOT_FOUND, ErrorCode::NotFound, &detail);
         }
         Err(NoRoute::Method(allow)) => {
             let detail = format!("{} takes {allow}, not {}", req.uri().path(), req.method());
             let mut resp = error(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+                ErrorCode::MethodNotAllowed,
                 &detail,
             );
             resp.headers_mut()
@@ -180,7 +181,7 @@ async fn body(req: Request<Incoming>, within: Duration) -> Result<Bytes, ApiErro
     let Ok(read) = tokio::time::timeout(within, read).await else {
         return Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
-            "invalid",
+            ErrorCode::Invalid,
             format!("the body did not arrive within {within:?}"),
         ));
     };
@@ -188,7 +189,7 @@ async fn body(req: Request<Incoming>, within: Duration) -> Result<Bytes, ApiErro
         Ok(b) => Ok(b.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
+            ErrorCode::TooLarge,
             format!(
                 "the body is larger than {MAX_BODY} bytes (a record is at most {MAX_RECORD_SIZE})"
             ),
@@ -202,12 +203,12 @@ async fn body(req: Request<Incoming>, within: Duration) -> Result<Bytes, ApiErro
 #[derive(Debug)]
 struct ApiError {
     status: StatusCode,
-    code: &'static str,
+    code: ErrorCode,
     detail: String,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> ApiError {
+    fn new(status: StatusCode, code: ErrorCode, detail: impl Into<String>) -> ApiError {
         ApiError {
             status,
             code,
@@ -216,7 +217,7 @@ impl ApiError {
     }
 
     fn invalid(detail: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid", detail)
+        ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::Invalid, detail)
     }
 
     fn response(self) -> Resp {
@@ -234,7 +235,7 @@ fn json_bytes(status: StatusCode, body: Bytes) -> Resp {
 }
 
 /// An error in the form of `PREFIX/errors/NAME`: `{"error", "detail"}`.
-fn error(status: StatusCode, code: &str, detail: &str) -> Resp {
+fn error(status: StatusCode, code: ErrorCode, detail: &str) -> Resp {
     let body = json!({"error": code, "detail": detail}).to_string();
     json_bytes(status, Bytes::from(body))
 }

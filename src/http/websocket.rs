@@ -25,6 +25,7 @@ use tracing::debug;
 
 use super::{Resp, error};
 use crate::bus::Bus;
+use crate::protocol::ErrorCode;
 
 /// Subprotocols answered, best first: the standard's `mqtt`, and the
 /// `mqttv3.1` of older clients.
@@ -41,14 +42,16 @@ pub(super) fn upgrade(shared: Arc<Bus>, req: Request<Incoming>, peer: SocketAddr
         Err(Refused::Version) => {
             let mut resp = error(
                 StatusCode::UPGRADE_REQUIRED,
-                "invalid",
+                ErrorCode::Invalid,
                 "only WebSocket version 13 is spoken",
             );
             resp.headers_mut()
                 .insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
             return resp;
         }
-        Err(Refused::Bad(detail)) => return error(StatusCode::BAD_REQUEST, "invalid", &detail),
+        Err(Refused::Bad(detail)) => {
+            return error(StatusCode::BAD_REQUEST, ErrorCode::Invalid, &detail);
+        }
     };
     tokio::spawn(async move {
         match hyper::upgrade::on(req).await {

@@ -5,7 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use bytes::Bytes;
-use serde_json::{Value, json};
+use serde::Serialize;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -13,6 +13,10 @@ use tracing::{debug, info, warn};
 
 use super::echoes::Echoes;
 use super::health::{self, Outcome, Probe, Verdict};
+use crate::protocol::{
+    ErrorCode, ErrorPayload, EventKind, EventPayload, HealthState, HealthStatus, RegistryState,
+    RegistryStatus,
+};
 use crate::record::{Endpoint, Name, Record};
 use crate::topics::{Incoming, Topics};
 
@@ -70,7 +74,7 @@ enum Judged {
     /// Refused, nothing changed: the error code, the error and the
     /// `rejected` event.
     Refused {
-        code: String,
+        code: ErrorCode,
         error: Publish,
         event: Publish,
     },
@@ -103,11 +107,16 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(topics: Topics, version: &str) -> Registry {
-        let state = |s: &str| Bytes::from(json!({"state": s, "version": version}).to_string());
+        let state = |state| {
+            to_bytes(&RegistryStatus {
+                state,
+                version: version.to_string(),
+            })
+        };
         Registry {
             topics,
-            online: state("online"),
-            offline: state("offline"),
+            online: state(RegistryState::Online),
+            offline: state(RegistryState::Offline),
             records: HashMap::new(),
             deadlines: BTreeSet::new(),
             echoes: Echoes::default(),
@@ -232,7 +241,7 @@ impl Registry {
         for name in std::mem::take(&mut self.restored) {
             if let Some(e) = self.records.get(&name) {
                 info!(name = %name, owner = %e.endpoint, "restored from state file");
-                out.push(self.event(&name, "restored", Some(&e.endpoint)));
+                out.push(self.event(&name, EventKind::Restored, Some(&e.endpoint)));
             }
         }
         out
@@ -297,7 +306,7 @@ impl Registry {
             Ok(n) => n,
             Err(e) => {
                 self.stats.refusals += 1;
-                warn!(name = raw, error = e.code(), detail = %e, "refused");
+                warn!(name = raw, error = e.code().as_str(), detail = %e, "refused");
                 let err = self.error(raw, e.code(), &e.to_string(), None, None);
                 return (Err(err.payload), Vec::new());
             }
@@ -310,7 +319,7 @@ impl Registry {
             // A live submission is quiet only when it removes a free name.
             Judged::Quiet => {
                 let detail = format!("{name} is not registered");
-                let err = self.error(raw, "unknown", &detail, None, None);
+                let err = self.error(raw, ErrorCode::Unknown, &detail, None, None);
                 (Err(err.payload), Vec::new())
             }
         };
@@ -331,7 +340,7 @@ impl Registry {
         kind: GateKind,
         raw: &str,
         payload: Bytes,
-    ) -> (Result<(), String>, Vec<Publish>) {
+    ) -> (Result<(), ErrorCode>, Vec<Publish>) {
         let (verdict, mut out) = match kind {
             GateKind::Record => match self.on_record(now, raw, payload, Delivery::Live) {
                 Judged::Accepted(ev) => (Ok(()), vec![self.current(raw), ev]),
@@ -350,10 +359,8 @@ impl Registry {
                         (Ok(()), vec![beat])
                     }
                     Some(e) => {
-                        let code = serde_json::from_slice::<Value>(&e.payload)
-                            .ok()
-                            .and_then(|v| v["error"].as_str().map(str::to_string))
-                            .unwrap_or_default();
+                        let code = serde_json::from_slice::<ErrorPayload>(&e.payload)
+                            .map_or(ErrorCode::Invalid, |p| p.error);
                         (Err(code), errors)
                     }
                 }
@@ -381,7 +388,7 @@ impl Registry {
                 out.push(self.health_clear(name.as_str()));
             }
             out.push(self.clear(name.as_str()));
-            out.push(self.event(&name, "expired", Some(&entry.endpoint)));
+            out.push(self.event(&name, EventKind::Expired, Some(&entry.endpoint)));
         }
         self.note_echoes(&out);
         out
@@ -425,12 +432,14 @@ impl Registry {
                 Some(record) => {
                     self.stats.unhealthy += 1;
                     warn!(name = %name, owner = %record.endpoint, detail = %detail, "unhealthy; cleared");
-                    let ev = self.event_with(
-                        name.as_str(),
-                        "unhealthy",
-                        Some(&record.endpoint),
-                        [("detail", Value::from(detail))],
-                    );
+                    let ev = self.announce(&EventPayload {
+                        detail: Some(detail),
+                        ..EventPayload::new(
+                            name.as_str(),
+                            EventKind::Unhealthy,
+                            Some(&record.endpoint),
+                        )
+                    });
                     vec![
                         self.clear(name.as_str()),
                         self.health_clear(name.as_str()),
@@ -460,7 +469,11 @@ impl Registry {
                 Some(record) => {
                     self.stats.deregistrations += 1;
                     info!(name = %name, owner = %record.endpoint, "deregistered");
-                    Judged::Accepted(self.event(&name, "deregistered", Some(&record.endpoint)))
+                    Judged::Accepted(self.event(
+                        &name,
+                        EventKind::Deregistered,
+                        Some(&record.endpoint),
+                    ))
                 }
                 None => Judged::Quiet,
             };
@@ -472,14 +485,15 @@ impl Registry {
         let Some(existing) = self.records.get(&name) else {
             self.stats.registrations += 1;
             info!(name = %name, owner = %record.endpoint, "registered");
-            let ev = self.event(&name, "registered", Some(&record.endpoint));
+            let ev = self.event(&name, EventKind::Registered, Some(&record.endpoint));
             self.insert(now, name, record);
             return Judged::Accepted(ev);
         };
         if existing.endpoint != record.endpoint {
             let owner = existing.endpoint.clone();
             let detail = owned_detail(&owner, &record.endpoint);
-            return self.refuse(raw, "owned", detail, Some(&owner), Some(&record.endpoint));
+            let from = Some(&record.endpoint);
+            return self.refuse(raw, ErrorCode::Owned, detail, Some(&owner), from);
         }
         if delivery == Delivery::Retained && existing.payload == record.payload() {
             // The broker still holds what we hold: not a refresh.
@@ -492,12 +506,10 @@ impl Registry {
         } else {
             debug!(name = %name, owner = %record.endpoint, "refreshed");
         }
-        let ev = self.event_with(
-            name.as_str(),
-            "updated",
-            Some(&record.endpoint),
-            [("changed", Value::Bool(changed))],
-        );
+        let ev = self.announce(&EventPayload {
+            changed: Some(changed),
+            ..EventPayload::new(name.as_str(), EventKind::Updated, Some(&record.endpoint))
+        });
         if changed {
             self.insert(now, name, record);
         } else {
@@ -518,16 +530,16 @@ impl Registry {
         let Some(entry) = self.records.get(&name) else {
             debug!(name = %name, from = %from, "heartbeat for an unregistered name");
             let detail = format!("{name} is not registered; publish its record again");
-            return vec![self.error(raw, "unknown", &detail, None, Some(&from))];
+            return vec![self.error(raw, ErrorCode::Unknown, &detail, None, Some(&from))];
         };
         if entry.endpoint.port.is_some() && from.port.is_none() {
             let detail = "heartbeat needs `port`: the record has one".to_string();
-            return vec![self.error(raw, "invalid", &detail, None, None)];
+            return vec![self.error(raw, ErrorCode::Invalid, &detail, None, None)];
         }
         if entry.endpoint != from {
             let owner = &entry.endpoint;
             let detail = owned_detail(owner, &from);
-            return vec![self.error(raw, "owned", &detail, Some(owner), Some(&from))];
+            return vec![self.error(raw, ErrorCode::Owned, &detail, Some(owner), Some(&from))];
         }
         self.refresh(now, &name);
         Vec::new()
@@ -538,20 +550,19 @@ impl Registry {
     fn refuse(
         &mut self,
         raw: &str,
-        code: &str,
+        code: ErrorCode,
         detail: String,
         owner: Option<&Endpoint>,
         from: Option<&Endpoint>,
     ) -> Judged {
         self.stats.refusals += 1;
-        warn!(name = raw, error = code, detail = %detail, "refused");
+        warn!(name = raw, error = code.as_str(), detail = %detail, "refused");
         let error = self.error(raw, code, &detail, owner, from);
-        let event = self.event_with(raw, "rejected", from, [("error", Value::from(code))]);
-        Judged::Refused {
-            code: code.to_string(),
-            error,
-            event,
-        }
+        let event = self.announce(&EventPayload {
+            error: Some(code),
+            ..EventPayload::new(raw, EventKind::Rejected, from)
+        });
+        Judged::Refused { code, error, event }
     }
 
     /// What the topic of `raw` should hold now: the record, or nothing.
@@ -576,17 +587,21 @@ impl Registry {
     }
 
     fn health_status(&self, name: &Name, s: &health::Status) -> Publish {
-        let v = json!({
-            "name": name.as_str(),
-            "status": if s.passing { "passing" } else { "failing" },
-            "failures": s.failures,
-            "of": s.of,
-            "check": s.check,
-            "detail": s.detail,
-        });
+        let status = HealthStatus {
+            check: s.check.clone(),
+            detail: s.detail.clone(),
+            failures: s.failures,
+            name: name.to_string(),
+            of: s.of,
+            status: if s.passing {
+                HealthState::Passing
+            } else {
+                HealthState::Failing
+            },
+        };
         Publish {
             topic: self.topics.health(name.as_str()),
-            payload: Bytes::from(v.to_string()),
+            payload: to_bytes(&status),
             retain: true,
         }
     }
@@ -652,49 +667,41 @@ impl Registry {
     fn error(
         &self,
         raw: &str,
-        code: &str,
+        code: ErrorCode,
         detail: &str,
         owner: Option<&Endpoint>,
         from: Option<&Endpoint>,
     ) -> Publish {
-        let mut v = json!({"name": raw, "error": code, "detail": detail});
-        if let Some(o) = owner {
-            v["owner"] = o.to_json();
-        }
-        if let Some(f) = from {
-            v["endpoint"] = f.to_json();
-        }
+        let error = ErrorPayload {
+            detail: detail.to_string(),
+            endpoint: from.cloned(),
+            error: code,
+            name: raw.to_string(),
+            owner: owner.cloned(),
+        };
         Publish {
             topic: self.topics.error(raw),
-            payload: Bytes::from(v.to_string()),
+            payload: to_bytes(&error),
             retain: false,
         }
     }
 
-    fn event(&self, name: &Name, event: &str, endpoint: Option<&Endpoint>) -> Publish {
-        self.event_with(name.as_str(), event, endpoint, [])
+    fn event(&self, name: &Name, kind: EventKind, endpoint: Option<&Endpoint>) -> Publish {
+        self.announce(&EventPayload::new(name.as_str(), kind, endpoint))
     }
 
-    fn event_with<const N: usize>(
-        &self,
-        raw: &str,
-        event: &str,
-        endpoint: Option<&Endpoint>,
-        extra: [(&str, Value); N],
-    ) -> Publish {
-        let mut v = json!({"name": raw, "event": event});
-        if let Some(ep) = endpoint {
-            v["endpoint"] = Value::String(ep.to_string());
-        }
-        for (k, x) in extra {
-            v[k] = x;
-        }
+    fn announce(&self, event: &EventPayload) -> Publish {
         Publish {
-            topic: self.topics.event(raw),
-            payload: Bytes::from(v.to_string()),
+            topic: self.topics.event(&event.name),
+            payload: to_bytes(event),
             retain: false,
         }
     }
+}
+
+/// A payload's JSON.
+fn to_bytes(payload: &impl Serialize) -> Bytes {
+    Bytes::from(serde_json::to_vec(payload).expect("a payload is JSON"))
 }
 
 fn owned_detail(owner: &Endpoint, from: &Endpoint) -> String {

@@ -188,7 +188,7 @@ impl Session {
                         .metrics
                         .refused_publishes
                         .fetch_add(1, Ordering::Relaxed);
-                    gate::reason_for(&code)
+                    gate::reason_for(code)
                 }
                 Err(_) => reason::SERVER_UNAVAILABLE,
             };

@@ -33,11 +33,14 @@ fn loopback_peers() {
 
 #[test]
 fn error_codes_map_to_statuses() {
-    assert_eq!(status_of("bad_name"), StatusCode::BAD_REQUEST);
-    assert_eq!(status_of("invalid"), StatusCode::BAD_REQUEST);
-    assert_eq!(status_of("too_large"), StatusCode::PAYLOAD_TOO_LARGE);
-    assert_eq!(status_of("owned"), StatusCode::CONFLICT);
-    assert_eq!(status_of("unknown"), StatusCode::NOT_FOUND);
+    assert_eq!(status_of(ErrorCode::BadName), StatusCode::BAD_REQUEST);
+    assert_eq!(status_of(ErrorCode::Invalid), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        status_of(ErrorCode::TooLarge),
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    assert_eq!(status_of(ErrorCode::Owned), StatusCode::CONFLICT);
+    assert_eq!(status_of(ErrorCode::Unknown), StatusCode::NOT_FOUND);
 }
 
 #[test]
