@@ -1,0 +1,65 @@
+"""CONNECT and CONNACK: client identifiers, keepalive, the server's limits."""
+
+import time
+
+import pytest
+
+import mqtt_raw as R
+
+# What Mosquitto 2.0.11 (default configuration) puts in a v5 CONNACK, pinned
+# so homicro announces the same limits: Receive Maximum 20
+# (max_inflight_messages), Topic Alias Maximum 10 (max_topic_alias), no
+# Maximum QoS (= 2), no Retain Available (= 1), no Maximum Packet Size; and
+# Server Keep Alive 65535 (max_keepalive) only when the client asked for
+# keepalive 0.
+MOSQUITTO_CONNACK = {
+    60: {"ReceiveMaximum": 20, "TopicAliasMaximum": 10},
+    0: {"ReceiveMaximum": 20, "TopicAliasMaximum": 10, "ServerKeepAlive": 65535},
+}
+
+
+@pytest.mark.parametrize("keepalive", [60, 0])
+def test_v5_connack_properties_match_the_reference(broker, keepalive):
+    c = broker.raw(R.V5)
+    ack = c.connect("limits", keepalive=keepalive)
+    assert ack.fields["reason"] == 0
+    assert ack.props == MOSQUITTO_CONNACK[keepalive]
+
+
+def test_v5_empty_client_id_gets_an_assigned_client_identifier(broker):
+    first = broker.raw(R.V5).connect("")
+    second = broker.raw(R.V5).connect("")
+    assert first.fields["reason"] == second.fields["reason"] == 0
+    ids = [a.props.get("AssignedClientIdentifier") for a in (first, second)]
+    assert all(ids) and ids[0] != ids[1], ids
+
+
+def test_v5_assigned_client_identifier_is_not_sent_for_a_given_id(broker):
+    ack = broker.raw(R.V5).connect("named")
+    assert "AssignedClientIdentifier" not in ack.props
+
+
+def test_v311_empty_client_id_with_clean_session_0_is_refused_with_code_2(broker):
+    c = broker.raw(R.V311)
+    ack = c.connect("", clean=False)
+    assert (ack.fields["reason"], ack.fields["session_present"]) == (2, False)
+    assert c.recv_until_closed() == []
+
+
+def test_v311_empty_client_id_with_clean_session_1_is_accepted(broker):
+    c = broker.raw(R.V311)
+    assert c.connect("", clean=True).fields["reason"] == 0
+    c.send(R.pingreq())
+    assert c.recv().type == R.PINGRESP
+
+
+def test_keepalive_0_is_accepted_and_never_times_out(broker):
+    clients = []
+    for version in (R.V311, R.V5):
+        c = broker.raw(version)
+        assert c.connect(f"forever-{version}", keepalive=0).fields["reason"] == 0
+        clients.append(c)
+    time.sleep(3.5)  # silence longer than any short keepalive would allow
+    for c in clients:
+        c.send(R.pingreq())
+        assert c.recv().type == R.PINGRESP

@@ -1,0 +1,73 @@
+"""MQTT 5 subscription options: No Local, Retain As Published, Retain Handling.
+
+Absence is shown with a marker: a live message published after the
+SUBACK arrives after any retained message the subscription would get, and
+after any earlier message to the same client at the same QoS.
+"""
+
+import pytest
+
+from harness import V311, sub_opts
+
+
+def test_no_local_subscriber_does_not_get_its_own_publishes_but_gets_others(broker):
+    me = broker.client("nl-me")
+    me.subscribe("nl/#", options=sub_opts(1, noLocal=True))
+    other = broker.client("nl-other")
+    me.publish("nl/t", "mine", qos=1)
+    other.publish("nl/t", "theirs", qos=1)
+    assert me.get().payload == b"theirs"
+    me.publish("nl/t", "mine again", qos=1)
+    other.publish("nl/t", "theirs again", qos=1)
+    assert me.get().payload == b"theirs again"
+
+
+def test_without_no_local_a_subscriber_gets_its_own_publishes(broker):
+    me = broker.client("nl-plain")
+    me.subscribe("nl/#", 1)
+    me.publish("nl/t", "mine", qos=1)
+    assert me.get().payload == b"mine"
+
+
+def test_retain_as_published_keeps_the_retain_flag_on_live_messages(broker):
+    rap = broker.client("rap")
+    rap.subscribe("rap/#", options=sub_opts(1, retainAsPublished=True))
+    plain = broker.client("rap-plain")
+    plain.subscribe("rap/#", options=sub_opts(1))
+    old = broker.client("rap-v311", version=V311)
+    old.subscribe("rap/#", 1)
+    pub = broker.client("rap-pub")
+    pub.publish("rap/t", "retained", qos=1, retain=True)
+    pub.publish("rap/t", "live", qos=1)
+    assert [(m.payload, m.retain) for m in rap.get_n(2)] == [(b"retained", True), (b"live", False)]
+    # without it, a live forward always has retain 0 (3.1.1 and 5)
+    for c in (plain, old):
+        assert [(m.payload, m.retain) for m in c.get_n(2)] == [(b"retained", False), (b"live", False)]
+
+
+def _retained_then_marker(sub, pub, handling):
+    """Subscribes twice with Retain Handling `handling`; returns, per
+    SUBSCRIBE, whether the retained message came before the marker."""
+    seen = []
+    for round_ in range(2):
+        sub.subscribe("rh/#", options=sub_opts(1, retainHandling=handling))
+        pub.publish("rh/marker", f"marker{round_}", qos=1)
+        got = sub.get_until("rh/marker")
+        assert got[-1].payload == f"marker{round_}".encode()
+        assert [m.topic for m in got[:-1]] in ([], ["rh/kept"])
+        seen.append(len(got) == 2)
+        if len(got) == 2:
+            assert got[0].retain and got[0].payload == b"kept"
+    return seen
+
+
+@pytest.mark.parametrize("handling,expected", [
+    (0, [True, True]),    # send retained at every subscribe
+    (1, [True, False]),   # only if the subscription did not exist
+    (2, [False, False]),  # never
+])
+def test_retain_handling(broker, handling, expected):
+    pub = broker.client("rh-pub")
+    pub.publish("rh/kept", "kept", qos=1, retain=True)
+    sub = broker.client(f"rh-sub-{handling}")
+    assert _retained_then_marker(sub, pub, handling) == expected
