@@ -144,11 +144,11 @@ pub fn connack_properties(bus: &Bus, c: &Connect, assigned: bool) -> Properties 
 }
 
 /// The keepalive the server holds the client to: the client's, lowered to
-/// `max` (an MQTT 5 client asking for none gets `max` when it is below
-/// 65,535).
+/// `max`; an MQTT 5 client asking for none gets `max` (as Mosquitto does:
+/// Server Keep Alive 65535 by default).
 pub fn granted_keepalive(max: u16, c: &Connect) -> u16 {
     match c.version {
-        Version::V5 if c.keep_alive == 0 && max < u16::MAX => max,
+        Version::V5 if c.keep_alive == 0 => max,
         _ if c.keep_alive > max => max,
         _ => c.keep_alive,
     }

@@ -45,7 +45,7 @@ impl Session {
     async fn on_packet(&mut self, packet: Packet) -> Result<(), End> {
         match packet {
             Packet::Publish(p) => self.on_publish(p).await?,
-            Packet::Ack { kind, pkid, reason } => self.on_ack(kind, pkid, reason),
+            Packet::Ack { kind, pkid, reason } => self.on_ack(kind, pkid, reason).await,
             Packet::Subscribe {
                 pkid,
                 id,
@@ -81,20 +81,25 @@ impl Session {
         Ok(())
     }
 
-    fn on_ack(&mut self, kind: AckKind, pkid: u16, code: u8) {
+    async fn on_ack(&mut self, kind: AckKind, pkid: u16, code: u8) {
+        if kind == AckKind::PubRel {
+            let code = match self.unreleased.remove(&pkid) {
+                // Released: now it goes on, as Mosquitto does it.
+                Some(Some(p)) => {
+                    self.publish(&p).await;
+                    0
+                }
+                Some(None) => 0,
+                None => reason::PACKET_ID_NOT_FOUND,
+            };
+            if let Some(live) = &mut self.conn {
+                codec::write_ack(&mut live.wbuf, live.version, AckKind::PubComp, pkid, code);
+            }
+            return;
+        }
         let Some(live) = &mut self.conn else {
             return;
         };
-        if kind == AckKind::PubRel {
-            let found = self.unreleased.remove(&pkid);
-            let code = if found {
-                0
-            } else {
-                reason::PACKET_ID_NOT_FOUND
-            };
-            codec::write_ack(&mut live.wbuf, live.version, AckKind::PubComp, pkid, code);
-            return;
-        }
         if let Some(rel) = self.out.on_ack(kind, pkid, code) {
             codec::write_ack(&mut live.wbuf, live.version, AckKind::PubRel, rel, 0);
         }
@@ -108,7 +113,11 @@ impl Session {
             return Err(End::Abnormal(Some(reason::PACKET_TOO_LARGE)));
         }
         if let Some(alias) = p.props.topic_alias.take() {
-            if alias == 0 || alias > self.bus.limits.topic_alias_max {
+            if alias == 0 {
+                // Mosquitto takes alias 0 for a malformed packet.
+                return Err(End::Abnormal(Some(reason::MALFORMED)));
+            }
+            if alias > self.bus.limits.topic_alias_max {
                 return Err(End::Abnormal(Some(reason::TOPIC_ALIAS_INVALID)));
             }
             if p.topic.is_empty() {
@@ -121,7 +130,7 @@ impl Session {
             }
         }
         if p.qos == 2 {
-            if self.unreleased.contains(&p.pkid) {
+            if self.unreleased.contains_key(&p.pkid) {
                 // A resent QoS 2 message already taken: acknowledge again.
                 codec::write_ack(&mut live.wbuf, live.version, AckKind::PubRec, p.pkid, 0);
                 return Ok(());
@@ -131,9 +140,15 @@ impl Session {
             }
         }
         let peer = live.peer;
+        // QoS 2 goes on when the client releases it (PUBREL), as in
+        // Mosquitto; what the registry judges is judged now, so that PUBREC
+        // carries the verdict.
+        let held = p.qos == 2 && !self.judged_at_once(&p.topic);
         let code = if p.props.payload_format == Some(1) && std::str::from_utf8(&p.payload).is_err()
         {
             reason::PAYLOAD_FORMAT_INVALID
+        } else if held {
+            reason::SUCCESS
         } else {
             self.route(&p, Some(peer)).await
         };
@@ -146,14 +161,23 @@ impl Session {
         match p.qos {
             1 => codec::write_ack(&mut live.wbuf, live.version, AckKind::PubAck, p.pkid, code),
             2 => {
+                let pkid = p.pkid;
                 if code < 0x80 {
-                    self.unreleased.insert(p.pkid);
+                    self.unreleased.insert(pkid, held.then(|| Box::new(p)));
                 }
-                codec::write_ack(&mut live.wbuf, live.version, AckKind::PubRec, p.pkid, code);
+                codec::write_ack(&mut live.wbuf, live.version, AckKind::PubRec, pkid, code);
             }
             _ => {}
         }
         Ok(())
+    }
+
+    /// Whether a publish to `topic` is decided by the registry (or refused
+    /// as its own) rather than simply routed.
+    fn judged_at_once(&self, topic: &str) -> bool {
+        self.bus.gate.is_some()
+            && (!matches!(self.bus.topics.classify(topic), Incoming::Other)
+                || gate::reserved(&self.bus.topics, topic))
     }
 
     /// Hands a publish (a client's, or a will) on: refused when it is for

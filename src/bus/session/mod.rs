@@ -10,7 +10,7 @@ mod deliver;
 mod inbound;
 pub mod outbound;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -91,8 +91,9 @@ pub(super) struct Session {
     link: Link,
     subs: HashMap<String, Sub>,
     out: Outbound,
-    /// QoS 2 packet ids received and not yet released by the client.
-    unreleased: HashSet<u16>,
+    /// QoS 2 messages received and not yet released by the client: held
+    /// until PUBREL (`None`: already judged by the registry).
+    unreleased: HashMap<u16, Option<Box<Publish>>>,
     /// Seconds the session outlives its connection.
     expiry: u32,
     conn: Option<Live>,
@@ -133,7 +134,7 @@ pub async fn run(
         link,
         subs: HashMap::new(),
         out: Outbound::default(),
-        unreleased: HashSet::new(),
+        unreleased: HashMap::new(),
         expiry: 0,
         conn: None,
         pending_will: None,
@@ -241,8 +242,13 @@ impl Session {
     /// A connection for this session: takes over from the one it has,
     /// resumes or starts the session afresh, and answers CONNACK.
     async fn attach(&mut self, conn: Conn) {
-        if self.conn.is_some() {
+        if let Some(old) = &mut self.conn {
             debug!(client_id = %self.client_id, peer = %conn.peer, "session taken over");
+            // As Mosquitto: the old will goes out only when the old session
+            // ends with it (a clean start, or a session without expiry).
+            if !conn.connect.clean_start && self.expiry > 0 {
+                old.will = None;
+            }
             self.close(End::Abnormal(Some(reason::SESSION_TAKEN_OVER)))
                 .await;
         }
