@@ -82,6 +82,15 @@ pub struct BrokerConfig {
     pub segment_size: usize,
     pub segment_count: usize,
     pub connect_timeout: Duration,
+    /// QoS 1 and 2 messages in flight to a 3.1.1 client, and QoS 2
+    /// messages a client may have unreleased (announced as Receive Maximum).
+    pub max_inflight_messages: u16,
+    /// Messages a session queues for its client; more are dropped.
+    pub max_queued_messages: usize,
+    /// Topic aliases an MQTT 5 client may use.
+    pub max_topic_alias: u16,
+    /// The longest keepalive granted (Server Keep Alive above it).
+    pub max_keepalive: u16,
 }
 
 /// Everything `homicro serve` needs, checked.
@@ -124,13 +133,17 @@ const TOP_KEYS: [&str; 8] = [
     "health_concurrency",
     "embedded",
 ];
-const EMBEDDED_KEYS: [&str; 6] = [
+const EMBEDDED_KEYS: [&str; 10] = [
     "max_connections",
     "max_payload_size",
     "max_retained_delivery",
     "segment_size",
     "segment_count",
     "connect_timeout",
+    "max_inflight_messages",
+    "max_queued_messages",
+    "max_topic_alias",
+    "max_keepalive",
 ];
 
 impl ServeConfig {
@@ -263,6 +276,10 @@ impl ServeConfig {
             segment_size: int("segment_size", 65_536, 1 << 30)? as usize,
             segment_count: int("segment_count", 1, 1_000)? as usize,
             connect_timeout,
+            max_inflight_messages: int("max_inflight_messages", 1, 65_535)? as u16,
+            max_queued_messages: int("max_queued_messages", 1, 10_000_000)? as usize,
+            max_topic_alias: int("max_topic_alias", 0, 65_535)? as u16,
+            max_keepalive: int("max_keepalive", 10, 65_535)? as u16,
         };
 
         Ok(ServeConfig {
@@ -413,6 +430,22 @@ mod tests {
             (
                 "[embedded]\nconnect_timeout = \"5m\"",
                 "embedded.connect_timeout: must be from",
+            ),
+            (
+                "[embedded]\nmax_inflight_messages = 0",
+                "embedded.max_inflight_messages: must be an integer from 1 to 65535, got 0",
+            ),
+            (
+                "[embedded]\nmax_queued_messages = -1",
+                "embedded.max_queued_messages: must be an integer from 1",
+            ),
+            (
+                "[embedded]\nmax_topic_alias = 70000",
+                "embedded.max_topic_alias: must be an integer from 0 to 65535, got 70000",
+            ),
+            (
+                "[embedded]\nmax_keepalive = 5",
+                "embedded.max_keepalive: must be an integer from 10 to 65535, got 5",
             ),
         ];
         for (file, want) in cases {

@@ -137,9 +137,13 @@ fn limits(config: &ServeConfig) -> Limits {
         max_packet: e.max_payload_size + 65_536 + 16,
         max_payload: e.max_payload_size,
         handshake_timeout: e.connect_timeout,
+        receive_maximum: e.max_inflight_messages,
+        max_inflight: e.max_inflight_messages,
+        max_queued: e.max_queued_messages,
+        topic_alias_max: e.max_topic_alias,
+        max_keepalive: e.max_keepalive,
         max_sessions,
         max_connections,
-        ..Limits::default()
     }
 }
 

@@ -92,6 +92,13 @@ pub async fn handshake(
         connect.client_id = crate::mqtt::client_id("auto");
         assigned = true;
     }
+    if v == Version::V4 && connect.keep_alive > bus.limits.max_keepalive {
+        // A 3.1.1 client cannot be told a shorter keepalive: refused, as
+        // Mosquitto refuses it.
+        debug!(%peer, keep_alive = connect.keep_alive, "keepalive above max_keepalive");
+        refuse(&mut writer, v, rc::IDENTIFIER_REJECTED).await;
+        return None;
+    }
     if connect.props.auth_method.is_some() {
         refuse(&mut writer, v, reason::BAD_AUTH_METHOD).await;
         return None;
@@ -148,8 +155,7 @@ pub fn connack_properties(bus: &Bus, c: &Connect, assigned: bool) -> Properties 
 /// Server Keep Alive 65535 by default).
 pub fn granted_keepalive(max: u16, c: &Connect) -> u16 {
     match c.version {
-        Version::V5 if c.keep_alive == 0 => max,
-        _ if c.keep_alive > max => max,
+        Version::V5 if c.keep_alive == 0 || c.keep_alive > max => max,
         _ => c.keep_alive,
     }
 }

@@ -183,8 +183,10 @@ impl Link {
     pub async fn next(&mut self) -> Result<Forwarded, RouterGone> {
         loop {
             if self.paused {
-                self.paused = false;
+                // Cleared only once the wake-up is sent: this future may be
+                // dropped at the await (a session's select).
                 self.rx.wake().await.map_err(|_| RouterGone)?;
+                self.paused = false;
             }
             match self.rx.next().await {
                 Ok(Some(Notification::Forward(f))) => {

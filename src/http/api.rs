@@ -88,7 +88,12 @@ impl Api<'_> {
             None => None,
         };
         let uptime = self.shared.started.elapsed().as_secs_f64();
-        let text = metrics(status.as_ref(), &self.shared.metrics, uptime);
+        let text = metrics(
+            status.as_ref(),
+            &self.shared.metrics,
+            self.shared.session_count(),
+            uptime,
+        );
         let mut resp = json_bytes(StatusCode::OK, Bytes::from(text));
         resp.headers_mut().insert(
             CONTENT_TYPE,
@@ -289,7 +294,7 @@ fn health(status: Option<Result<Status, Stopped>>, uptime_secs: u64) -> (StatusC
 
 /// The Prometheus exposition (text format 0.0.4). The registry's series
 /// are left out when it is off or has stopped.
-fn metrics(status: Option<&Status>, front: &Metrics, uptime_secs: f64) -> String {
+fn metrics(status: Option<&Status>, front: &Metrics, sessions: usize, uptime_secs: f64) -> String {
     let mut out = String::new();
     if let Some(s) = status {
         let help = "Records held by the registry.";
@@ -384,8 +389,24 @@ fn metrics(status: Option<&Status>, front: &Metrics, uptime_secs: f64) -> String
             "Connections closed for saying nothing in time.",
             &front.silent,
         ),
+        (
+            "refused_full",
+            "Connections refused at the session cap (CONNACK server unavailable, HTTP 503).",
+            &front.refused_full,
+        ),
+        (
+            "refused_publishes",
+            "Publishes refused: to the registry's own topics, or by the registry's gate.",
+            &front.refused_publishes,
+        ),
+        (
+            "dropped",
+            "Messages dropped because a session's queue was full.",
+            &front.dropped,
+        ),
+        ("wills", "Wills published.", &front.wills),
     ] {
-        let name = format!("homicro_front_{name}_total");
+        let name = format!("homicro_bus_{name}_total");
         series(
             &mut out,
             &name,
@@ -394,6 +415,13 @@ fn metrics(status: Option<&Status>, front: &Metrics, uptime_secs: f64) -> String
             &[("", v.load(Ordering::Relaxed))],
         );
     }
+    series(
+        &mut out,
+        "homicro_bus_sessions",
+        "gauge",
+        "MQTT sessions alive (connected, or kept for an absent client).",
+        &[("", sessions as u64)],
+    );
     let _ = write!(
         out,
         "# HELP homicro_uptime_seconds Seconds since homicro started.\n\

@@ -158,7 +158,7 @@ fn metrics_in_prometheus_text() {
         let _b = front.websocket.enter();
     }
     front.garbage.fetch_add(4, Ordering::Relaxed);
-    let text = metrics(Some(&status(true)), &front, 1.5);
+    let text = metrics(Some(&status(true)), &front, 3, 1.5);
     for line in [
         "# TYPE homicro_records gauge",
         "homicro_records 2",
@@ -172,7 +172,8 @@ fn metrics_in_prometheus_text() {
         "homicro_connections{kind=\"websocket\"} 0",
         "homicro_connections_total{kind=\"websocket\"} 1",
         "homicro_connections_total{kind=\"mqtt_v5\"} 0",
-        "homicro_front_garbage_total 4",
+        "homicro_bus_garbage_total 4",
+        "homicro_bus_sessions 3",
         "homicro_uptime_seconds 1.500",
     ] {
         assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
@@ -184,5 +185,5 @@ fn metrics_in_prometheus_text() {
             || (l.starts_with("homicro_") && l.rsplit(' ').next().unwrap().parse::<f64>().is_ok());
         assert!(ok, "{l}");
     }
-    assert!(!metrics(None, &front, 0.0).contains("homicro_records"));
+    assert!(!metrics(None, &front, 0, 0.0).contains("homicro_records"));
 }
