@@ -1,6 +1,6 @@
 //! MQTT over WebSocket (MQTT 3.1.1 and 5.0, section 6): the upgrade of
 //! `GET /mqtt`, and a pump between the client's binary messages and the
-//! byte stream the MQTT proxy (`front::mqtt`) reads and writes.
+//! byte stream the bus reads and writes (`bus::listener::serve_mqtt`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -58,7 +58,7 @@ pub(super) fn upgrade(shared: Arc<Bus>, req: Request<Incoming>, peer: SocketAddr
             Ok(upgraded) => {
                 let _open = shared.metrics.websocket.enter();
                 let io = TokioIo::new(upgraded);
-                // No message larger than an MQTT packet the front accepts
+                // No message larger than an MQTT packet the bus accepts
                 // (tungstenite's defaults allow 64 MiB, reserved up front).
                 let config = WebSocketConfig::default()
                     .max_message_size(Some(shared.limits.max_packet))
