@@ -172,8 +172,19 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let running = start(&config).await?;
-    shutdown.await;
-    let result: Result<(), ServeError> = Ok(());
+    tokio::pin!(shutdown);
+    let mut check = tokio::time::interval(std::time::Duration::from_secs(1));
+    let result = loop {
+        tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            _ = check.tick() => {
+                if running.bus.as_ref().is_some_and(|b| b.router.is_gone()) {
+                    tracing::error!("the message router stopped; exiting so that a supervisor restarts homicro");
+                    break Err(ServeError::Router(bus::router::RouterGone));
+                }
+            }
+        }
+    };
     info!("shutting down");
     if let Some(r) = &running.registry {
         r.shutdown().await;

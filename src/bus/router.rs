@@ -44,13 +44,14 @@ pub const META_KEY: &str = "$homicro";
 pub struct RouterGone;
 
 type Build = dyn Fn(&str) -> Option<(LinkTx, LinkRx)> + Send + Sync;
-type Full = dyn Fn() -> bool + Send + Sync;
+type Check = dyn Fn() -> bool + Send + Sync;
 
 /// The running router: builds links with pooled client ids.
 #[derive(Clone)]
 pub struct Router {
     build: Arc<Build>,
-    full: Arc<Full>,
+    full: Arc<Check>,
+    gone: Arc<Check>,
     ids: Arc<Mutex<IdPool>>,
 }
 
@@ -67,6 +68,7 @@ impl Router {
     pub fn start(config: RouterConfig) -> Router {
         let tx = rumqttd::Router::new(0, config).spawn();
         let full_tx = tx.clone();
+        let gone_tx = tx.clone();
         Router {
             build: Arc::new(move |id: &str| {
                 match LinkBuilder::new(id, tx.clone()).clean_session(true).build() {
@@ -78,8 +80,14 @@ impl Router {
                 }
             }),
             full: Arc::new(move || full_tx.is_full()),
+            gone: Arc::new(move || gone_tx.is_disconnected()),
             ids: Arc::default(),
         }
+    }
+
+    /// Whether the router's thread has ended (it only ends by panicking).
+    pub fn is_gone(&self) -> bool {
+        (self.gone)()
     }
 
     /// A new link (blocks the calling thread for a round trip to the
