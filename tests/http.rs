@@ -494,9 +494,12 @@ async fn metrics_move_with_registrations() {
         "homicro_connections{kind=\"mqtt_v5\"}",
         "homicro_connections{kind=\"websocket\"}",
         "homicro_connections_total{kind=\"http\"}",
-        "homicro_front_accepted_total",
-        "homicro_front_garbage_total",
-        "homicro_front_silent_total",
+        "homicro_bus_accepted_total",
+        "homicro_bus_garbage_total",
+        "homicro_bus_silent_total",
+        "homicro_bus_refused_publishes_total",
+        "homicro_bus_wills_total",
+        "homicro_bus_sessions",
         "homicro_uptime_seconds",
     ] {
         sample(&before, name);
