@@ -1,47 +1,29 @@
 //! The registry's rules as a pure state machine: a message or a moment in,
 //! the publishes to make out. No I/O and no clock of its own; the actor
-//! feeds it and carries its output to the broker.
+//! feeds it and carries its output to the broker. The entry points for the
+//! broker's connection (`broker`) and for records judged before a broker
+//! holds them (`gate`), and the payloads (`out`), are in child modules.
+
+mod broker;
+mod gate;
+mod out;
 
 use std::collections::{BTreeSet, HashMap};
-
-use bytes::Bytes;
-use serde::Serialize;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::echoes::Echoes;
 use super::health::{self, Outcome, Probe, Verdict};
-use crate::protocol::{
-    ErrorCode, ErrorPayload, EventKind, EventPayload, HealthState, HealthStatus, RegistryState,
-    RegistryStatus,
-};
+use crate::protocol::{ErrorCode, EventKind, EventPayload, RegistryState, RegistryStatus};
 use crate::record::{Endpoint, Name, Record};
-use crate::topics::{Incoming, Topics};
-
-/// One MQTT publish the registry wants made.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Publish {
-    pub topic: String,
-    pub payload: Bytes,
-    pub retain: bool,
-}
-
-/// Whether a message was forwarded live or delivered from the broker's
-/// retained store at subscribe time (retain flag set).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivery {
-    Live,
-    Retained,
-}
-
-/// What a publish put to the gate is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GateKind {
-    Record,
-    Heartbeat,
-}
+use crate::topics::Topics;
+pub use broker::Delivery;
+pub use gate::GateKind;
+pub use out::Publish;
+use out::to_bytes;
 
 /// Counters for logs and metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -144,24 +126,6 @@ impl Registry {
         &self.topics
     }
 
-    /// The retained `registry` message while the registry enforces.
-    pub fn online(&self) -> Publish {
-        self.registry_state(self.online.clone())
-    }
-
-    /// The retained `registry` message on shutdown, and the will.
-    pub fn offline(&self) -> Publish {
-        self.registry_state(self.offline.clone())
-    }
-
-    fn registry_state(&self, payload: Bytes) -> Publish {
-        Publish {
-            topic: self.topics.registry(),
-            payload,
-            retain: true,
-        }
-    }
-
     pub fn len(&self) -> usize {
         self.records.len()
     }
@@ -207,167 +171,6 @@ impl Registry {
             self.restored.push(name.clone());
             self.insert(now, name, record);
         }
-    }
-
-    /// The connection to the broker is (re)established: announce the
-    /// registry and re-publish every record, so a broker that lost its
-    /// retained messages gets them back. The caller publishes these before
-    /// it subscribes; the copies then come back as retained deliveries.
-    pub fn on_connected(&mut self) -> Vec<Publish> {
-        let mut out = vec![self.online()];
-        // Publishes still unconfirmed may have been lost with the old session
-        // (a clean session drops QoS 1 in flight): assert those topics again.
-        let mut pending: Vec<String> = self.echoes.drain_topics();
-        pending.sort();
-        out.extend(
-            pending
-                .iter()
-                .map(|raw| self.current(raw))
-                .filter(|p| p.payload.is_empty()),
-        );
-        let mut names: Vec<&Name> = self.records.keys().collect();
-        names.sort();
-        out.extend(names.into_iter().map(|n| Publish {
-            topic: self.topics.service(n.as_str()),
-            payload: self.records[n].payload.clone(),
-            retain: true,
-        }));
-        let statuses: Vec<Publish> = self
-            .health
-            .statuses()
-            .map(|(n, st)| self.health_status(n, st))
-            .collect();
-        out.extend(statuses);
-        for name in std::mem::take(&mut self.restored) {
-            if let Some(e) = self.records.get(&name) {
-                info!(name = %name, owner = %e.endpoint, "restored from state file");
-                out.push(self.event(&name, EventKind::Restored, Some(&e.endpoint)));
-            }
-        }
-        out
-    }
-
-    /// A message arrived on one of the registry's subscriptions.
-    pub fn on_message(
-        &mut self,
-        now: Instant,
-        topic: &str,
-        payload: Bytes,
-        delivery: Delivery,
-    ) -> Vec<Publish> {
-        match self.topics.classify(topic) {
-            Incoming::Service(raw) => {
-                let raw = raw.to_string();
-                if delivery == Delivery::Live && self.echoes.take(&raw, &payload) {
-                    return Vec::new();
-                }
-                let reassert = delivery == Delivery::Live && self.echoes.pending(&raw);
-                let mut out = match self.on_record(now, &raw, payload, delivery) {
-                    Judged::Accepted(ev) => vec![ev],
-                    // What the broker now holds is the refused publish:
-                    // restore the previous record or clear the topic.
-                    Judged::Refused { error, event, .. } => vec![self.current(&raw), error, event],
-                    Judged::Quiet => Vec::new(),
-                };
-                out.append(&mut self.extra);
-                let topic = self.topics.service(&raw);
-                if reassert && !out.iter().any(|p| p.retain && p.topic == topic) {
-                    // One of our publishes to this topic is still on its way
-                    // and will overwrite what just arrived: assert the
-                    // outcome again after it.
-                    out.push(self.current(&raw));
-                }
-                self.note_echoes(&out);
-                out
-            }
-            // A retained heartbeat is an old one replayed at subscribe time.
-            Incoming::Heartbeat(raw) if delivery == Delivery::Live => {
-                self.on_heartbeat(now, raw, &payload)
-            }
-            Incoming::Heartbeat(_) | Incoming::Registry | Incoming::Other => Vec::new(),
-        }
-    }
-
-    /// A record submitted through the HTTP API for `raw` (empty: remove
-    /// it), judged by the same rules as a live publish. The broker has not
-    /// seen it: on acceptance the output holds the retained publish of the
-    /// record (or the clear) and its event, and the answer is the event's
-    /// JSON; on refusal the output holds the error and the `rejected` event
-    /// (nothing to restore) and the answer is the error's JSON. A bad name
-    /// publishes nothing (it may not even be a valid topic); removing a name
-    /// that is not registered is answered `unknown` and publishes nothing.
-    pub fn on_submit(
-        &mut self,
-        now: Instant,
-        raw: &str,
-        payload: Bytes,
-    ) -> (Result<Bytes, Bytes>, Vec<Publish>) {
-        let name = match Name::parse(raw) {
-            Ok(n) => n,
-            Err(e) => {
-                self.stats.refusals += 1;
-                warn!(name = raw, error = e.code().as_str(), detail = %e, "refused");
-                let err = self.error(raw, e.code(), &e.to_string(), None, None);
-                return (Err(err.payload), Vec::new());
-            }
-        };
-        let (answer, mut out) = match self.on_record(now, raw, payload, Delivery::Live) {
-            Judged::Accepted(ev) => (Ok(ev.payload.clone()), vec![self.current(raw), ev]),
-            Judged::Refused { error, event, .. } => {
-                (Err(error.payload.clone()), vec![error, event])
-            }
-            // A live submission is quiet only when it removes a free name.
-            Judged::Quiet => {
-                let detail = format!("{name} is not registered");
-                let err = self.error(raw, ErrorCode::Unknown, &detail, None, None);
-                (Err(err.payload), Vec::new())
-            }
-        };
-        out.append(&mut self.extra);
-        self.note_echoes(&out);
-        (answer, out)
-    }
-
-    /// A record (empty: a removal) or a heartbeat published on the bus,
-    /// judged before the bus stores or forwards it. Accepted: the output
-    /// holds what the bus is to store and forward (the record, its clear,
-    /// or the heartbeat) and the event; refused: the error and the
-    /// `rejected` event only. An empty publish to a free or bad name is
-    /// accepted and changes nothing.
-    pub fn on_gate(
-        &mut self,
-        now: Instant,
-        kind: GateKind,
-        raw: &str,
-        payload: Bytes,
-    ) -> (Result<(), ErrorCode>, Vec<Publish>) {
-        let (verdict, mut out) = match kind {
-            GateKind::Record => match self.on_record(now, raw, payload, Delivery::Live) {
-                Judged::Accepted(ev) => (Ok(()), vec![self.current(raw), ev]),
-                Judged::Refused { code, error, event } => (Err(code), vec![error, event]),
-                Judged::Quiet => (Ok(()), Vec::new()),
-            },
-            GateKind::Heartbeat => {
-                let errors = self.on_heartbeat(now, raw, &payload);
-                match errors.first() {
-                    None => {
-                        let beat = Publish {
-                            topic: self.topics.heartbeat(raw),
-                            payload,
-                            retain: false,
-                        };
-                        (Ok(()), vec![beat])
-                    }
-                    Some(e) => {
-                        let code = serde_json::from_slice::<ErrorPayload>(&e.payload)
-                            .map_or(ErrorCode::Invalid, |p| p.error);
-                        (Err(code), errors)
-                    }
-                }
-            }
-        };
-        out.append(&mut self.extra);
-        (verdict, out)
     }
 
     /// Expires every record whose deadline is at or before `now`.
@@ -565,55 +368,6 @@ impl Registry {
         Judged::Refused { code, error, event }
     }
 
-    /// What the topic of `raw` should hold now: the record, or nothing.
-    fn current(&self, raw: &str) -> Publish {
-        let record = Name::parse(raw).ok().and_then(|n| self.records.get(&n));
-        match record {
-            Some(e) => Publish {
-                topic: self.topics.service(raw),
-                payload: e.payload.clone(),
-                retain: true,
-            },
-            None => self.clear(raw),
-        }
-    }
-
-    fn health_clear(&self, name: &str) -> Publish {
-        Publish {
-            topic: self.topics.health(name),
-            payload: Bytes::new(),
-            retain: true,
-        }
-    }
-
-    fn health_status(&self, name: &Name, s: &health::Status) -> Publish {
-        let status = HealthStatus {
-            check: s.check.clone(),
-            detail: s.detail.clone(),
-            failures: s.failures,
-            name: name.to_string(),
-            of: s.of,
-            status: if s.passing {
-                HealthState::Passing
-            } else {
-                HealthState::Failing
-            },
-        };
-        Publish {
-            topic: self.topics.health(name.as_str()),
-            payload: to_bytes(&status),
-            retain: true,
-        }
-    }
-
-    fn clear(&self, raw: &str) -> Publish {
-        Publish {
-            topic: self.topics.service(raw),
-            payload: Bytes::new(),
-            retain: true,
-        }
-    }
-
     fn insert(&mut self, now: Instant, name: Name, record: Record) {
         if let Some(old) = self.records.remove(&name)
             && let Some(t) = old.deadline
@@ -661,47 +415,6 @@ impl Registry {
             self.deadlines.insert((now + ttl, name.clone()));
         }
     }
-
-    /// An error; `owner` for `owned`, `from` the refused publisher's
-    /// endpoint where it is known.
-    fn error(
-        &self,
-        raw: &str,
-        code: ErrorCode,
-        detail: &str,
-        owner: Option<&Endpoint>,
-        from: Option<&Endpoint>,
-    ) -> Publish {
-        let error = ErrorPayload {
-            detail: detail.to_string(),
-            endpoint: from.cloned(),
-            error: code,
-            name: raw.to_string(),
-            owner: owner.cloned(),
-        };
-        Publish {
-            topic: self.topics.error(raw),
-            payload: to_bytes(&error),
-            retain: false,
-        }
-    }
-
-    fn event(&self, name: &Name, kind: EventKind, endpoint: Option<&Endpoint>) -> Publish {
-        self.announce(&EventPayload::new(name.as_str(), kind, endpoint))
-    }
-
-    fn announce(&self, event: &EventPayload) -> Publish {
-        Publish {
-            topic: self.topics.event(&event.name),
-            payload: to_bytes(event),
-            retain: false,
-        }
-    }
-}
-
-/// A payload's JSON.
-fn to_bytes(payload: &impl Serialize) -> Bytes {
-    Bytes::from(serde_json::to_vec(payload).expect("a payload is JSON"))
 }
 
 fn owned_detail(owner: &Endpoint, from: &Endpoint) -> String {
