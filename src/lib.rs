@@ -3,14 +3,15 @@
 //!
 //! ```text
 //!  services ──publish retained──▶ PREFIX/services/NAME ◀──subscribe── consumers
-//!                                      │   ▲
-//!                     (embedded rumqttd│or │an external broker)
-//!                                      ▼   │ restore / clear / events
-//!                              registry actor (registry::actor)
-//!                                      │ input + time
-//!                                      ▼
-//!                     pure rules (registry::state, record) ──▶ publishes
+//!     │                                                                 ▲
+//!     ▼ one port: MQTT 3.1.1/5, WebSocket, HTTP (bus::listener, http)   │
+//!  session (bus::session) ──▶ registry gate ──▶ rumqttd's router ──────┘
+//!                             (registry::actor: input + time
+//!                              ▶ pure rules: registry::state, record)
 //! ```
+//!
+//! With `--broker` the registry runs against an external broker instead and
+//! judges records after the fact (restore / clear).
 //!
 //! A Rust service registers in three lines with [`client::Registration`]
 //! (heartbeats, re-assertion and reconnection run in the background) and
@@ -42,8 +43,9 @@
 //! # Ok(()) }
 //! ```
 //!
-//! [`record`] validates names and records for everyone; [`registry`] holds
-//! the rules and the actor; [`broker`] configures the embedded broker;
+//! [`record`] validates names and records for everyone; [`protocol`] types
+//! the registry's payloads; [`registry`] holds the rules and the actor;
+//! [`bus`] is the MQTT server on rumqttd's router; [`http`] the HTTP API;
 //! [`serve`] wires them; [`client`] is the helper for Rust services;
 //! [`cli`] is the commands for people, built on it. The wire
 //! contract is `docs/PROTOCOL.md`; [`protocol`] types the registry's
