@@ -233,9 +233,9 @@ def wait_for_port(port, proc, timeout=TIMEOUT):
 class Broker:
     """A running broker. `kind` is "mosquitto" or "homicro"."""
 
-    def __init__(self, kind, port, proc, stderr_path):
+    def __init__(self, kind, port, proc, stderr_path, pump=None):
         self.kind, self.port, self.proc = kind, port, proc
-        self.stderr_path = stderr_path
+        self.stderr_path, self.pump = stderr_path, pump
         self.clients = []
 
     def client(self, client_id="", version=V5, connect=True, **kw):
@@ -263,6 +263,8 @@ class Broker:
                 pass
         self.proc.kill()
         self.proc.wait()
+        if self.pump:
+            self.pump.join(TIMEOUT)  # the log is complete
 
 
 def mosquitto_bin():
@@ -314,7 +316,8 @@ def start_homicro(tmp):
                     found.put(int(m.group(1)))
         found.put(None)
 
-    threading.Thread(target=pump, daemon=True).start()
+    pumper = threading.Thread(target=pump, daemon=True)
+    pumper.start()
     try:
         port = found.get(timeout=TIMEOUT)
     except queue.Empty:
@@ -322,7 +325,7 @@ def start_homicro(tmp):
     if port is None:
         proc.kill()
         raise RuntimeError(f"homicro did not report `homicro serving`:\n{open(log).read()}")
-    broker = Broker("homicro", port, proc, log)
+    broker = Broker("homicro", port, proc, log, pumper)
     watcher = broker.client("conformance-registry-probe", version=V311)
     watcher.subscribe("homicro/registry", 1)
     while True:

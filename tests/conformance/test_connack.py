@@ -26,6 +26,35 @@ def test_v5_connack_properties_match_the_reference(broker, keepalive):
     assert ack.props == MOSQUITTO_CONNACK[keepalive]
 
 
+CONNECTS = {  # the same CONNECT to both brokers
+    "v5-keepalive-60": dict(version=R.V5, client_id="same", keepalive=60),
+    "v5-keepalive-0": dict(version=R.V5, client_id="same", keepalive=0),
+    "v5-keepalive-max": dict(version=R.V5, client_id="same", keepalive=65535),
+    "v5-empty-id": dict(version=R.V5, client_id=""),
+    "v5-client-limits": dict(version=R.V5, client_id="same", props={
+        "ReceiveMaximum": 5, "MaximumPacketSize": 1000, "TopicAliasMaximum": 3,
+        "SessionExpiryInterval": 100, "RequestResponseInformation": 1,
+        "RequestProblemInformation": 0}),
+    "v5-empty-id-resume": dict(version=R.V5, client_id="", clean=False),
+    "v311-keepalive-0": dict(version=R.V311, client_id="same", keepalive=0),
+    "v311-empty-id-resume": dict(version=R.V311, client_id="", clean=False),
+}
+
+
+def connack(broker, version, client_id, **kw):
+    ack = broker.raw(version).connect(client_id, **kw)
+    props = dict(ack.props)
+    if "AssignedClientIdentifier" in props:  # its value is the broker's own
+        props["AssignedClientIdentifier"] = "assigned"
+    return ack.fields["reason"], ack.fields["session_present"], props
+
+
+@pytest.mark.parametrize("name", CONNECTS)
+def test_connack_equals_the_reference_brokers_for_the_same_connect(mosquitto, homicro, name):
+    """Both brokers side by side: reason code, session present, properties."""
+    assert connack(homicro, **CONNECTS[name]) == connack(mosquitto, **CONNECTS[name])
+
+
 def test_v5_empty_client_id_gets_an_assigned_client_identifier(broker):
     first = broker.raw(R.V5).connect("")
     second = broker.raw(R.V5).connect("")

@@ -8,7 +8,9 @@ def test_qos2_publish_past_receive_maximum_is_refused(broker):
     """The spec (3.3.4) says DISCONNECT 0x93 Receive Maximum exceeded; that is
     what newer Mosquitto sends. Mosquitto 2.0.11 instead answers the
     offending PUBLISH with PUBREC 0x97 Quota exceeded and keeps the
-    connection. Either way the refused message never reaches anyone."""
+    connection. Either way the refused message never reaches anyone. (The
+    ones before it may be forwarded on PUBLISH or on PUBREL: both are
+    allowed, 4.3.3; Mosquitto waits for the PUBREL.)"""
     watcher = broker.client("rm-watcher")
     watcher.subscribe("rm/#", 1)  # one QoS: delivered in order
     c = broker.raw(R.V5)
@@ -20,23 +22,22 @@ def test_qos2_publish_past_receive_maximum_is_refused(broker):
         assert c.expect(R.PUBREC).fields == {"packet_id": i, "reason": 0}
     c.send(R.publish("rm/t", "over", qos=2, packet_id=rm + 1, version=R.V5))
     answer = c.recv()
+    accepted = [f"m{i}".encode() for i in range(1, rm + 1)]
     if answer.type == R.DISCONNECT:
         assert answer.fields["reason"] == 0x93
         assert c.recv_until_closed() == []
-        released = []
-        marker = broker.client("rm-marker")
-        marker.publish("rm/marker", "marker", qos=1)
+        broker.client("rm-marker").publish("rm/marker", "marker", qos=1)
+        expected = ([b"marker"], accepted + [b"marker"])
     else:
         assert answer.type == R.PUBREC
         assert answer.fields == {"packet_id": rm + 1, "reason": 0x97}
         for i in range(1, rm + 1):
             c.send(R.ack(R.PUBREL, i, R.V5))
             assert c.expect(R.PUBCOMP).fields["packet_id"] == i
-        released = [f"m{i}".encode() for i in range(1, rm + 1)]
         c.send(R.publish("rm/marker", "marker", qos=1, packet_id=1, version=R.V5))
         assert c.expect(R.PUBACK).fields["reason"] == 0
-    got = [m.payload for m in watcher.get_until("rm/marker")]
-    assert got == released + [b"marker"]
+        expected = (accepted + [b"marker"],)
+    assert [m.payload for m in watcher.get_until("rm/marker")] in expected
 
 
 def test_message_larger_than_the_client_maximum_packet_size_is_not_sent(broker):
