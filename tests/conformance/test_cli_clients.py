@@ -1,4 +1,4 @@
-"""Mosquitto's own command-line clients as third-party clients."""
+"""Mosquitto's own command-line clients (mosquitto_pub, _sub, _rr) as third-party clients."""
 
 import json
 import queue
@@ -46,7 +46,7 @@ def sub(broker, version):
     return s
 
 
-def test_mosquitto_pub_v5_properties_reach_mosquitto_sub_v5_and_v311(broker):
+def test_command_line_pub_v5_properties_reach_command_line_sub_v5_and_v311(broker):
     subs = {v: sub(broker, v) for v in ("mqttv5", "mqttv311")}
     try:
         d = ["-D", "publish"]
@@ -73,7 +73,7 @@ def test_mosquitto_pub_v5_properties_reach_mosquitto_sub_v5_and_v311(broker):
     assert not got["mqttv311"].get("properties")
 
 
-def test_mosquitto_rr_request_gets_its_response(broker):
+def test_command_line_rr_request_gets_its_response(broker):
     responder = broker.client("cli-responder")
     responder.subscribe("cli/request", 1)
     rr = Cli("mosquitto_rr", "-p", str(broker.port), "-t", "cli/request", "-e", "cli/response",
