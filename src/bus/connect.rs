@@ -92,13 +92,6 @@ pub async fn handshake(
         connect.client_id = crate::mqtt::client_id("auto");
         assigned = true;
     }
-    if v == Version::V4 && connect.keep_alive > bus.limits.max_keepalive {
-        // A 3.1.1 client cannot be told a shorter keepalive: refused, as
-        // Mosquitto refuses it.
-        debug!(%peer, keep_alive = connect.keep_alive, "keepalive above max_keepalive");
-        refuse(&mut writer, v, rc::IDENTIFIER_REJECTED).await;
-        return None;
-    }
     if connect.props.auth_method.is_some() {
         refuse(&mut writer, v, reason::BAD_AUTH_METHOD).await;
         return None;
@@ -150,12 +143,40 @@ pub fn connack_properties(bus: &Bus, c: &Connect, assigned: bool) -> Properties 
     }
 }
 
-/// The keepalive the server holds the client to: the client's, lowered to
-/// `max`; an MQTT 5 client asking for none gets `max` (as Mosquitto does:
-/// Server Keep Alive 65535 by default).
+/// The keepalive the server holds the client to. An MQTT 5 client asking
+/// for none or for more than `max` gets `max` (announced as Server Keep
+/// Alive); a 3.1.1 client cannot be told, and keeps its own (both as
+/// Mosquitto 2.0 does).
 pub fn granted_keepalive(max: u16, c: &Connect) -> u16 {
     match c.version {
         Version::V5 if c.keep_alive == 0 || c.keep_alive > max => max,
         _ => c.keep_alive,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect(version: Version, keep_alive: u16) -> Connect {
+        Connect {
+            version,
+            clean_start: true,
+            keep_alive,
+            client_id: "c".into(),
+            props: Properties::default(),
+            will: None,
+            username: None,
+            password: None,
+        }
+    }
+
+    #[test]
+    fn keepalive_is_lowered_for_mqtt5_only() {
+        assert_eq!(granted_keepalive(60, &connect(Version::V5, 30)), 30);
+        assert_eq!(granted_keepalive(60, &connect(Version::V5, 120)), 60);
+        assert_eq!(granted_keepalive(60, &connect(Version::V5, 0)), 60);
+        assert_eq!(granted_keepalive(60, &connect(Version::V4, 120)), 120);
+        assert_eq!(granted_keepalive(60, &connect(Version::V4, 0)), 0);
     }
 }
