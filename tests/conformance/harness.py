@@ -274,11 +274,12 @@ def mosquitto_bin():
     return found
 
 
-def start_mosquitto(tmp):
+def start_mosquitto(tmp, extra=""):
+    """`extra`: more lines for mosquitto.conf."""
     port = free_port()
     conf = os.path.join(tmp, "mosquitto.conf")
     with open(conf, "w") as f:
-        f.write(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        f.write(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra}")
     log = os.path.join(tmp, "mosquitto.log")
     with open(log, "w") as err:
         proc = subprocess.Popen([mosquitto_bin(), "-c", conf], stdout=err, stderr=err)
@@ -296,11 +297,18 @@ def homicro_bin():
 SERVING = re.compile(r"homicro serving.*listen=mqtt://127\.0\.0\.1:(\d+)")
 
 
-def start_homicro(tmp):
+def start_homicro(tmp, config=""):
+    """`config`: a homicro.toml to serve with (empty: the defaults)."""
     log = os.path.join(tmp, "homicro.log")
+    args = [homicro_bin(), "serve", "--listen", "127.0.0.1:0",
+            "--state-file", os.path.join(tmp, "state.json")]
+    if config:
+        path = os.path.join(tmp, "homicro.toml")
+        with open(path, "w") as f:
+            f.write(config)
+        args += ["--config", path]
     proc = subprocess.Popen(
-        [homicro_bin(), "serve", "--listen", "127.0.0.1:0",
-         "--state-file", os.path.join(tmp, "state.json")],
+        args,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         env={**os.environ, "NO_COLOR": "1"})
     found = queue.Queue()

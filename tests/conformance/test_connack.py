@@ -92,3 +92,30 @@ def test_keepalive_0_is_accepted_and_never_times_out(broker):
     for c in clients:
         c.send(R.pingreq())
         assert c.recv().type == R.PINGRESP
+
+
+def test_max_keepalive_lowers_a_v5_keepalive_and_leaves_a_v311_one(tmp_path):
+    """Both brokers told max_keepalive 60: a v5 client asking for 120 or 0 is
+    told 60 (Server Keep Alive); a v3.1.1 client asking for 120 is accepted
+    and told nothing (it cannot be)."""
+    import harness
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "h").mkdir()
+    brokers = [
+        harness.start_mosquitto(str(tmp_path / "m"), extra="max_keepalive 60\n"),
+        harness.start_homicro(str(tmp_path / "h"), config="[embedded]\nmax_keepalive = 60\n"),
+    ]
+    try:
+        for b in brokers:
+            for ka in (120, 0):
+                ack = b.raw(R.V5).connect(f"ka5-{ka}", keepalive=ka)
+                assert ack.fields["reason"] == 0, b.kind
+                assert ack.props.get("ServerKeepAlive") == 60, (b.kind, ka, ack.props)
+            ack = b.raw(R.V5).connect("ka5-30", keepalive=30)
+            assert "ServerKeepAlive" not in ack.props, (b.kind, ack.props)
+            ack = b.raw(R.V311).connect("ka4-120", keepalive=120)
+            assert ack.fields["reason"] == 0, b.kind
+    finally:
+        for b in brokers:
+            b.stop()
