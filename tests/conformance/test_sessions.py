@@ -78,3 +78,14 @@ def test_v5_session_is_gone_after_its_expiry_interval(broker):
     publish_while_offline(broker, "lost")
     time.sleep(3.5)  # the expiry itself is the subject (Mosquitto checks once a second)
     assert resume_and_mark(broker, "short-lived", V5) == (False, [b"marker"])
+
+
+def test_an_offline_session_queues_at_most_max_queued_messages(broker):
+    """1,500 QoS 1 messages for an absent persistent session: both brokers
+    keep the first 1,000 (max_queued_messages) and drop the rest."""
+    persistent(broker, "overflow", V311, clean=False)
+    publish_while_offline(broker, *[f"m{i}" for i in range(1500)])
+    present, got = resume_and_mark(broker, "overflow", V311)
+    assert present
+    assert got[-1] == b"marker"
+    assert got[:-1] == [f"m{i}".encode() for i in range(1000)]
