@@ -148,11 +148,11 @@ fn limits(config: &ServeConfig) -> Limits {
 }
 
 /// rumqttd's router settings (its defaults do not work: every field is
-/// set). Links hold as many sessions as the bus allows, plus the
-/// registry's.
+/// set). Links: one per session the bus allows, the registry's, and the
+/// few the link factory keeps ready.
 pub fn router_config(c: &BrokerConfig) -> RouterConfig {
     RouterConfig {
-        max_connections: c.max_connections + 16,
+        max_connections: c.max_connections + 64,
         // For QoS 0 subscriptions (all of the bus's) this is both the batch
         // size of a read and the cap on retained messages delivered at
         // subscribe time: it must exceed the number of records.

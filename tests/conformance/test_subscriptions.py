@@ -71,3 +71,16 @@ def test_retain_handling(broker, handling, expected):
     pub.publish("rh/kept", "kept", qos=1, retain=True)
     sub = broker.client(f"rh-sub-{handling}")
     assert _retained_then_marker(sub, pub, handling) == expected
+
+
+@pytest.mark.parametrize("version", [V311, 5], ids=["v311", "v5"])
+def test_a_sys_subscription_is_granted_and_the_session_carries_on(broker, version):
+    """MQTT Explorer and friends subscribe to `$SYS/#` first: granted, and
+    the session still works (homicro publishes no `$` topics; Mosquitto
+    does, so only what follows is compared)."""
+    c = broker.client("sys-watcher", version=version)
+    assert c.subscribe("$SYS/#", 0) == [0]
+    assert c.subscribe("sys/after", 1) == [1]
+    broker.client("sys-pub").publish("sys/after", "still here", qos=1)
+    got = [m for m in c.get_until("sys/after") if not m.topic.startswith("$SYS")]
+    assert [m.payload for m in got] == [b"still here"]

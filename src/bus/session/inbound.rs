@@ -11,7 +11,7 @@ use tracing::debug;
 use super::{End, Session, Sub};
 use crate::bus::codec::{self, AckKind, Packet, Publish, Subscription, Version, reason};
 use crate::bus::gate::{self, Gated};
-use crate::bus::router::RoutedPublish;
+use crate::bus::router::{INTERNAL_PREFIX, RoutedPublish};
 use crate::topics::Incoming;
 
 impl Session {
@@ -185,6 +185,10 @@ impl Session {
     /// record or heartbeat, otherwise to the router. The MQTT 5 reason
     /// code for the acknowledgement.
     pub(super) async fn route(&mut self, p: &Publish, peer: Option<SocketAddr>) -> u8 {
+        // `$` topics are the server's (MQTT 4.7.2): none are routed.
+        if p.topic.starts_with(INTERNAL_PREFIX) || p.topic.starts_with('$') {
+            return reason::NOT_AUTHORIZED;
+        }
         if let Some(registry) = &self.bus.gate {
             let topics = &self.bus.topics;
             let kind = match topics.classify(&p.topic) {
@@ -230,8 +234,8 @@ impl Session {
     async fn on_subscribe(&mut self, pkid: u16, id: Option<u32>, subs: Vec<Subscription>) {
         let mut codes = Vec::with_capacity(subs.len());
         for s in subs {
+            let v4 = self.conn.as_ref().is_some_and(|c| c.version == Version::V4);
             if !codec::valid_filter(&s.filter) {
-                let v4 = self.conn.as_ref().is_some_and(|c| c.version == Version::V4);
                 codes.push(if v4 {
                     0x80
                 } else {
@@ -239,8 +243,16 @@ impl Session {
                 });
                 continue;
             }
+            if codec::match_part(&s.filter).starts_with(INTERNAL_PREFIX) {
+                codes.push(if v4 { 0x80 } else { reason::NOT_AUTHORIZED });
+                continue;
+            }
             let existed = self.subs.contains_key(&s.filter);
+            // `$SYS/#` and the like are granted, but homicro publishes no `$`
+            // topics, and rumqttd drops a link that subscribes to one.
+            let server_topics = s.filter.starts_with('$') && !s.filter.starts_with("$share/");
             let router_ok = match (existed, s.retain_handling) {
+                _ if server_topics => Ok(()),
                 (false, _) => self.link.subscribe(&s.filter).await,
                 // Retained messages again: the router sends them only for
                 // a filter new to the link.
@@ -276,7 +288,9 @@ impl Session {
         let mut codes = Vec::with_capacity(filters.len());
         for f in filters {
             if self.subs.remove(&f).is_some() {
-                let _ = self.link.unsubscribe(&f).await;
+                if !f.starts_with('$') || f.starts_with("$share/") {
+                    let _ = self.link.unsubscribe(&f).await;
+                }
                 codes.push(reason::SUCCESS);
             } else {
                 codes.push(reason::NO_SUBSCRIPTION_EXISTED);

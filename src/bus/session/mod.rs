@@ -148,6 +148,11 @@ pub async fn run(
         s.publish_will(will).await;
     }
     sessions::remove(&bus, &client_id, number, rx);
+    let routed = s
+        .subs
+        .into_keys()
+        .filter(|f| !f.starts_with('$') || f.starts_with("$share/"));
+    s.link.recycle(routed).await;
     debug!(client_id, "session ended");
 }
 
@@ -321,6 +326,9 @@ impl Session {
             self.publish_will(will).await;
         }
         for filter in std::mem::take(&mut self.subs).into_keys() {
+            if filter.starts_with('$') && !filter.starts_with("$share/") {
+                continue;
+            }
             if self.link.unsubscribe(&filter).await.is_err() {
                 break;
             }
