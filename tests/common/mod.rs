@@ -52,16 +52,46 @@ impl Serve {
 
     /// `serve` with `args` and the state file `state`; waits until online.
     pub async fn start_with(args: &[&str], state: &Path) -> Serve {
-        let mut child = Command::new(bin())
-            .arg("serve")
+        Serve::spawn(args, state, None).await
+    }
+
+    /// `start`, with the file-descriptor limit (soft and hard, so serve
+    /// cannot raise it) set to `nofile` in the child before it runs, as
+    /// `prlimit --nofile=N:N` would.
+    pub async fn start_with_fd_limit(nofile: u64) -> Serve {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state.json");
+        let args = ["--listen", "127.0.0.1:0"];
+        let mut s = Serve::spawn(&args, &state, Some(nofile)).await;
+        s._tmp = Some(tmp);
+        s
+    }
+
+    async fn spawn(args: &[&str], state: &Path, nofile: Option<u64>) -> Serve {
+        let mut cmd = Command::new(bin());
+        cmd.arg("serve")
             .args(args)
             .arg("--state-file")
             .arg(state)
             .env("RUST_LOG", log_filter(args))
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn homicro serve");
+            .stderr(Stdio::piped());
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit {
+                rlim_cur: n as libc::rlim_t,
+                rlim_max: n as libc::rlim_t,
+            };
+            // SAFETY: setrlimit is async-signal-safe and reads a copied
+            // local; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || match libc::setrlimit(libc::RLIMIT_NOFILE, &lim) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                });
+            }
+        }
+        let mut child = cmd.spawn().expect("spawn homicro serve");
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let stderr = child.stderr.take().unwrap();
@@ -112,6 +142,16 @@ impl Serve {
 
     pub fn log(&self) -> String {
         self.log.lock().unwrap().join("\n")
+    }
+
+    /// How many lines serve has logged so far.
+    pub fn log_lines(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    /// Lines logged from the `from`th on.
+    pub fn log_since(&self, from: usize) -> Vec<String> {
+        self.log.lock().unwrap()[from..].to_vec()
     }
 
     /// Waits for a log line containing `needle`.

@@ -125,6 +125,37 @@ impl Raw {
         }
     }
 
+    /// PUBLISHes every (topic, payload) at QoS 1 in one write, then waits
+    /// for all their PUBACKs, each within `within` of the one before.
+    pub async fn publish_all(
+        &mut self,
+        messages: &[(String, Vec<u8>)],
+        retain: bool,
+        within: Duration,
+    ) {
+        let mut out = Vec::new();
+        for (topic, payload) in messages {
+            let mut body = Vec::new();
+            string(topic.as_bytes(), &mut body);
+            body.extend_from_slice(&self.next_id.to_be_bytes());
+            self.next_id = self.next_id.checked_add(1).unwrap_or(1);
+            if self.v5 {
+                body.push(0);
+            }
+            body.extend_from_slice(payload);
+            out.extend(packet(0x32 | u8::from(retain), &body));
+        }
+        self.send(&out).await;
+        let mut acked = 0;
+        while acked < messages.len() {
+            let read = tokio::time::timeout(within, self.read_packet_no_wait()).await;
+            let (f, _) = read
+                .unwrap_or_else(|_| panic!("{acked} of {} PUBACKs", messages.len()))
+                .expect("PUBACK");
+            acked += usize::from(f >> 4 == 4);
+        }
+    }
+
     /// SUBSCRIBE; returns the granted QoS from the SUBACK.
     pub async fn subscribe(&mut self, filter: &str, qos: u8) -> u8 {
         let id = self.next_id;
@@ -173,10 +204,13 @@ impl Raw {
                     return Some((first, body));
                 }
             }
-            let mut chunk = [0u8; 65536];
-            match self.stream.read(&mut chunk).await {
+            // Into the heap: a 64 KiB array here made every future
+            // holding a read 64 KiB larger, and debug builds overflowed
+            // a test thread's stack with a few of them.
+            self.buf.reserve(8192);
+            match self.stream.read_buf(&mut self.buf).await {
                 Ok(0) | Err(_) => return None,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(_) => {}
             }
         }
     }
@@ -222,6 +256,11 @@ impl Raw {
         })
         .await
         .is_ok()
+    }
+
+    /// The socket and the bytes read from it but not yet parsed.
+    pub fn into_parts(self) -> (TcpStream, Vec<u8>) {
+        (self.stream, self.buf)
     }
 
     pub async fn disconnect(mut self) {
