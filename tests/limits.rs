@@ -211,6 +211,7 @@ async fn memory_comes_back(rounds: usize, clients: usize, records: usize) {
     let mut rss = Vec::new();
     for round in 0..rounds {
         let started = Instant::now();
+        let trims = metric(port, "homicro_bus_memory_trims_total").await;
         let subscribers = connect_many(port, &format!("r{round}-sub"), clients, SERVICES).await;
         let mut receivers = JoinSet::new();
         for raw in subscribers {
@@ -233,6 +234,11 @@ async fn memory_comes_back(rounds: usize, clients: usize, records: usize) {
         registrar.disconnect().await;
         wait_metric(port, "homicro_records", 0).await;
         wait_metric(port, "homicro_bus_sessions", before).await;
+        // Serve gives freed memory back once the sessions have gone and
+        // their number held still for a second: wait for that.
+        while metric(port, "homicro_bus_memory_trims_total").await <= trims {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         rss.push(rss_mib(pid));
         println!(
             "round {:2}: {:6.1} MiB idle, {:?}",

@@ -28,6 +28,9 @@ pub struct Conn {
     pub connect: Connect,
     /// The server chose the client id (sent back in an MQTT 5 CONNACK).
     pub assigned: bool,
+    /// The connection's place under the listener's connection cap, held
+    /// until the connection ends.
+    pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// MQTT 3.1.1 CONNACK return codes.
@@ -112,6 +115,7 @@ pub async fn handshake(
         peer,
         connect,
         assigned,
+        permit: None,
     })
 }
 

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -46,10 +46,9 @@ pub async fn run(listener: TcpListener, bus: Arc<Bus>) {
                 let bus = bus.clone();
                 let garbage_tx = garbage_tx.clone();
                 tokio::spawn(async move {
-                    if let Some(what) = handle(bus, stream, peer, full).await {
+                    if let Some(what) = handle(bus, stream, peer, full, permit).await {
                         let _ = garbage_tx.send(what);
                     }
-                    drop(permit);
                 });
             }
             Err(e) => {
@@ -65,11 +64,19 @@ pub async fn run(listener: TcpListener, bus: Arc<Bus>) {
 }
 
 /// Serves one connection; returns a description of it if it was garbage.
-async fn handle(bus: Arc<Bus>, stream: TcpStream, peer: SocketAddr, full: bool) -> Option<String> {
+/// `permit` is held as long as the connection is open (an MQTT client's
+/// goes with it to its session).
+async fn handle(
+    bus: Arc<Bus>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    full: bool,
+    permit: OwnedSemaphorePermit,
+) -> Option<String> {
     let _ = stream.set_nodelay(true);
     set_keepalive(&stream);
     let deadline = Instant::now() + bus.limits.handshake_timeout;
-    let mut first = [0u8; 8];
+    let mut first = [0u8; 16];
     let kind = match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
         Ok(Ok(0)) | Ok(Err(_)) => return None,
         Ok(Ok(n)) => classify::classify(&first[..n]),
@@ -82,16 +89,22 @@ async fn handle(bus: Arc<Bus>, stream: TcpStream, peer: SocketAddr, full: bool) 
     match kind {
         Kind::Mqtt => {
             let (r, w) = stream.into_split();
-            start_mqtt(&bus, Box::new(r), Box::new(w), peer, deadline, full).await;
+            let io = (
+                Box::new(r) as connect::Reader,
+                Box::new(w) as connect::Writer,
+            );
+            start_mqtt(&bus, io, peer, deadline, full, Some(permit)).await;
             None
         }
-        Kind::Http if full => {
+        // Monitoring still sees an overloaded server.
+        Kind::Http if full && !first.starts_with(b"GET /metrics") => {
             bus.metrics.refused_full.fetch_add(1, Ordering::Relaxed);
             crate::http::unavailable(stream, deadline).await;
             None
         }
         Kind::Http => {
             crate::http::serve(bus, stream, peer).await;
+            drop(permit);
             None
         }
         Kind::Garbage => {
@@ -108,18 +121,27 @@ where
 {
     let deadline = Instant::now() + bus.limits.handshake_timeout;
     let (r, w) = tokio::io::split(io);
-    start_mqtt(&bus, Box::new(r), Box::new(w), peer, deadline, false).await;
+    start_mqtt(
+        &bus,
+        (Box::new(r), Box::new(w)),
+        peer,
+        deadline,
+        false,
+        None,
+    )
+    .await;
 }
 
 async fn start_mqtt(
     bus: &Arc<Bus>,
-    r: connect::Reader,
-    w: connect::Writer,
+    (r, w): (connect::Reader, connect::Writer),
     peer: SocketAddr,
     deadline: Instant,
     full: bool,
+    permit: Option<OwnedSemaphorePermit>,
 ) {
-    if let Some(conn) = connect::handshake(bus, r, w, peer, deadline, full).await {
+    if let Some(mut conn) = connect::handshake(bus, r, w, peer, deadline, full).await {
+        conn.permit = permit;
         sessions::dispatch(bus, conn);
     }
 }

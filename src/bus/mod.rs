@@ -144,6 +144,10 @@ pub struct Metrics {
     pub dropped: AtomicU64,
     /// Wills published.
     pub wills: AtomicU64,
+    /// Times freed memory was given back after sessions ended.
+    pub trims: AtomicU64,
+    /// Sessions that have ended.
+    pub sessions_ended: AtomicU64,
 }
 
 /// Connections of one kind: how many are open and how many there were.
@@ -169,3 +173,36 @@ impl Drop for GaugeGuard<'_> {
         self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
+
+/// Gives freed memory back to the system after clients leave. glibc keeps
+/// what a burst freed for reuse (measured: 20 rounds of 2,000 subscribers
+/// left RSS at 1.15 GB with no client and no record; `malloc_trim` brought
+/// it to 110 MB), so once sessions have ended and their number has held
+/// still for a second, the heap is trimmed, off the executor.
+pub async fn trim_memory(bus: std::sync::Arc<Bus>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let ended = || bus.metrics.sessions_ended.load(Ordering::Relaxed);
+    let mut trimmed_at = ended();
+    let mut prev = bus.session_count();
+    loop {
+        tick.tick().await;
+        let now = bus.session_count();
+        if ended() > trimmed_at && now == prev {
+            trimmed_at = ended();
+            let _ = tokio::task::spawn_blocking(trim).await;
+            bus.metrics.trims.fetch_add(1, Ordering::Relaxed);
+        }
+        prev = now;
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim() {
+    // SAFETY: malloc_trim only walks glibc's own heap; any argument is valid.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim() {}

@@ -60,20 +60,7 @@ pub struct Router {
     ids: Arc<Mutex<IdPool>>,
     /// The link factory's requests (see [`Router::link`]).
     factory: std_mpsc::Sender<Reply>,
-    /// Links given back by ended sessions, clean, for the next ones.
-    recycled: Arc<Mutex<Vec<Link>>>,
 }
-
-/// Links kept for reuse at most. Reusing a link spares the router a
-/// connect and a disconnect, whose allocations (~150 KB a link in rumqttd)
-/// fragment the heap: 20 rounds of 2,000 clients grew RSS without bound.
-const RECYCLED_LINKS: usize = 4096;
-
-/// The topic prefix of the bus's own traffic through the router (link
-/// fences); clients may neither publish nor subscribe under it, and a
-/// client's `#` never gets it. (Not a `$` topic: rumqttd drops a link that
-/// subscribes to one, and matches none.)
-pub const INTERNAL_PREFIX: &str = "\u{1}homicro/";
 
 /// Router client ids for links: reused, so the router's per-id records
 /// stay as many as links ever open at once.
@@ -103,7 +90,6 @@ impl Router {
             gone: Arc::new(move || gone_tx.is_disconnected()),
             ids: Arc::default(),
             factory,
-            recycled: Arc::default(),
         };
         let r = router.clone();
         std::thread::Builder::new()
@@ -129,18 +115,13 @@ impl Router {
             })
         };
         match (self.build)(&format!("%link-{n}")) {
-            Some((mut tx, rx)) => {
-                // Its fence, for recycling (see `Link::recycle`).
-                let _ = tx.subscribe(fence_topic(n));
-                Ok(Link {
-                    tx: Some(tx),
-                    rx,
-                    id: n,
-                    router: self.clone(),
-                    paused: false,
-                    fences: 0,
-                })
-            }
+            Some((tx, rx)) => Ok(Link {
+                tx: Some(tx),
+                rx,
+                id: n,
+                router: self.clone(),
+                paused: false,
+            }),
             None => {
                 self.ids.lock().unwrap().free.push(n);
                 Err(RouterGone)
@@ -153,9 +134,6 @@ impl Router {
     /// ahead), and a storm of CONNECTs neither blocks the executor nor
     /// grows a pool of blocking threads.
     pub async fn link(&self) -> Result<Link, RouterGone> {
-        if let Some(link) = self.recycled.lock().unwrap().pop() {
-            return Ok(link);
-        }
         let (tx, rx) = oneshot::channel();
         self.factory.send(tx).map_err(|_| RouterGone)?;
         rx.await.map_err(|_| RouterGone)?
@@ -217,12 +195,6 @@ pub struct Link {
     router: Router,
     /// The router sent `Unschedule` and waits for a wake-up.
     paused: bool,
-    /// Fences sent (see `recycle`).
-    fences: u64,
-}
-
-fn fence_topic(link: u32) -> String {
-    format!("{INTERNAL_PREFIX}fence/{link}")
 }
 
 impl Link {
@@ -275,47 +247,6 @@ impl Link {
             filters: vec![filter.to_string()],
         };
         self.send(Packet::Unsubscribe(u, None)).await
-    }
-
-    /// Gives the link back for another session: `filters` (all it is
-    /// subscribed to) are unsubscribed, then a fence is published to the
-    /// link's own fence topic; once the fence comes back, nothing of the old
-    /// subscriptions can follow. Dropped (ended) instead when the pool is
-    /// full or the fence does not come back within a second.
-    pub async fn recycle(mut self, filters: impl IntoIterator<Item = String>) {
-        let filters: Vec<String> = filters.into_iter().collect();
-        if !filters.is_empty() {
-            let u = Unsubscribe { pkid: 1, filters };
-            if self.send(Packet::Unsubscribe(u, None)).await.is_err() {
-                return;
-            }
-        }
-        self.fences += 1;
-        let seq = Bytes::from(self.fences.to_string());
-        let fence = Bytes::from(fence_topic(self.id));
-        let publish = rumqttd::protocol::Publish::new(fence.clone(), seq.clone(), false);
-        if self.send(Packet::Publish(publish, None)).await.is_err() {
-            return;
-        }
-        let drained = tokio::time::timeout(Duration::from_secs(1), async {
-            loop {
-                match self.next().await {
-                    Ok(f) if f.publish.topic.as_bytes() == fence && f.publish.payload == seq => {
-                        return true;
-                    }
-                    Ok(_) => {}
-                    Err(_) => return false,
-                }
-            }
-        })
-        .await;
-        if drained == Ok(true) {
-            let router = self.router.clone();
-            let mut pool = router.recycled.lock().unwrap();
-            if pool.len() < RECYCLED_LINKS {
-                pool.push(self);
-            }
-        }
     }
 
     /// The next message the router forwards to this link.

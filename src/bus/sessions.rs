@@ -46,6 +46,9 @@ pub fn remove(bus: &Arc<Bus>, client_id: &str, number: u64, mut rx: mpsc::Unboun
             map.remove(client_id);
         }
     }
+    bus.metrics
+        .sessions_ended
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     rx.close();
     while let Ok(conn) = rx.try_recv() {
         dispatch(bus, conn);

@@ -405,6 +405,11 @@ fn metrics(status: Option<&Status>, front: &Metrics, sessions: usize, uptime_sec
             &front.dropped,
         ),
         ("wills", "Wills published.", &front.wills),
+        (
+            "memory_trims",
+            "Times freed memory was given back to the system after sessions ended.",
+            &front.trims,
+        ),
     ] {
         let name = format!("homicro_bus_{name}_total");
         series(

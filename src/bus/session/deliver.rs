@@ -14,9 +14,6 @@ impl Session {
     /// Queues a forwarded message for the client, as its subscriptions
     /// want it, or drops it.
     pub(super) fn on_forward(&mut self, f: Forwarded) {
-        if f.publish.topic.starts_with(router::INTERNAL_PREFIX) {
-            return; // another link's fence, to a wildcard subscription
-        }
         let mut granted: Option<u8> = None;
         let mut all_no_local = true;
         let mut all_suppress = true;

@@ -11,7 +11,7 @@ use tracing::debug;
 use super::{End, Session, Sub};
 use crate::bus::codec::{self, AckKind, Packet, Publish, Subscription, Version, reason};
 use crate::bus::gate::{self, Gated};
-use crate::bus::router::{INTERNAL_PREFIX, RoutedPublish};
+use crate::bus::router::RoutedPublish;
 use crate::topics::Incoming;
 
 impl Session {
@@ -186,7 +186,7 @@ impl Session {
     /// code for the acknowledgement.
     pub(super) async fn route(&mut self, p: &Publish, peer: Option<SocketAddr>) -> u8 {
         // `$` topics are the server's (MQTT 4.7.2): none are routed.
-        if p.topic.starts_with(INTERNAL_PREFIX) || p.topic.starts_with('$') {
+        if p.topic.starts_with('$') {
             return reason::NOT_AUTHORIZED;
         }
         if let Some(registry) = &self.bus.gate {
@@ -241,10 +241,6 @@ impl Session {
                 } else {
                     reason::TOPIC_FILTER_INVALID
                 });
-                continue;
-            }
-            if codec::match_part(&s.filter).starts_with(INTERNAL_PREFIX) {
-                codes.push(if v4 { 0x80 } else { reason::NOT_AUTHORIZED });
                 continue;
             }
             let existed = self.subs.contains_key(&s.filter);

@@ -65,6 +65,8 @@ struct Live {
     aliases: HashMap<u16, String>,
     will: Option<Will>,
     peer: SocketAddr,
+    /// The connection's place under the connection cap.
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Live {
@@ -148,11 +150,6 @@ pub async fn run(
         s.publish_will(will).await;
     }
     sessions::remove(&bus, &client_id, number, rx);
-    let routed = s
-        .subs
-        .into_keys()
-        .filter(|f| !f.starts_with('$') || f.starts_with("$share/"));
-    s.link.recycle(routed).await;
     debug!(client_id, "session ended");
 }
 
@@ -299,6 +296,7 @@ impl Session {
             aliases: HashMap::new(),
             will: conn.connect.will,
             peer: conn.peer,
+            _permit: conn.permit,
         };
         self.last_peer = Some(conn.peer);
         codec::write_connack(&mut live.wbuf, version, resume, 0, &props);
