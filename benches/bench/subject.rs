@@ -1,0 +1,307 @@
+//! The brokers under test, each started by the bench on a free loopback
+//! port and ended when dropped: homicro (`serve`, the registry as the gate),
+//! the bus alone (`serve --no-registry`) and a plain Mosquitto.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kind {
+    /// `homicro serve`: the bus with the registry judging every record.
+    Homicro,
+    /// `homicro serve --no-registry`: the same bus, nothing judged.
+    Bus,
+    /// Mosquitto 2 with a user's defaults (and TCP_NODELAY).
+    Mosquitto,
+}
+
+pub const ALL: [Kind; 3] = [Kind::Homicro, Kind::Bus, Kind::Mosquitto];
+
+impl Kind {
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Homicro => "homicro",
+            Kind::Bus => "bus alone",
+            Kind::Mosquitto => "mosquitto",
+        }
+    }
+
+    /// Whether the registry answers records (with events).
+    pub fn registry(self) -> bool {
+        self == Kind::Homicro
+    }
+
+    /// The subjects in the order of run `run`: rotated, so that warm-up
+    /// and drift on a shared machine hit each subject alike.
+    pub fn order(kinds: &[Kind], run: usize) -> Vec<Kind> {
+        let mut v = kinds.to_vec();
+        v.rotate_left(run % kinds.len());
+        v
+    }
+}
+
+/// What the subject's log said that a reader of the figures should know.
+#[derive(Default)]
+struct Log {
+    warnings: usize,
+    first: Vec<String>,
+}
+
+/// A broker under test; killed on drop.
+pub struct Subject {
+    pub kind: Kind,
+    pub addr: SocketAddr,
+    child: Child,
+    /// The broker's own process (differs from `child` under a wrapper).
+    pid: u32,
+    log: Arc<Mutex<Log>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Subject {
+    pub fn start(kind: Kind) -> Subject {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(Mutex::new(Log::default()));
+        let (child, addr) = match kind {
+            Kind::Mosquitto => start_mosquitto(&dir),
+            _ => start_serve(kind, &dir, log.clone()),
+        };
+        let pid = match std::env::var("HOMICRO_BENCH_WRAP") {
+            Ok(_) if kind != Kind::Mosquitto => {
+                descendant(child.id(), "homicro").unwrap_or(child.id())
+            }
+            _ => child.id(),
+        };
+        Subject {
+            kind,
+            addr,
+            child,
+            pid,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// With HOMICRO_BENCH_SMAPS=DIR: copies /proc/PID/smaps to
+    /// DIR/KIND-LABEL.smaps, for reading where memory went.
+    pub fn dump_smaps(&self, label: &str) {
+        if let Ok(dir) = std::env::var("HOMICRO_BENCH_SMAPS") {
+            let name = format!(
+                "{dir}/{}-{label}.smaps",
+                self.kind.label().replace(' ', "-")
+            );
+            let _ = std::fs::copy(format!("/proc/{}/smaps", self.pid), name);
+        }
+    }
+
+    /// A field of /proc/PID/status in MiB (`VmRSS`, `RssAnon`, ...).
+    pub fn status_mib(&self, field: &str) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap();
+        let kb: f64 = status
+            .lines()
+            .find(|l| l.split(':').next() == Some(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        kb / 1024.0
+    }
+
+    /// Resident memory in MiB.
+    pub fn rss_mib(&self) -> f64 {
+        self.status_mib("VmRSS")
+    }
+
+    /// CPU time used so far (user + system).
+    pub fn cpu(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap();
+        let f: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        Duration::from_secs_f64(ticks as f64 / hz)
+    }
+
+    /// Waits until resident memory moved less than 1% over 500 ms (at
+    /// most `limit`), then returns it in MiB.
+    pub async fn settled_rss(&self, limit: Duration) -> f64 {
+        let end = tokio::time::Instant::now() + limit;
+        let mut last = self.rss_mib();
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = self.rss_mib();
+            if (now - last).abs() <= last * 0.01 || tokio::time::Instant::now() >= end {
+                return now;
+            }
+            last = now;
+        }
+    }
+}
+
+impl Drop for Subject {
+    fn drop(&mut self) {
+        // SIGTERM to the broker itself (under a wrapper too), so that it
+        // ends as a user's would and a wrapping profiler writes its data.
+        // SAFETY: kill(2) on our own child's (or its descendant's) pid.
+        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
+        let mut ended = false;
+        for _ in 0..1000 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                ended = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !ended {
+            println!(
+                "  ({} did not end within 10 s of SIGTERM: killed)",
+                self.kind.label()
+            );
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let log = self.log.lock().unwrap();
+        if log.warnings > 0 {
+            println!(
+                "  ({} logged {} warnings or errors; first: {})",
+                self.kind.label(),
+                log.warnings,
+                log.first.join(" | ")
+            );
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_mosquitto(dir: &tempfile::TempDir) -> (Child, SocketAddr) {
+    let port = free_port();
+    let conf = dir.path().join("m.conf");
+    // A user's mosquitto: defaults, plus TCP_NODELAY as its documentation
+    // recommends for latency.
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"),
+    )
+    .unwrap();
+    let bin = if std::path::Path::new("/usr/sbin/mosquitto").exists() {
+        "/usr/sbin/mosquitto"
+    } else {
+        "mosquitto"
+    };
+    let child = Command::new(bin)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto (apt-get install mosquitto)");
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (child, SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+fn start_serve(kind: Kind, dir: &tempfile::TempDir, log: Arc<Mutex<Log>>) -> (Child, SocketAddr) {
+    let wrap = std::env::var("HOMICRO_BENCH_WRAP")
+        .unwrap_or_default()
+        .replace("{kind}", &kind.label().replace(' ', "-"));
+    let mut words = wrap.split_whitespace();
+    let mut cmd = match words.next() {
+        Some(w) => {
+            let mut c = Command::new(w);
+            c.args(words).arg(env!("CARGO_BIN_EXE_homicro"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_homicro")),
+    };
+    // The port is chosen here: serve's log filter stays its own (a
+    // RUST_LOG would also let rumqttd's router spans through, which cost it
+    // a fifth of its time).
+    let port = free_port();
+    let level = std::env::var("HOMICRO_BENCH_LOG").unwrap_or_else(|_| "warn".into());
+    cmd.arg("serve")
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--log-level",
+            &level,
+        ])
+        .arg("--state-file")
+        .arg(dir.path().join("state.json"))
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if kind == Kind::Bus {
+        cmd.arg("--no-registry");
+    }
+    if let Ok(conf) = std::env::var("HOMICRO_BENCH_CONFIG") {
+        cmd.args(["--config", &conf]);
+    }
+    let mut child = cmd.spawn().expect("homicro");
+    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    // Keep reading: a full pipe would block serve's logging.
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if line.contains("WARN") || line.contains("ERROR") {
+                let mut log = log.lock().unwrap();
+                log.warnings += 1;
+                if log.first.len() < 3 {
+                    log.first.push(line.chars().take(300).collect());
+                }
+            }
+        }
+    });
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("serve exited at start ({status}): port {port} taken?");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "serve did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (child, SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// The first process under `root` (itself included) whose name is `name`.
+fn descendant(root: u32, name: &str) -> Option<u32> {
+    for _ in 0..200 {
+        let mut stack = vec![root];
+        while let Some(pid) = stack.pop() {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == name {
+                return Some(pid);
+            }
+            for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+                .ok()?
+                .flatten()
+            {
+                let children =
+                    std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+                stack.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
