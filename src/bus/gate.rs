@@ -32,7 +32,9 @@ impl Submission {
     pub fn new(kind: Kind, raw: &str, p: &Publish, peer: Option<SocketAddr>, origin: u64) -> Self {
         let payload = peer
             .and_then(|peer| with_host(&p.payload, &peer.ip().to_string()))
-            .map_or_else(|| p.payload.clone(), Bytes::from);
+            // A copy, not a slice of the client's read buffer: the registry
+            // keeps it as long as the record lives.
+            .map_or_else(|| Bytes::copy_from_slice(&p.payload), Bytes::from);
         Submission {
             kind,
             raw: raw.to_string(),

@@ -108,7 +108,10 @@ impl RoutedPublish {
         let payload = if empty && !p.retain {
             Bytes::from_static(b"\0")
         } else {
-            p.payload.clone()
+            // A copy: the payload is a slice of the publisher's read buffer,
+            // and the router keeps it (retained, and in its log) long after;
+            // the slice would pin the whole buffer (up to 32 KiB) with it.
+            Bytes::copy_from_slice(&p.payload)
         };
         RoutedPublish {
             topic: Bytes::from(p.topic.clone()),
