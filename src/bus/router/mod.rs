@@ -220,8 +220,7 @@ impl Link {
     }
 
     pub async fn publish(&mut self, p: RoutedPublish) -> Result<(), RouterGone> {
-        let mut publish = rumqttd::protocol::Publish::new(p.topic, p.payload, p.retain);
-        publish.retain = p.retain;
+        let publish = rumqttd::protocol::Publish::new(p.topic, p.payload, p.retain);
         self.send(Packet::Publish(publish, Some(p.props))).await
     }
 

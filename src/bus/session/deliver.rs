@@ -7,7 +7,7 @@
 use std::sync::atomic::Ordering;
 
 use super::{Session, WRITE_HIGH};
-use crate::bus::codec::{self, Version};
+use crate::bus::codec;
 use crate::bus::router::{self, Forwarded};
 
 impl Session {
@@ -71,14 +71,8 @@ impl Session {
             let Some(p) = self.out.next(live.receive_max) else {
                 break;
             };
-            let v = live.version;
-            if v == Version::V4 {
-                let mut p = p;
-                p.props = Default::default();
-                codec::write_publish(&mut live.wbuf, v, &p);
-            } else {
-                codec::write_publish(&mut live.wbuf, v, &p);
-            }
+            // A 3.1.1 client gets the message without its properties.
+            codec::write_publish(&mut live.wbuf, live.version, &p);
         }
     }
 }
