@@ -283,25 +283,7 @@ async fn ten_thousand_records_reach_a_qos0_newcomer() {
     }
     assert_eq!(got, n + 1);
     // And mosquitto_sub (QoS 0) counts the same.
-    let out = std::process::Command::new("mosquitto_sub")
-        .args([
-            "-p",
-            &s.port().to_string(),
-            "-t",
-            "homicro/services/+",
-            "-C",
-            &(n + 1).to_string(),
-            "-W",
-            "20",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "mosquitto_sub got fewer than {}",
-        n + 1
-    );
-    assert_eq!(stdout(&out).lines().count(), n + 1);
+    assert_eq!(mosquitto_sub_records(&s.url, "mqttv311", 0, n + 1), n + 1);
 }
 
 #[tokio::test]

@@ -378,6 +378,23 @@ pub fn mosquitto_pub(url: &BrokerUrl, args: &[&str]) {
     );
 }
 
+/// How many retained records a fresh `mosquitto_sub -V version -q qos` on
+/// `homicro/services/+` prints, waiting for `n` of them (at most 20 s).
+pub fn mosquitto_sub_records(url: &BrokerUrl, version: &str, qos: u8, n: usize) -> usize {
+    let out = Command::new("mosquitto_sub")
+        .args(["-h", &url.host, "-p", &url.port.to_string()])
+        .args(["-V", version, "-q", &qos.to_string()])
+        .args(["-t", "homicro/services/+", "-C", &n.to_string(), "-W", "20"])
+        .output()
+        .expect("mosquitto_sub is installed");
+    assert!(
+        out.status.success(),
+        "mosquitto_sub {version} got fewer than {n}: {}",
+        stderr(&out)
+    );
+    stdout(&out).lines().count()
+}
+
 /// A child process whose stdout lines are collected; killed on drop.
 pub struct Proc {
     pub child: Child,
