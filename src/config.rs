@@ -78,9 +78,6 @@ impl fmt::Display for BrokerUrl {
 pub struct BrokerConfig {
     pub max_connections: usize,
     pub max_payload_size: usize,
-    pub max_retained_delivery: u64,
-    pub segment_size: usize,
-    pub segment_count: usize,
     pub connect_timeout: Duration,
     /// QoS 1 and 2 messages in flight to a 3.1.1 client, and QoS 2
     /// messages a client may have unreleased (announced as Receive Maximum).
@@ -133,12 +130,9 @@ const TOP_KEYS: [&str; 8] = [
     "health_concurrency",
     "embedded",
 ];
-const EMBEDDED_KEYS: [&str; 10] = [
+const EMBEDDED_KEYS: [&str; 7] = [
     "max_connections",
     "max_payload_size",
-    "max_retained_delivery",
-    "segment_size",
-    "segment_count",
     "connect_timeout",
     "max_inflight_messages",
     "max_queued_messages",
@@ -272,9 +266,6 @@ impl ServeConfig {
         let embedded = BrokerConfig {
             max_connections: int("max_connections", 1, 1_000_000)? as usize,
             max_payload_size: int("max_payload_size", 65_536, 268_435_455)? as usize,
-            max_retained_delivery: int("max_retained_delivery", 1_000, 100_000_000)? as u64,
-            segment_size: int("segment_size", 65_536, 1 << 30)? as usize,
-            segment_count: int("segment_count", 1, 1_000)? as usize,
             connect_timeout,
             max_inflight_messages: int("max_inflight_messages", 1, 65_535)? as u16,
             max_queued_messages: int("max_queued_messages", 1, 10_000_000)? as usize,
@@ -296,8 +287,20 @@ impl ServeConfig {
     }
 }
 
+/// Keys of rumqttd's router that homicro's own router has no use for.
+const RETIRED_KEYS: [&str; 3] = ["max_retained_delivery", "segment_size", "segment_count"];
+
 fn check_keys(src: &str, at: &str, t: &Table, accepted: &[&str]) -> Result<(), ConfigError> {
     for key in t.keys() {
+        if at == "embedded." && RETIRED_KEYS.contains(&key.as_str()) {
+            return Err(ConfigError {
+                source_name: src.to_string(),
+                key: format!("{at}{key}"),
+                message: "no longer used: homicro's own router delivers every retained \
+                          message and keeps no per-filter log; remove the line"
+                    .into(),
+            });
+        }
         if !accepted.contains(&key.as_str()) {
             return Err(ConfigError {
                 source_name: src.to_string(),
@@ -358,7 +361,7 @@ mod tests {
         assert_eq!(c.broker, None);
         assert_eq!(c.prefix, "homicro");
         assert_eq!(c.state_flush, Duration::from_secs(1));
-        assert_eq!(c.embedded.max_retained_delivery, 1_000_000);
+        assert_eq!(c.embedded.max_queued_messages, 1_000);
     }
 
     #[test]
@@ -369,7 +372,10 @@ mod tests {
         assert_eq!(c.listen.port(), 2000);
         assert_eq!(c.prefix, "home");
         assert_eq!(c.embedded.max_connections, 5);
-        assert_eq!(c.embedded.segment_count, 4, "unset keys keep the default");
+        assert_eq!(
+            c.embedded.max_topic_alias, 10,
+            "unset keys keep the default"
+        );
         let flags = Overrides {
             listen: Some("127.0.0.1:3000".into()),
             broker: Some("mqtt://nas:1884".into()),
@@ -416,6 +422,10 @@ mod tests {
                 "embedded.max_payload_size: must be an integer from 65536",
             ),
             ("[embedded]\nbogus = 1", "embedded.bogus: unknown key"),
+            (
+                "[embedded]\nsegment_count = 4",
+                "embedded.segment_count: no longer used",
+            ),
             (
                 "state_flush = \"soon\"",
                 "state_flush: \"soon\" is not a duration",

@@ -149,13 +149,9 @@ fn parse_meta(s: &str) -> Result<(String, String), String> {
 }
 
 fn init_logging(default: &str) {
-    // rumqttd's router logs every ordinary disconnect as an error and opens
-    // a span per batch (~15% of its thread): off unless RUST_LOG names it.
-    let quiet = "rumqttd=warn,rumqttd::router=off";
     let filter = match std::env::var("RUST_LOG") {
-        Ok(v) if v.contains("rumqttd") => EnvFilter::new(v),
-        Ok(v) if !v.is_empty() => EnvFilter::new(format!("{quiet},{v}")),
-        _ => EnvFilter::new(format!("{default},{quiet}")),
+        Ok(v) if !v.is_empty() => EnvFilter::new(v),
+        _ => EnvFilter::new(default),
     };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -243,10 +239,6 @@ fn serve(args: ServeArgs) -> ExitCode {
         Err(e @ homicro::serve::ServeError::Listen { .. }) => {
             eprintln!("homicro: {e}");
             ExitCode::from(2)
-        }
-        Err(e) => {
-            eprintln!("homicro: {e}");
-            ExitCode::from(1)
         }
     }
 }

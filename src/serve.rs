@@ -6,13 +6,12 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use rumqttd::RouterConfig;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::bus::{self, Bus, Limits, Router, listener};
-use crate::config::{BrokerConfig, BrokerUrl, ServeConfig};
+use crate::config::{BrokerUrl, ServeConfig};
 use crate::registry::{self, Handle};
 use crate::topics::Topics;
 
@@ -23,8 +22,6 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error(transparent)]
-    Router(#[from] bus::router::RouterGone),
 }
 
 /// A running `serve`: where clients connect, and the registry's handle.
@@ -56,7 +53,7 @@ pub async fn start(config: &ServeConfig) -> Result<Running, ServeError> {
     info!(broker = %url, "using an external broker");
     let registry = match config.registry {
         true => Some(
-            registry::Handle::spawn(options(config, registry::Bus::External(url.clone()))).await?,
+            registry::Handle::spawn(options(config, registry::Bus::External(url.clone()))).await,
         ),
         false => None,
     };
@@ -75,11 +72,10 @@ async fn start_embedded(config: &ServeConfig) -> Result<Running, ServeError> {
     let listen = tcp
         .local_addr()
         .map_err(|source| ServeError::Listen { addr, source })?;
-    let router = Router::start(router_config(&config.embedded));
+    let router = Router::new();
     let registry = match config.registry {
         true => Some(
-            registry::Handle::spawn(options(config, registry::Bus::Embedded(router.clone())))
-                .await?,
+            registry::Handle::spawn(options(config, registry::Bus::Embedded(router.clone()))).await,
         ),
         false => {
             info!("registry off: the bus alone");
@@ -165,24 +161,6 @@ fn limits(config: &ServeConfig) -> Limits {
     }
 }
 
-/// rumqttd's router settings (its defaults do not work: every field is
-/// set). Links: one per session the bus allows, the registry's, and the
-/// few the link factory keeps ready.
-pub fn router_config(c: &BrokerConfig) -> RouterConfig {
-    RouterConfig {
-        max_connections: c.max_connections + 64,
-        // For QoS 0 subscriptions (all of the bus's) this is both the batch
-        // size of a read and the cap on retained messages delivered at
-        // subscribe time: it must exceed the number of records.
-        max_outgoing_packet_count: c.max_retained_delivery,
-        max_segment_size: c.segment_size,
-        max_segment_count: c.segment_count,
-        custom_segment: None,
-        initialized_filters: None,
-        shared_subscriptions_strategy: Default::default(),
-    }
-}
-
 /// Serves until `shutdown` resolves, then announces `offline`, writes the
 /// state file and returns.
 pub async fn run(
@@ -190,24 +168,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let running = start(&config).await?;
-    tokio::pin!(shutdown);
-    let mut check = tokio::time::interval(std::time::Duration::from_secs(1));
-    let result = loop {
-        tokio::select! {
-            _ = &mut shutdown => break Ok(()),
-            _ = check.tick() => {
-                if running.bus.as_ref().is_some_and(|b| b.router.is_gone()) {
-                    tracing::error!("the message router stopped; exiting so that a supervisor restarts homicro");
-                    break Err(ServeError::Router(bus::router::RouterGone));
-                }
-            }
-        }
-    };
+    shutdown.await;
     info!("shutting down");
     if let Some(r) = &running.registry {
         r.shutdown().await;
     }
-    result
+    Ok(())
 }
 
 fn url_of(addr: SocketAddr) -> BrokerUrl {

@@ -190,13 +190,9 @@ async fn memory_comes_back_after_20_rounds_of_2000_clients_and_1000_registration
     memory_comes_back(20, 2000, 1000).await;
 }
 
-/// The same at a quarter of the clients and a fifth of the records.
-/// Not met yet (issue 9): with freed memory trimmed, idle RSS still grows
-/// ~0.7 MiB a round (21.5 to 35.8 MiB, 1.66x): about 1.4 KB per session
-/// lifetime kept by rumqttd's router (heaptrack: small allocations made
-/// when a link is built outlive it, although link ids are reused).
+/// The same at a quarter of the clients and a fifth of the records (part
+/// of every test run).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 9, not met yet: idle RSS grows ~1.4 KB per session lifetime (rumqttd)"]
 async fn memory_comes_back_after_20_rounds_of_500_clients_and_200_registrations() {
     memory_comes_back(20, 500, 200).await;
 }

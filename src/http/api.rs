@@ -91,7 +91,9 @@ impl Api<'_> {
         let text = metrics(
             status.as_ref(),
             &self.shared.metrics,
+            self.shared.router.dropped(),
             self.shared.session_count(),
+            self.shared.router.retained(),
             uptime,
         );
         let mut resp = json_bytes(StatusCode::OK, Bytes::from(text));
@@ -294,7 +296,14 @@ fn health(status: Option<Result<Status, Stopped>>, uptime_secs: u64) -> (StatusC
 
 /// The Prometheus exposition (text format 0.0.4). The registry's series
 /// are left out when it is off or has stopped.
-fn metrics(status: Option<&Status>, front: &Metrics, sessions: usize, uptime_secs: f64) -> String {
+fn metrics(
+    status: Option<&Status>,
+    front: &Metrics,
+    router_dropped: u64,
+    sessions: usize,
+    retained: usize,
+    uptime_secs: f64,
+) -> String {
     let mut out = String::new();
     if let Some(s) = status {
         let help = "Records held by the registry.";
@@ -399,11 +408,6 @@ fn metrics(status: Option<&Status>, front: &Metrics, sessions: usize, uptime_sec
             "Publishes refused: to the registry's own topics, or by the registry's gate.",
             &front.refused_publishes,
         ),
-        (
-            "dropped",
-            "Messages dropped because a session's queue was full.",
-            &front.dropped,
-        ),
         ("wills", "Wills published.", &front.wills),
         (
             "memory_trims",
@@ -420,6 +424,20 @@ fn metrics(status: Option<&Status>, front: &Metrics, sessions: usize, uptime_sec
             &[("", v.load(Ordering::Relaxed))],
         );
     }
+    series(
+        &mut out,
+        "homicro_bus_dropped_total",
+        "counter",
+        "Messages dropped because a session's queue (or its link's) was full.",
+        &[("", front.dropped.load(Ordering::Relaxed) + router_dropped)],
+    );
+    series(
+        &mut out,
+        "homicro_bus_retained",
+        "gauge",
+        "Retained messages held (records included).",
+        &[("", retained as u64)],
+    );
     series(
         &mut out,
         "homicro_bus_sessions",

@@ -15,9 +15,8 @@ use super::health::{Outcome, Probe};
 use super::probe;
 use super::state::{Delivery, Publish, Registry, Stats};
 use super::{Answer, Status};
-use crate::bus::codec;
 use crate::bus::gate::{Gated, Submission};
-use crate::bus::router::{Link, RoutedPublish};
+use crate::bus::router::{Link, Message, now_ms};
 use crate::mqtt::Incoming;
 use crate::record::Name;
 use crate::statefile;
@@ -252,16 +251,17 @@ impl Actor {
                         Some(on) if on.topic == p.topic => (on.origin, on.qos),
                         _ => (0, u8::from(p.retain)),
                     };
-                    let cp = codec::Publish {
+                    // The payload as the registry holds it: a record is
+                    // stored once, shared by the registry and the router.
+                    link.publish(Message {
+                        topic: p.topic.into(),
+                        payload: p.payload,
                         qos,
                         retain: p.retain,
-                        topic: p.topic,
-                        payload: p.payload,
-                        ..codec::Publish::default()
-                    };
-                    if link.publish(RoutedPublish::new(&cp, origin)).await.is_err() {
-                        error!("publish failed: the router has stopped");
-                    }
+                        origin,
+                        at_ms: now_ms(),
+                        ..Message::default()
+                    });
                 }
                 return;
             }

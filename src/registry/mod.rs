@@ -71,7 +71,7 @@ pub struct Handle {
 
 impl Handle {
     /// Loads the state file and starts the actor on the current runtime.
-    pub async fn spawn(opts: Options) -> Result<Handle, crate::bus::router::RouterGone> {
+    pub async fn spawn(opts: Options) -> Handle {
         let topics = Topics::new(&opts.prefix);
         let mut state = Registry::new(topics, env!("CARGO_PKG_VERSION"));
         let persist = match statefile::load(&opts.state_file) {
@@ -111,7 +111,7 @@ impl Handle {
             }
             Bus::Embedded(router) => {
                 state.set_gated();
-                Transport::Router(router.link().await?)
+                Transport::Router(router.link())
             }
         };
         let (tx, requests) = mpsc::channel(16);
@@ -128,7 +128,7 @@ impl Handle {
             connected: false,
         };
         tokio::spawn(actor.run());
-        Ok(Handle { tx })
+        Handle { tx }
     }
 
     /// Counters of what the registry has done.

@@ -76,15 +76,11 @@ impl Api {
             state_flush: Duration::from_secs(1),
             health_concurrency: 8,
         })
-        .await
-        .unwrap();
+        .await;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let topics = Topics::new("homicro");
-        let embedded = homicro::config::ServeConfig::load(None, &Default::default())
-            .unwrap()
-            .embedded;
-        let router = Router::start(homicro::serve::router_config(&embedded));
+        let router = Router::new();
         let limits = Limits {
             handshake_timeout: IDLE,
             ..Limits::default()

@@ -223,7 +223,7 @@ fn log_filter(args: &[&str]) -> String {
         .position(|a| *a == "--log-level")
         .and_then(|i| args.get(i + 1))
         .unwrap_or(&"info");
-    std::env::var("SERVE_LOG").unwrap_or(format!("{level},rumqttd=warn,rumqttd::router=off"))
+    std::env::var("SERVE_LOG").unwrap_or(level.to_string())
 }
 
 pub fn signal(pid: u32, sig: &str) {

@@ -20,7 +20,7 @@ impl Session {
         let mut rap = false;
         let mut ids = Vec::new();
         for (filter, sub) in &self.subs {
-            if !codec::matches(&f.publish.topic, filter) {
+            if !codec::matches(&f.msg.topic, filter) {
                 continue;
             }
             granted = Some(granted.map_or(sub.qos, |g| g.max(sub.qos)));
@@ -32,13 +32,13 @@ impl Session {
         let Some(granted) = granted else {
             return; // unsubscribed since
         };
-        if (all_no_local && f.meta.origin == self.number) || (f.from_store && all_suppress) {
+        if (all_no_local && f.msg.origin == self.number) || (f.from_store && all_suppress) {
             return;
         }
-        let Ok(expiry) = f.remaining_expiry(router::now_ms()) else {
+        let Ok(expiry) = f.msg.remaining_expiry(router::now_ms()) else {
             return; // expired while it waited
         };
-        let mut p = f.publish;
+        let mut p = f.msg.to_publish();
         p.qos = p.qos.min(granted);
         p.retain = f.from_store || (rap && p.retain);
         p.props.message_expiry = expiry;

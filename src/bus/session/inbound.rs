@@ -11,7 +11,7 @@ use tracing::debug;
 use super::{End, Session, Sub};
 use crate::bus::codec::{self, AckKind, Packet, Publish, Subscription, Version, reason};
 use crate::bus::gate::{self, Gated};
-use crate::bus::router::RoutedPublish;
+use crate::bus::router::Message;
 use crate::topics::Incoming;
 
 impl Session {
@@ -86,7 +86,7 @@ impl Session {
             let code = match self.unreleased.remove(&pkid) {
                 // Released: now it goes on, as Mosquitto does it.
                 Some(Some(p)) => {
-                    self.publish(&p).await;
+                    self.publish(&p);
                     0
                 }
                 Some(None) => 0,
@@ -196,7 +196,7 @@ impl Session {
                 Incoming::Heartbeat(raw) => Some((gate::Kind::Heartbeat, raw)),
                 Incoming::Registry => None,
                 Incoming::Other if !gate::reserved(topics, &p.topic) => {
-                    return self.publish(p).await;
+                    return self.publish(p);
                 }
                 Incoming::Other => None,
             };
@@ -221,14 +221,12 @@ impl Session {
                 Err(_) => reason::SERVER_UNAVAILABLE,
             };
         }
-        self.publish(p).await
+        self.publish(p)
     }
 
-    async fn publish(&mut self, p: &Publish) -> u8 {
-        match self.link.publish(RoutedPublish::new(p, self.number)).await {
-            Ok(()) => reason::SUCCESS,
-            Err(_) => reason::SERVER_UNAVAILABLE,
-        }
+    fn publish(&mut self, p: &Publish) -> u8 {
+        self.link.publish(Message::new(p, self.number));
+        reason::SUCCESS
     }
 
     async fn on_subscribe(&mut self, pkid: u16, id: Option<u32>, subs: Vec<Subscription>) {
@@ -244,23 +242,13 @@ impl Session {
                 continue;
             }
             let existed = self.subs.contains_key(&s.filter);
-            // `$SYS/#` and the like are granted, but homicro publishes no `$`
-            // topics, and rumqttd drops a link that subscribes to one.
+            // `$SYS/#` and the like are granted, but homicro publishes no
+            // `$` topics (and refuses them from clients).
             let server_topics = s.filter.starts_with('$') && !s.filter.starts_with("$share/");
-            let router_ok = match (existed, s.retain_handling) {
-                _ if server_topics => Ok(()),
-                (false, _) => self.link.subscribe(&s.filter).await,
-                // Retained messages again: the router sends them only for
-                // a filter new to the link.
-                (true, 0) => match self.link.unsubscribe(&s.filter).await {
-                    Ok(()) => self.link.subscribe(&s.filter).await,
-                    e => e,
-                },
-                (true, _) => Ok(()),
-            };
-            if router_ok.is_err() {
-                codes.push(reason::UNSPECIFIED);
-                continue;
+            // Retained messages are sent for a new subscription, and again
+            // for a repeated one with Retain Handling 0.
+            if !server_topics && (!existed || s.retain_handling == 0) {
+                self.link.subscribe(&s.filter, s.retain_handling != 2);
             }
             let suppress = s.retain_handling == 2 || s.filter.starts_with("$share/");
             self.subs.insert(
@@ -284,9 +272,7 @@ impl Session {
         let mut codes = Vec::with_capacity(filters.len());
         for f in filters {
             if self.subs.remove(&f).is_some() {
-                if !f.starts_with('$') || f.starts_with("$share/") {
-                    let _ = self.link.unsubscribe(&f).await;
-                }
+                self.link.unsubscribe(&f);
                 codes.push(reason::SUCCESS);
             } else {
                 codes.push(reason::NO_SUBSCRIPTION_EXISTED);

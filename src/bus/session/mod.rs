@@ -20,11 +20,11 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::codec::{self, AckKind, Properties, Publish, Version, Will, reason};
 use super::connect::{self, Conn, Reader, Writer};
-use super::router::{Forwarded, Link, RouterGone};
+use super::router::{Forwarded, Link};
 use super::{Bus, sessions};
 use outbound::Outbound;
 
@@ -121,14 +121,7 @@ pub async fn run(
     number: u64,
     mut rx: mpsc::UnboundedReceiver<Conn>,
 ) {
-    let link = match bus.router.link().await {
-        Ok(l) => l,
-        Err(RouterGone) => {
-            warn!(client_id, "no router link; session refused");
-            sessions::remove(&bus, &client_id, number, rx);
-            return;
-        }
-    };
+    let link = bus.router.link();
     let mut s = Session {
         bus: bus.clone(),
         client_id: client_id.clone(),
@@ -157,7 +150,7 @@ enum Event {
     Attach(Option<Box<Conn>>),
     Read(std::io::Result<usize>),
     Wrote(std::io::Result<usize>),
-    Forward(Result<Box<Forwarded>, RouterGone>),
+    Forward(Box<Forwarded>),
     KeepaliveTimeout,
     WillDue,
     Expired,
@@ -187,13 +180,7 @@ impl Session {
                         }
                     }
                 }
-                Event::Forward(Ok(f)) => self.on_forward(*f),
-                Event::Forward(Err(RouterGone)) => {
-                    warn!(client_id = %self.client_id, "router gone; session ends");
-                    self.close(End::Abnormal(Some(reason::SERVER_SHUTTING_DOWN)))
-                        .await;
-                    self.over = true;
-                }
+                Event::Forward(f) => self.on_forward(*f),
                 Event::KeepaliveTimeout => {
                     debug!(client_id = %self.client_id, "keepalive timed out");
                     self.close(End::Abnormal(Some(reason::KEEP_ALIVE_TIMEOUT)))
@@ -234,7 +221,7 @@ impl Session {
             c = rx.recv() => Event::Attach(c.map(Box::new)),
             r = read_some(read) => Event::Read(r),
             w = write_some(write) => Event::Wrote(w),
-            f = self.link.next(), if pull => Event::Forward(f.map(Box::new)),
+            f = self.link.next(), if pull => Event::Forward(Box::new(f)),
             _ = sleep_at(keepalive) => Event::KeepaliveTimeout,
             _ = sleep_at(will_at) => Event::WillDue,
             _ = sleep_at(expires_at) => Event::Expired,
@@ -323,14 +310,10 @@ impl Session {
         if let Some((_, will)) = self.pending_will.take() {
             self.publish_will(will).await;
         }
-        for filter in std::mem::take(&mut self.subs).into_keys() {
-            if filter.starts_with('$') && !filter.starts_with("$share/") {
-                continue;
-            }
-            if self.link.unsubscribe(&filter).await.is_err() {
-                break;
-            }
-        }
+        // A new link: the old one's subscriptions end with it, and what it
+        // still held for them goes too.
+        self.subs.clear();
+        self.link = self.bus.router.link();
         self.out = Outbound::default();
         self.unreleased.clear();
     }

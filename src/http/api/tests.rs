@@ -158,7 +158,8 @@ fn metrics_in_prometheus_text() {
         let _b = front.websocket.enter();
     }
     front.garbage.fetch_add(4, Ordering::Relaxed);
-    let text = metrics(Some(&status(true)), &front, 3, 1.5);
+    front.dropped.fetch_add(2, Ordering::Relaxed);
+    let text = metrics(Some(&status(true)), &front, 5, 3, 7, 1.5);
     for line in [
         "# TYPE homicro_records gauge",
         "homicro_records 2",
@@ -174,6 +175,8 @@ fn metrics_in_prometheus_text() {
         "homicro_connections_total{kind=\"mqtt_v5\"} 0",
         "homicro_bus_garbage_total 4",
         "homicro_bus_sessions 3",
+        "homicro_bus_dropped_total 7",
+        "homicro_bus_retained 7",
         "homicro_uptime_seconds 1.500",
     ] {
         assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
@@ -185,5 +188,5 @@ fn metrics_in_prometheus_text() {
             || (l.starts_with("homicro_") && l.rsplit(' ').next().unwrap().parse::<f64>().is_ok());
         assert!(ok, "{l}");
     }
-    assert!(!metrics(None, &front, 0, 0.0).contains("homicro_records"));
+    assert!(!metrics(None, &front, 0, 0, 0, 0.0).contains("homicro_records"));
 }

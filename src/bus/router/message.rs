@@ -1,0 +1,134 @@
+//! A message as the router holds it: published once, shared by the
+//! retained store and every subscriber it goes to.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use crate::bus::codec::{Properties, Publish};
+
+/// A published message.
+#[derive(Debug, Clone, Default)]
+pub struct Message {
+    pub topic: Arc<str>,
+    pub payload: Bytes,
+    /// The QoS it was published with (delivered at min(this, granted)).
+    pub qos: u8,
+    pub retain: bool,
+    /// The publishing session (0: the server itself), for NoLocal.
+    pub origin: u64,
+    /// When it was published, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// The message expiry interval it was published with.
+    pub expiry: Option<u32>,
+    /// The MQTT 5 properties that travel with it (payload format, content
+    /// type, response topic, correlation data, user properties), when it
+    /// has any.
+    pub props: Option<Box<Properties>>,
+}
+
+impl Message {
+    /// `p` as published by session `origin` (its topic alias resolved).
+    pub fn new(p: &Publish, origin: u64) -> Message {
+        let q = &p.props;
+        let props = Properties {
+            payload_format: q.payload_format,
+            content_type: q.content_type.clone(),
+            response_topic: q.response_topic.clone(),
+            correlation_data: q.correlation_data.clone(),
+            user: q.user.clone(),
+            ..Properties::default()
+        };
+        Message {
+            topic: p.topic.as_str().into(),
+            // A copy: the payload is a slice of the publisher's read buffer,
+            // which a retained or queued message would otherwise pin whole
+            // (up to 32 KiB) for as long as it lives.
+            payload: Bytes::copy_from_slice(&p.payload),
+            qos: p.qos,
+            retain: p.retain,
+            origin,
+            at_ms: now_ms(),
+            expiry: q.message_expiry,
+            props: (props != Properties::default()).then(|| Box::new(props)),
+        }
+    }
+
+    /// The message as a PUBLISH to a subscriber, before the subscription
+    /// decides its QoS, retain flag, expiry left and subscription ids.
+    pub fn to_publish(&self) -> Publish {
+        let mut props = self.props.as_deref().cloned().unwrap_or_default();
+        props.message_expiry = self.expiry;
+        Publish {
+            dup: false,
+            qos: self.qos,
+            retain: self.retain,
+            topic: self.topic.to_string(),
+            pkid: 0,
+            payload: self.payload.clone(),
+            props,
+        }
+    }
+
+    /// The expiry interval left at `now_ms` (`None`: it has none).
+    pub fn remaining_expiry(&self, now_ms: u64) -> Result<Option<u32>, Expired> {
+        let Some(e) = self.expiry else {
+            return Ok(None);
+        };
+        let age = now_ms.saturating_sub(self.at_ms) / 1000;
+        match (e as u64).checked_sub(age) {
+            Some(left) if left > 0 || age == 0 => Ok(Some(left as u32)),
+            _ => Err(Expired),
+        }
+    }
+}
+
+/// A message the router hands to a link.
+#[derive(Debug, Clone)]
+pub struct Forwarded {
+    pub msg: Arc<Message>,
+    /// Delivered from the retained store at subscribe time.
+    pub from_store: bool,
+}
+
+/// A message whose expiry interval ran out while it waited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expired;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_travel_and_expiry_counts_down() {
+        let mut p = Publish {
+            qos: 1,
+            retain: true,
+            topic: "a/b".into(),
+            pkid: 7,
+            payload: Bytes::from_static(b"x"),
+            ..Publish::default()
+        };
+        p.props.user = vec![("k".into(), "v".into())];
+        p.props.message_expiry = Some(30);
+        p.props.topic_alias = Some(3);
+        let m = Message::new(&p, 9);
+        let out = m.to_publish();
+        assert_eq!(out.props.user, p.props.user);
+        assert_eq!(out.props.topic_alias, None);
+        assert_eq!(out.pkid, 0);
+        assert_eq!((out.qos, out.retain, m.origin), (1, true, 9));
+        assert_eq!(m.remaining_expiry(m.at_ms + 10_500), Ok(Some(20)));
+        assert_eq!(m.remaining_expiry(m.at_ms + 30_000), Err(Expired));
+        let bare = Message::new(&Publish::default(), 0);
+        assert!(bare.props.is_none());
+    }
+}
