@@ -51,6 +51,7 @@
 //! contract is `docs/PROTOCOL.md`; [`protocol`] types the registry's
 //! payloads for all of them.
 
+pub mod alloc;
 pub mod bus;
 pub mod cli;
 pub mod client;

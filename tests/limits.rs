@@ -240,7 +240,7 @@ async fn memory_comes_back(rounds: usize, clients: usize, records: usize) {
         while metric(port, "homicro_bus_memory_trims_total").await <= trims {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        rss.push(rss_mib(pid));
+        rss.push(settled_rss_mib(pid).await);
         println!(
             "round {:2}: {:6.1} MiB idle, {:?}",
             round + 1,
@@ -439,6 +439,17 @@ async fn wait_metric(port: u16, name: &str, want: u64) {
 }
 
 /// serve's resident set, in MiB.
+/// RSS held, not passing: the least of five readings over half a second
+/// (a reading can catch a transient buffer, such as a state file write).
+async fn settled_rss_mib(pid: u32) -> f64 {
+    let mut least = f64::MAX;
+    for _ in 0..5 {
+        least = least.min(rss_mib(pid));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    least
+}
+
 fn rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kib = status

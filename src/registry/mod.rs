@@ -176,6 +176,22 @@ impl Handle {
         .await
     }
 
+    /// Puts a record or heartbeat to the gate and returns at once (once
+    /// the registry has room for it): the verdict comes on the receiver.
+    /// Requests are judged in the order they are put.
+    pub async fn gate_later(
+        &self,
+        submission: crate::bus::gate::Submission,
+    ) -> Result<oneshot::Receiver<crate::bus::gate::Gated>, Stopped> {
+        let (tx, rx) = oneshot::channel();
+        let request = Request::Gate {
+            submission,
+            respond_to: tx,
+        };
+        self.tx.send(request).await.map_err(|_| Stopped)?;
+        Ok(rx)
+    }
+
     async fn ask<T>(
         &self,
         request: impl FnOnce(oneshot::Sender<T>) -> Request,

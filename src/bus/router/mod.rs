@@ -8,12 +8,16 @@
 //! handed to each subscribing link's queue under that lock (a few hundred
 //! nanoseconds a subscriber); nothing else happens there.
 //!
-//! A link's queue holds [`LINK_QUEUE`] messages; a session that falls
-//! further behind than that loses what does not fit (counted in
-//! [`Router::dropped`]), as Mosquitto drops beyond its queue limits. The
+//! Publishers never wait for subscribers. A link's queue holds up to
+//! [`LINK_QUEUE`] messages (a few dozen bytes each: the messages are
+//! shared), far more than any burst a house sees, so a subscriber that
+//! is slower than its publishers for a while loses nothing, as with
+//! Mosquitto, which queues without bound for a connected client; one that
+//! stops reading but stays connected loses what does not fit (counted in
+//! [`Router::dropped`]) instead of holding memory without bound. The
 //! retained messages of a new subscription are not in that queue: the
 //! link keeps them (shared with the store) and hands them out as the
-//! session takes them, so 100,000 records reach a slow subscriber whole.
+//! session takes them.
 
 mod message;
 mod store;
@@ -30,19 +34,25 @@ use store::Store;
 use tree::Tree;
 
 /// Messages a link's queue holds before the router drops for it.
-pub const LINK_QUEUE: usize = 65_536;
+pub const LINK_QUEUE: usize = 1 << 20;
 
 /// The running router.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Router {
     inner: Arc<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
     state: Mutex<State>,
     next_link: AtomicU64,
     dropped: AtomicU64,
+    link_queue: usize,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Router::with_link_queue(LINK_QUEUE)
+    }
 }
 
 #[derive(Default)]
@@ -68,6 +78,18 @@ impl Router {
         Router::default()
     }
 
+    /// A router whose links queue `n` messages each.
+    pub fn with_link_queue(n: usize) -> Router {
+        Router {
+            inner: Arc::new(Inner {
+                state: Mutex::default(),
+                next_link: AtomicU64::new(0),
+                dropped: AtomicU64::new(0),
+                link_queue: n,
+            }),
+        }
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         // Nothing under the lock panics by design; if something did, the
         // tree and store are still whole (every change is one call).
@@ -76,7 +98,7 @@ impl Router {
 
     /// A new link: a place to publish from and subscribe with.
     pub fn link(&self) -> Link {
-        let (tx, rx) = mpsc::channel(LINK_QUEUE);
+        let (tx, rx) = mpsc::channel(self.inner.link_queue);
         Link {
             id: self.inner.next_link.fetch_add(1, Ordering::Relaxed) + 1,
             router: self.clone(),
@@ -254,10 +276,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_drops_and_counts() {
-        let r = Router::new();
+        let r = Router::with_link_queue(100);
         let mut s = r.link();
         s.subscribe("t", true);
-        for _ in 0..LINK_QUEUE + 3 {
+        for _ in 0..103 {
             r.publish(msg("t", b"1", false));
         }
         assert_eq!(r.dropped(), 3);

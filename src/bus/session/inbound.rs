@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use tracing::debug;
 
-use super::{End, Session, Sub};
+use super::{End, MAX_PENDING, Pending, Session, Sub};
 use crate::bus::codec::{self, AckKind, Packet, Publish, Subscription, Version, reason};
 use crate::bus::gate::{self, Gated};
 use crate::bus::router::Message;
@@ -25,7 +25,10 @@ impl Session {
             let version = live.version;
             let len = match codec::frame(&live.rbuf, self.bus.limits.max_packet) {
                 Ok(Some(len)) => len,
-                Ok(None) => return Ok(()),
+                Ok(None) => {
+                    self.settle().await;
+                    return Ok(());
+                }
                 Err(e) => return Err(self.malformed(e)),
             };
             let bytes = live.rbuf.split_to(len).freeze();
@@ -43,6 +46,10 @@ impl Session {
     }
 
     async fn on_packet(&mut self, packet: Packet) -> Result<(), End> {
+        // Verdicts still to come are answered before anything else is.
+        if !matches!(&packet, Packet::Publish(p) if self.pipelined(p)) {
+            self.settle().await;
+        }
         match packet {
             Packet::Publish(p) => self.on_publish(p).await?,
             Packet::Ack { kind, pkid, reason } => self.on_ack(kind, pkid, reason).await,
@@ -140,6 +147,9 @@ impl Session {
             }
         }
         let peer = live.peer;
+        if self.pipelined(&p) {
+            return self.submit(&p, peer).await;
+        }
         // QoS 2 goes on when the client releases it (PUBREL), as in
         // Mosquitto; what the registry judges is judged now, so that PUBREC
         // carries the verdict.
@@ -170,6 +180,84 @@ impl Session {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Whether `p` is a QoS 0 or 1 record or heartbeat, put to the gate
+    /// without waiting for its verdict: a client that sends many in a row
+    /// has them judged in one go (the acknowledgements follow, in order,
+    /// before the session answers any other packet).
+    fn pipelined(&self, p: &Publish) -> bool {
+        p.qos < 2
+            && self.bus.gate.is_some()
+            && p.props.payload_format != Some(1)
+            && matches!(
+                self.bus.topics.classify(&p.topic),
+                Incoming::Service(_) | Incoming::Heartbeat(_)
+            )
+    }
+
+    /// Puts `p` (see [`Self::pipelined`]) to the gate; its verdict is
+    /// awaited by [`Self::settle`].
+    async fn submit(&mut self, p: &Publish, peer: SocketAddr) -> Result<(), End> {
+        let (Some(registry), kind) = (&self.bus.gate, self.bus.topics.classify(&p.topic)) else {
+            return Ok(());
+        };
+        let (kind, raw) = match kind {
+            Incoming::Service(raw) => (gate::Kind::Record, raw),
+            Incoming::Heartbeat(raw) => (gate::Kind::Heartbeat, raw),
+            _ => return Ok(()),
+        };
+        let submission = gate::Submission::new(kind, raw, p, Some(peer), self.number);
+        let verdict = registry.gate_later(submission).await.ok();
+        self.pending.push_back(Pending {
+            verdict,
+            qos: p.qos,
+            pkid: p.pkid,
+        });
+        if self.pending.len() >= MAX_PENDING {
+            self.settle().await;
+        }
+        Ok(())
+    }
+
+    /// Waits for the verdicts of the publishes put to the gate, in order,
+    /// and acknowledges them.
+    pub(super) async fn settle(&mut self) {
+        while let Some(pending) = self.pending.pop_front() {
+            let verdict = match pending.verdict {
+                Some(rx) => rx.await.ok(),
+                None => None,
+            };
+            let code = self.code_for(verdict);
+            if pending.qos == 0 {
+                continue;
+            }
+            if let Some(live) = &mut self.conn {
+                let code = if live.version == Version::V4 { 0 } else { code };
+                codec::write_ack(
+                    &mut live.wbuf,
+                    live.version,
+                    AckKind::PubAck,
+                    pending.pkid,
+                    code,
+                );
+            }
+        }
+    }
+
+    /// The reason code for a verdict (`None`: the registry has stopped).
+    fn code_for(&self, verdict: Option<Gated>) -> u8 {
+        match verdict {
+            Some(Gated::Accepted) => reason::SUCCESS,
+            Some(Gated::Refused(code)) => {
+                self.bus
+                    .metrics
+                    .refused_publishes
+                    .fetch_add(1, Ordering::Relaxed);
+                gate::reason_for(code)
+            }
+            None => reason::SERVER_UNAVAILABLE,
+        }
     }
 
     /// Whether a publish to `topic` is decided by the registry (or refused
@@ -209,17 +297,8 @@ impl Session {
                 return reason::NOT_AUTHORIZED;
             };
             let submission = gate::Submission::new(kind, raw, p, peer, self.number);
-            return match registry.gate(submission).await {
-                Ok(Gated::Accepted) => reason::SUCCESS,
-                Ok(Gated::Refused(code)) => {
-                    self.bus
-                        .metrics
-                        .refused_publishes
-                        .fetch_add(1, Ordering::Relaxed);
-                    gate::reason_for(code)
-                }
-                Err(_) => reason::SERVER_UNAVAILABLE,
-            };
+            let verdict = registry.gate(submission).await.ok();
+            return self.code_for(verdict);
         }
         self.publish(p)
     }

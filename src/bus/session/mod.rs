@@ -35,6 +35,18 @@ const FOREVER: u32 = u32::MAX;
 /// session stops taking messages from the router for it.
 const WRITE_HIGH: usize = 64 * 1024;
 
+/// Records and heartbeats a session puts to the gate before it waits for
+/// their verdicts.
+const MAX_PENDING: usize = 256;
+
+/// A publish put to the gate whose verdict is still to come.
+struct Pending {
+    /// `None`: the registry had stopped.
+    verdict: Option<tokio::sync::oneshot::Receiver<super::gate::Gated>>,
+    qos: u8,
+    pkid: u16,
+}
+
 /// One subscription's options.
 #[derive(Debug, Clone)]
 struct Sub {
@@ -96,6 +108,8 @@ pub(super) struct Session {
     /// QoS 2 messages received and not yet released by the client: held
     /// until PUBREL (`None`: already judged by the registry).
     unreleased: HashMap<u16, Option<Box<Publish>>>,
+    /// Publishes put to the gate, verdicts to come (in order).
+    pending: std::collections::VecDeque<Pending>,
     /// Seconds the session outlives its connection.
     expiry: u32,
     conn: Option<Live>,
@@ -130,6 +144,7 @@ pub async fn run(
         subs: HashMap::new(),
         out: Outbound::default(),
         unreleased: HashMap::new(),
+        pending: Default::default(),
         expiry: 0,
         conn: None,
         pending_will: None,
@@ -321,6 +336,8 @@ impl Session {
     /// Ends the connection. The will goes out now, or after its delay
     /// while the session lives on; a session with no expiry ends.
     async fn close(&mut self, end: End) {
+        // Publishes already put to the gate are acknowledged first.
+        self.settle().await;
         let Some(mut live) = self.conn.take() else {
             return;
         };
