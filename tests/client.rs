@@ -230,10 +230,14 @@ async fn a_registry_restarted_with_empty_state_gets_the_registration_back() {
     s.kill();
     let _ = std::fs::remove_file(&state);
     let s2 = Serve::start_with(&["--listen", &listen], &state).await;
-    // The service reconnects and registers again; the directory reconnects
-    // and sees it. Nobody restarted the service.
-    dir.wait_for("nas", WAIT).await.unwrap();
+    // The service reconnects and registers again (seen on the new server:
+    // the directory may still hold the old record until it resyncs); the
+    // directory reconnects and sees it. Nobody restarted the service.
     let mut c = Client::connect(&s2.url).await;
+    c.subscribe("homicro/services/nas").await;
+    c.expect("homicro/services/nas", |v| v["host"] == "10.0.0.9")
+        .await;
+    dir.wait_for("nas", WAIT).await.unwrap();
     c.subscribe("homicro/errors/nas").await;
     c.publish("homicro/services/nas", r#"{"host":"10.0.0.10"}"#, true)
         .await;

@@ -5,6 +5,7 @@ mod actor;
 mod echoes;
 pub mod health;
 mod probe;
+mod shared;
 pub mod state;
 
 use std::path::PathBuf;
@@ -21,6 +22,7 @@ use crate::record::Name;
 use crate::statefile::{self, Loaded};
 use crate::topics::Topics;
 use actor::{Actor, Request, Transport};
+use shared::Shared;
 pub use state::{Delivery, GateKind, Publish, Registry, Stats};
 
 /// Which bus the registry works on.
@@ -67,6 +69,7 @@ pub struct Stopped;
 #[derive(Clone)]
 pub struct Handle {
     tx: mpsc::Sender<Request>,
+    shared: std::sync::Arc<Shared>,
 }
 
 impl Handle {
@@ -109,14 +112,19 @@ impl Handle {
                 let (client, incoming) = crate::mqtt::connect(mqtt, Duration::from_millis(200));
                 Transport::Mqtt { client, incoming }
             }
-            Bus::Embedded(router) => {
+            Bus::Embedded(_) => {
                 state.set_gated();
-                Transport::Router(router.link())
+                Transport::Router
             }
         };
+        let router = match &opts.bus {
+            Bus::Embedded(router) => Some(router.clone()),
+            Bus::External(_) => None,
+        };
+        let shared = std::sync::Arc::new(Shared::new(state, router));
         let (tx, requests) = mpsc::channel(16);
         let actor = Actor {
-            state,
+            shared: shared.clone(),
             probes_in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(
                 opts.health_concurrency,
             )),
@@ -128,7 +136,7 @@ impl Handle {
             connected: false,
         };
         tokio::spawn(actor.run());
-        Handle { tx }
+        Handle { tx, shared }
     }
 
     /// Counters of what the registry has done.
@@ -163,33 +171,24 @@ impl Handle {
         .await
     }
 
-    /// Judges a record or heartbeat published on the embedded bus; an
-    /// accepted one the registry publishes itself.
+    /// Judges a record or heartbeat published on the embedded bus, in the
+    /// caller's task; an accepted one is published by the time this
+    /// returns (with its event), a refused one has its error published.
     pub async fn gate(
         &self,
         submission: crate::bus::gate::Submission,
     ) -> Result<crate::bus::gate::Gated, Stopped> {
-        self.ask(|respond_to| Request::Gate {
-            submission,
-            respond_to,
-        })
-        .await
+        self.shared.gate(submission).await
     }
 
-    /// Puts a record or heartbeat to the gate and returns at once (once
-    /// the registry has room for it): the verdict comes on the receiver.
-    /// Requests are judged in the order they are put.
-    pub async fn gate_later(
+    /// Puts a record or heartbeat to the gate without waiting for the
+    /// verdict, which comes on the receiver. Submissions are judged in the
+    /// order they are put.
+    pub fn gate_later(
         &self,
         submission: crate::bus::gate::Submission,
     ) -> Result<oneshot::Receiver<crate::bus::gate::Gated>, Stopped> {
-        let (tx, rx) = oneshot::channel();
-        let request = Request::Gate {
-            submission,
-            respond_to: tx,
-        };
-        self.tx.send(request).await.map_err(|_| Stopped)?;
-        Ok(rx)
+        self.shared.gate_later(submission)
     }
 
     async fn ask<T>(
