@@ -5,8 +5,8 @@
 //!  services ──publish retained──▶ PREFIX/services/NAME ◀──subscribe── consumers
 //!     │                                                                 ▲
 //!     ▼ one port: MQTT 3.1.1/5, WebSocket, HTTP (bus::listener, http)   │
-//!  session (bus::session) ──▶ registry gate ──▶ rumqttd's router ──────┘
-//!                             (registry::actor: input + time
+//!  session (bus::session) ──▶ registry gate ──▶ router (bus::router) ──┘
+//!                             (registry::shared, registry::actor: input + time
 //!                              ▶ pure rules: registry::state, record)
 //! ```
 //!
@@ -45,7 +45,7 @@
 //!
 //! [`record`] validates names and records for everyone; [`protocol`] types
 //! the registry's payloads; [`registry`] holds the rules and the actor;
-//! [`bus`] is the MQTT server on rumqttd's router; [`http`] the HTTP API;
+//! [`bus`] is the MQTT server and its router; [`http`] the HTTP API;
 //! [`serve`] wires them; [`client`] is the helper for Rust services;
 //! [`cli`] is the commands for people, built on it. The wire
 //! contract is `docs/PROTOCOL.md`; [`protocol`] types the registry's

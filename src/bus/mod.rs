@@ -1,5 +1,5 @@
-//! The house's MQTT bus: homicro's own MQTT 3.1.1 and 5 server on
-//! rumqttd's router, in-process.
+//! The house's MQTT bus: homicro's own MQTT 3.1.1 and 5 server and its
+//! router, in one process.
 //!
 //! ```text
 //!  socket ─▶ listener (classify, limits) ─▶ connect (CONNECT, CONNACK)
@@ -9,9 +9,9 @@
 //! ```
 //!
 //! `codec` is pure (bytes in, packets out); `session::outbound` is the
-//! pure delivery queue; `router` wraps rumqttd's router and what must
-//! travel through it; `session` is one task per MQTT session, outliving
-//! its connections while the session has not expired.
+//! pure delivery queue; `router` holds the subscriptions and retained
+//! messages and fans messages out; `session` is one task per MQTT session,
+//! outliving its connections while the session has not expired.
 
 pub mod classify;
 pub mod codec;
