@@ -73,7 +73,7 @@ impl fmt::Display for BrokerUrl {
     }
 }
 
-/// Settings of the embedded rumqttd broker (see `config/homicro.toml`).
+/// Settings of the embedded bus (see `config/homicro.toml`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerConfig {
     pub max_connections: usize,
