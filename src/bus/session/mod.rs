@@ -133,7 +133,7 @@ pub async fn run(
     bus: Arc<Bus>,
     client_id: String,
     number: u64,
-    mut rx: mpsc::UnboundedReceiver<Conn>,
+    mut rx: mpsc::UnboundedReceiver<Box<Conn>>,
 ) {
     let link = bus.router.link();
     let mut s = Session {
@@ -172,21 +172,25 @@ enum Event {
 }
 
 impl Session {
-    async fn serve(&mut self, rx: &mut mpsc::UnboundedReceiver<Conn>) {
+    /// The work of each event is boxed: held inline, it made every idle
+    /// session's task 8.4 KB instead of 3.5 KB.
+    async fn serve(&mut self, rx: &mut mpsc::UnboundedReceiver<Box<Conn>>) {
         while !self.over {
             self.pump();
             match self.next_event(rx).await {
-                Event::Attach(Some(conn)) => self.attach(*conn).await,
+                Event::Attach(Some(conn)) => Box::pin(self.attach(*conn)).await,
                 Event::Attach(None) => self.over = true,
                 Event::Read(Ok(n)) if n > 0 => {
                     if let Some(live) = &mut self.conn {
                         live.last_rx = Instant::now();
                     }
-                    if let Err(end) = self.on_bytes().await {
-                        self.close(end).await;
+                    if let Err(end) = Box::pin(self.on_bytes()).await {
+                        Box::pin(self.close(end)).await;
                     }
                 }
-                Event::Read(_) | Event::Wrote(Err(_)) => self.close(End::Abnormal(None)).await,
+                Event::Read(_) | Event::Wrote(Err(_)) => {
+                    Box::pin(self.close(End::Abnormal(None))).await
+                }
                 Event::Wrote(Ok(n)) => {
                     if let Some(live) = &mut self.conn {
                         live.wbuf.advance(n);
@@ -198,12 +202,11 @@ impl Session {
                 Event::Forward(f) => self.on_forward(*f),
                 Event::KeepaliveTimeout => {
                     debug!(client_id = %self.client_id, "keepalive timed out");
-                    self.close(End::Abnormal(Some(reason::KEEP_ALIVE_TIMEOUT)))
-                        .await;
+                    Box::pin(self.close(End::Abnormal(Some(reason::KEEP_ALIVE_TIMEOUT)))).await;
                 }
                 Event::WillDue => {
                     if let Some((_, will)) = self.pending_will.take() {
-                        self.publish_will(will).await;
+                        Box::pin(self.publish_will(will)).await;
                     }
                 }
                 Event::Expired => self.over = true,
@@ -220,7 +223,7 @@ impl Session {
         self.conn.as_ref().is_none_or(|c| c.wbuf.len() < WRITE_HIGH)
     }
 
-    async fn next_event(&mut self, rx: &mut mpsc::UnboundedReceiver<Conn>) -> Event {
+    async fn next_event(&mut self, rx: &mut mpsc::UnboundedReceiver<Box<Conn>>) -> Event {
         let pull = self.wants_forwards();
         let keepalive = self.conn.as_ref().and_then(Live::keepalive_deadline);
         let will_at = self.pending_will.as_ref().map(|(t, _)| *t);
@@ -233,7 +236,7 @@ impl Session {
             None => (None, None),
         };
         tokio::select! {
-            c = rx.recv() => Event::Attach(c.map(Box::new)),
+            c = rx.recv() => Event::Attach(c),
             r = read_some(read) => Event::Read(r),
             w = write_some(write) => Event::Wrote(w),
             f = self.link.next(), if pull => Event::Forward(Box::new(f)),
