@@ -36,11 +36,7 @@ pub fn dispatch(bus: &Arc<Bus>, conn: Conn) {
     tx.send(Box::new(conn)).ok();
     map.insert(client_id.clone(), Entry { tx, number });
     drop(map);
-    let fut = session::run(bus.clone(), client_id, number, rx);
-    if std::env::var_os("XP_SIZE").is_some() {
-        eprintln!("XPSIZE {}", std::mem::size_of_val(&fut));
-    }
-    tokio::spawn(fut);
+    tokio::spawn(session::run(bus.clone(), client_id, number, rx));
 }
 
 /// Removes session `number` of `client_id` from the map, then hands any
