@@ -82,24 +82,29 @@ impl Client {
     /// Waits for a message on `topic` whose JSON payload satisfies `pred`;
     /// returns it. Earlier non-matching messages are kept in `seen`.
     pub async fn expect(&mut self, topic: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let matches = |t: &str, p: &Bytes| {
-            t == topic && serde_json::from_slice::<Value>(p).is_ok_and(|v| pred(&v))
-        };
-        if let Some(i) = self.seen.iter().position(|(t, p, _)| matches(t, p)) {
-            let (_, p, _) = self.seen.remove(i);
-            return serde_json::from_slice(&p).unwrap();
+        let p = self
+            .take(|t, p| t == topic && serde_json::from_slice::<Value>(p).is_ok_and(|v| pred(&v)))
+            .await;
+        serde_json::from_slice(&p).unwrap()
+    }
+
+    /// The first message, already seen or still to come, that `wanted`
+    /// accepts (by topic and payload); the others are kept in `seen`.
+    async fn take(&mut self, wanted: impl Fn(&str, &Bytes) -> bool) -> Bytes {
+        if let Some(i) = self.seen.iter().position(|(t, p, _)| wanted(t, p)) {
+            return self.seen.remove(i).1;
         }
         loop {
             if let Incoming::Message {
-                topic: t,
+                topic,
                 payload,
                 retained,
             } = self.recv().await
             {
-                if matches(&t, &payload) {
-                    return serde_json::from_slice(&payload).unwrap();
+                if wanted(&topic, &payload) {
+                    return payload;
                 }
-                self.seen.push((t, payload, retained));
+                self.seen.push((topic, payload, retained));
             }
         }
     }
@@ -127,26 +132,6 @@ impl Client {
 
     /// Waits for a raw payload on `topic` equal to `want`.
     pub async fn expect_raw(&mut self, topic: &str, want: &[u8]) {
-        if let Some(i) = self
-            .seen
-            .iter()
-            .position(|(t, p, _)| t == topic && p == want)
-        {
-            self.seen.remove(i);
-            return;
-        }
-        loop {
-            if let Incoming::Message {
-                topic: t,
-                payload,
-                retained,
-            } = self.recv().await
-            {
-                if t == topic && payload == want {
-                    return;
-                }
-                self.seen.push((t, payload, retained));
-            }
-        }
+        self.take(|t, p| t == topic && p == want).await;
     }
 }
