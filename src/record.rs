@@ -50,8 +50,10 @@ fn invalid(msg: impl Into<String>) -> RecordError {
 
 /// A service name (and role): one topic level of 1 to 63 characters of
 /// `a-z 0-9 . _ -`, starting with a letter or digit.
+/// Cheap to clone (shared): the registry keeps a name in its map, its
+/// deadlines and its state file writer's copy.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Name(String);
+pub struct Name(std::sync::Arc<str>);
 
 impl Name {
     pub fn parse(s: &str) -> Result<Name, RecordError> {
@@ -77,7 +79,7 @@ impl Name {
         {
             return bad("only a-z, 0-9, '.', '_' and '-' are allowed");
         }
-        Ok(Name(s.to_string()))
+        Ok(Name(s.into()))
     }
 
     pub fn as_str(&self) -> &str {

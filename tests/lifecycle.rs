@@ -112,16 +112,7 @@ async fn sigterm_goes_offline_flushes_state_and_exits_quickly() {
 async fn a_restart_loses_no_registration() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.json");
-    let mut s = Serve::start_with(&["--listen", "127.0.0.1:0"], &state).await;
-    let mut c = Client::connect(&s.url).await;
-    c.register("web", WEB).await;
-    c.register("nas", NAS).await;
-    // The state file is written soon after the change, without a shutdown.
-    let start = std::time::Instant::now();
-    while !std::fs::read_to_string(&state).is_ok_and(|t| t.contains("nas.local")) {
-        assert!(start.elapsed() < WAIT, "state file not written");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (mut s, c) = serve_web_and_nas(&state).await;
     s.kill();
     drop(c);
 
@@ -141,6 +132,61 @@ async fn a_restart_loses_no_registration() {
     .await;
     c.expect("homicro/errors/web", |v| v["error"] == "owned")
         .await;
+}
+
+/// `serve` on `state` with `web` and `nas` registered and written to the
+/// state file (soon after the change, without a shutdown).
+async fn serve_web_and_nas(state: &std::path::Path) -> (Serve, Client) {
+    let s = Serve::start_with(&["--listen", "127.0.0.1:0"], state).await;
+    let mut c = Client::connect(&s.url).await;
+    c.register("web", WEB).await;
+    c.register("nas", NAS).await;
+    state_with(state, "nas.local").await;
+    (s, c)
+}
+
+/// Waits until the state file says `has` (and returns it).
+async fn state_with(state: &std::path::Path, has: &str) -> String {
+    let start = std::time::Instant::now();
+    loop {
+        let text = std::fs::read_to_string(state).unwrap_or_default();
+        if text.contains(has) {
+            return text;
+        }
+        assert!(start.elapsed() < WAIT, "state file never had {has}: {text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The state file's writer keeps its own copy of the records, kept up to
+/// date by the registry's log of changes: removals reach the file, and
+/// records loaded at start stay in it when later changes are written.
+#[tokio::test]
+async fn the_state_file_follows_removals_and_keeps_what_was_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let (mut s, mut c) = serve_web_and_nas(&state).await;
+    c.publish("homicro/services/nas", "", true).await;
+    c.register("db", r#"{"host":"db.local"}"#).await;
+    let saved = state_with(&state, "db.local").await;
+    assert!(
+        !saved.contains("nas"),
+        "a deregistration is written: {saved}"
+    );
+    s.kill();
+    drop(c);
+
+    let s2 = Serve::start_with(&["--listen", "127.0.0.1:0"], &state).await;
+    let mut c = Client::connect(&s2.url).await;
+    c.register("cam", r#"{"host":"cam.local"}"#).await;
+    let saved = state_with(&state, "cam.local").await;
+    for kept in ["10.0.0.5", "db.local"] {
+        assert!(
+            saved.contains(kept),
+            "{kept} was loaded and is kept: {saved}"
+        );
+    }
+    assert!(!saved.contains("nas"), "{saved}");
 }
 
 #[tokio::test]

@@ -25,6 +25,7 @@ pub async fn run(o: &Opts, report: &mut Report) {
         for kind in Kind::order(&ALL, run) {
             let s = Subject::start(kind);
             let (mut lat, lost) = once(&s, n).await;
+            dump(kind, run, &lat);
             let i = kind as usize;
             p50[i].push(pct(&mut lat, 0.5));
             p99[i].push(pct(&mut lat, 0.99));
@@ -125,6 +126,23 @@ async fn once(s: &Subject, n: usize) -> (Vec<f64>, usize) {
     let _ = pubs.await;
     let lost = n - lat.len();
     (lat, lost)
+}
+
+/// With HOMICRO_BENCH_DUMP=DIR, each run's latencies in send order, one
+/// per line (ms), to DIR/propagation-KIND-RUN.txt: where the tail sits in
+/// time tells a periodic stall (a timer, a flush) from random ones.
+fn dump(kind: Kind, run: usize, lat: &[f64]) {
+    let Ok(dir) = std::env::var("HOMICRO_BENCH_DUMP") else {
+        return;
+    };
+    let text: String = lat.iter().map(|l| format!("{l:.4}\n")).collect();
+    let path = format!(
+        "{dir}/propagation-{}-{run}.txt",
+        kind.label().replace(' ', "-")
+    );
+    if let Err(e) = std::fs::write(&path, text) {
+        eprintln!("HOMICRO_BENCH_DUMP: {path}: {e}");
+    }
 }
 
 /// The `"seq":N` of a payload.

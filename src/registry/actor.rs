@@ -11,16 +11,16 @@ use bytes::Bytes;
 use rumqttc::{AsyncClient, QoS};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use super::health::{Outcome, Probe};
 use super::probe;
 use super::shared::Shared;
 use super::state::{Delivery, Publish, Registry, Stats};
+use super::writer::Writer;
 use super::{Answer, Status};
 use crate::mqtt::Incoming;
 use crate::record::Name;
-use crate::statefile;
 
 /// Requests from the handle.
 pub(super) enum Request {
@@ -111,10 +111,12 @@ impl Actor {
                     self.change(|r| r.on_probe(Instant::now(), &p, outcome)).await;
                 }
                 _ = sleep_until(flush_at.unwrap_or_else(far_future)), if flush_at.is_some() => {
-                    let (records, changes) = self.snapshot();
-                    if writer.offer(records) {
-                        flushed = changes;
-                    }
+                    let (changes, count) = {
+                        let mut l = shared.lock();
+                        (l.reg.take_changes(), l.reg.changes())
+                    };
+                    writer.write(changes);
+                    flushed = count;
                     flush_at = None;
                 }
             }
@@ -283,7 +285,8 @@ impl Actor {
                 // The router forwards at once; give the sessions a moment
                 // to write it before the process ends.
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                writer.finish(self.snapshot().0).await;
+                let last = self.shared.lock().reg.take_changes();
+                writer.finish(last).await;
                 info!(records = self.shared.lock().reg.len(), "registry stopped");
                 return;
             }
@@ -311,7 +314,8 @@ impl Actor {
             }
         })
         .await;
-        writer.finish(self.snapshot().0).await;
+        let last = self.shared.lock().reg.take_changes();
+        writer.finish(last).await;
         info!(records = self.shared.lock().reg.len(), "registry stopped");
     }
 }
@@ -327,64 +331,4 @@ async fn incoming(t: &mut Transport) -> Option<Incoming> {
 
 fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86_400 * 365)
-}
-
-/// Encodes and writes the state file on a thread of its own, at a lower
-/// CPU priority than the bus (a write of 10,000 records every second
-/// otherwise shows in the bus's latency tail on a small machine). Holds at
-/// most one pending snapshot; `offer` says whether the snapshot was taken.
-struct Writer {
-    tx: Option<mpsc::Sender<Vec<(Name, Bytes)>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Writer {
-    fn spawn(path: PathBuf, persist: bool) -> Writer {
-        let (tx, mut rx) = mpsc::channel::<Vec<(Name, Bytes)>>(1);
-        let thread = std::thread::Builder::new()
-            .name("homicro-state".into())
-            .spawn(move || {
-                lower_priority();
-                while let Some(records) = rx.blocking_recv() {
-                    if !persist {
-                        continue;
-                    }
-                    let bytes = statefile::encode(records.iter().map(|(n, b)| (n, b)));
-                    match statefile::write(&path, &bytes) {
-                        Ok(()) => debug!(path = %path.display(), "state file written"),
-                        Err(e) => error!(error = %e, "state file not written"),
-                    }
-                }
-            })
-            .expect("spawn the state file writer");
-        Writer {
-            tx: Some(tx),
-            thread: Some(thread),
-        }
-    }
-
-    fn offer(&self, records: Vec<(Name, Bytes)>) -> bool {
-        self.tx
-            .as_ref()
-            .is_some_and(|tx| tx.try_send(records).is_ok())
-    }
-
-    async fn finish(mut self, last: Vec<(Name, Bytes)>) {
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.send(last).await;
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
-        }
-    }
-}
-
-/// Lowers the calling thread's CPU priority (Linux: nice is per thread).
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: setpriority on the calling thread (who = 0); no memory is
-    // passed. A failure leaves the priority as it was.
-    unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
-    }
 }

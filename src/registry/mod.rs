@@ -7,6 +7,7 @@ pub mod health;
 mod probe;
 mod shared;
 pub mod state;
+mod writer;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -7,6 +7,7 @@
 mod broker;
 mod gate;
 mod out;
+mod persist;
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -24,6 +25,8 @@ pub use broker::Delivery;
 pub use gate::GateKind;
 pub use out::Publish;
 use out::to_bytes;
+use persist::ChangeLog;
+pub use persist::Changes;
 
 /// Counters for logs and metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -79,7 +82,8 @@ pub struct Registry {
     /// broker does and none of its publishes come back (no echoes).
     gated: bool,
     restored: Vec<Name>,
-    changes: u64,
+    /// What the state file has not been told yet.
+    changed: ChangeLog,
     stats: Stats,
     health: health::Schedule,
     /// Publishes made on the side (health statuses to clear), drained into
@@ -104,7 +108,7 @@ impl Registry {
             echoes: Echoes::default(),
             gated: false,
             restored: Vec::new(),
-            changes: 0,
+            changed: ChangeLog::default(),
             stats: Stats::default(),
             health: health::Schedule::default(),
             extra: Vec::new(),
@@ -152,7 +156,19 @@ impl Registry {
 
     /// Bumped on every change worth persisting (not on a `ttl` refresh).
     pub fn changes(&self) -> u64 {
-        self.changes
+        self.changed.count()
+    }
+
+    /// The changes the state file has not been told yet: a swap, unless
+    /// the log overflowed (then a copy of every record).
+    pub fn take_changes(&mut self) -> Changes {
+        let records = &self.records;
+        self.changed.take(|| {
+            records
+                .iter()
+                .map(|(n, e)| (n.clone(), e.payload.clone()))
+                .collect()
+        })
     }
 
     pub fn stats(&self) -> &Stats {
@@ -184,7 +200,7 @@ impl Registry {
             let Some(entry) = self.records.remove(&name) else {
                 continue;
             };
-            self.changes += 1;
+            self.changed.note(&name, None, self.records.len());
             self.stats.expiries += 1;
             info!(name = %name, owner = %entry.endpoint, "expired");
             if self.health.untrack(&name) {
@@ -387,8 +403,9 @@ impl Registry {
             ttl: record.ttl,
             deadline,
         };
+        self.changed
+            .note(&name, Some(&entry.payload), self.records.len() + 1);
         self.records.insert(name, entry);
-        self.changes += 1;
     }
 
     fn remove(&mut self, name: &Name) -> Option<Entry> {
@@ -399,7 +416,7 @@ impl Registry {
         if self.health.untrack(name) {
             self.extra.push(self.health_clear(name.as_str()));
         }
-        self.changes += 1;
+        self.changed.note(name, None, self.records.len());
         Some(entry)
     }
 
