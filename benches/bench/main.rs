@@ -10,6 +10,7 @@
 //! cargo bench --bench bench -- --only 4,7 --connections 20000
 //! HOMICRO_BENCH_CONFIG=my.toml cargo bench ...   # serve --config my.toml
 //! HOMICRO_BENCH_WRAP="heaptrack -o /tmp/h-{kind}" cargo bench ...   # serve under a profiler
+//! HOMICRO_BENCH_DUMP=/tmp/d cargo bench -- --only 2   # item 2's latencies, in send order
 //! ```
 //!
 //! Items: 1 registrations/s, 2 propagation at 1,000 msg/s, 3 connection
