@@ -1,11 +1,13 @@
-//! The state file's writer: a thread of its own that runs only when the
-//! bus leaves a CPU idle (Linux `SCHED_IDLE`). At `nice 10` it still took
-//! a CPU for 3 ms at a time to encode 1,000 records, while a bus thread
-//! woken on that CPU waited its turn: a 2 to 4 ms stall of every publish
-//! on the bus once per second (`perf sched timehist`, on 2 cores). It
-//! keeps its own copy of the records, brought up to date by the
-//! registry's change log, so that the registry's lock is held only for a
-//! swap of that log. The last write, at shutdown, runs at normal priority.
+//! The state file's writer: a thread of its own at the lowest CPU
+//! priority (Linux `SCHED_IDLE`: preempted by any other thread; on CPUs
+//! kept busy it still gets a sliver, so writes are late, not lost). At
+//! `nice 10` it still took a CPU for 3 ms at a time to encode 1,000
+//! records, while a bus thread woken on that CPU waited its turn: a 2 to
+//! 4 ms stall of every publish on the bus once per second (`perf sched
+//! timehist`, on 2 cores). It keeps its own copy of the records, brought
+//! up to date by the registry's change log, so that the registry's lock is
+//! held only for a swap of that log. The last write, at shutdown, runs at
+//! normal priority.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -106,4 +108,53 @@ fn set_idle(idle: bool) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = idle;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The policy of this process's thread named `name` (Linux).
+    #[cfg(target_os = "linux")]
+    fn policies(name: &str) -> Vec<i32> {
+        let mut out = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            let tid: i32 = task.file_name().to_str().unwrap().parse().unwrap();
+            if comm.trim_end() == name {
+                // SAFETY: reads the policy of one of this process's threads.
+                out.push(unsafe { libc::sched_getscheduler(tid) });
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn writes_changes_on_an_idle_priority_thread_and_the_last_ones_at_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let w = Writer::spawn(path.clone(), true);
+        let n = |s: &str| Name::parse(s).unwrap();
+        let p = |s: &'static str| Bytes::from_static(s.as_bytes());
+        w.write(Changes::Since(vec![
+            (n("web"), Some(p(r#"{"host":"web.local"}"#))),
+            (n("nas"), Some(p(r#"{"host":"nas.local"}"#))),
+        ]));
+        let start = std::time::Instant::now();
+        while !std::fs::read_to_string(&path).is_ok_and(|t| t.contains("nas.local")) {
+            assert!(start.elapsed() < std::time::Duration::from_secs(10));
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        #[cfg(target_os = "linux")]
+        assert!(
+            policies("homicro-state").contains(&libc::SCHED_IDLE),
+            "the writer runs SCHED_IDLE"
+        );
+        w.finish(Changes::Since(vec![(n("nas"), None)])).await;
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains("web.local") && !text.contains("nas"),
+            "{text}"
+        );
+    }
 }
