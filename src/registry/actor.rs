@@ -285,10 +285,7 @@ impl Actor {
                 // The router forwards at once; give the sessions a moment
                 // to write it before the process ends.
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                let last = self.shared.lock().reg.take_changes();
-                writer.finish(last).await;
-                info!(records = self.shared.lock().reg.len(), "registry stopped");
-                return;
+                return self.write_last(writer).await;
             }
         };
         let seen = timeout(Duration::from_millis(800), async {
@@ -314,6 +311,11 @@ impl Actor {
             }
         })
         .await;
+        self.write_last(writer).await;
+    }
+
+    /// Writes the changes the state file has not seen yet, and waits for it.
+    async fn write_last(&self, writer: Writer) {
         let last = self.shared.lock().reg.take_changes();
         writer.finish(last).await;
         info!(records = self.shared.lock().reg.len(), "registry stopped");
