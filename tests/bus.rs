@@ -277,6 +277,55 @@ async fn a_v5_publish_with_properties_leaves_v311_watchers_connected() {
     v5sub.wait_line(|l| l == after).await;
 }
 
+/// A publisher's connection writes its acknowledgements only after the
+/// sessions its publishes woke have taken their turn (delivery before
+/// acknowledgement, as in Mosquitto). A subscriber whose client reads
+/// nothing stops taking messages: it must hold no publisher back. Here it
+/// shares the topics with a watcher that reads and with the publisher's
+/// own subscription; every publish is acknowledged and delivered.
+#[tokio::test]
+async fn a_subscriber_that_reads_nothing_holds_no_publisher_back() {
+    let s = Serve::start().await;
+    let hello = |client_id| Hello {
+        client_id,
+        keep_alive: 0,
+        ..Hello::default()
+    };
+    let (mut stuck, _) = Raw::connect(s.port(), &hello("reads-nothing")).await;
+    assert_eq!(stuck.subscribe("load/#", 1).await, 1);
+    let (mut watch, _) = Raw::connect(s.port(), &hello("watch")).await;
+    assert_eq!(watch.subscribe("load/#", 1).await, 1);
+    let (mut publisher, _) = Raw::connect(s.port(), &hello("pub")).await;
+    assert_eq!(publisher.subscribe("load/#", 0).await, 0);
+    let (rounds, per_round) = (5, 1000);
+    let watcher = tokio::spawn(async move {
+        let mut got = 0;
+        while got < rounds * per_round {
+            let (topic, _, _) = watch.next_publish().await.expect("a message");
+            assert!(topic.starts_with("load/"));
+            got += 1;
+        }
+        got
+    });
+    // 4 KiB each: 20 MiB in all, far more than the stuck client's socket
+    // and its session's queue take.
+    let payload = vec![b'x'; 4096];
+    let batch: Vec<_> = (0..per_round)
+        .map(|i| (format!("load/{i}"), payload.clone()))
+        .collect();
+    for _ in 0..rounds {
+        publisher
+            .publish_all(&batch, false, Duration::from_secs(5))
+            .await;
+    }
+    let got = tokio::time::timeout(Duration::from_secs(30), watcher)
+        .await
+        .expect("the watcher got every message")
+        .unwrap();
+    assert_eq!(got, rounds * per_round);
+    drop(stuck);
+}
+
 #[tokio::test]
 async fn a_record_without_host_gets_the_publishers_address() {
     let s = Serve::start().await;

@@ -11,6 +11,7 @@
 //! HOMICRO_BENCH_CONFIG=my.toml cargo bench ...   # serve --config my.toml
 //! HOMICRO_BENCH_WRAP="heaptrack -o /tmp/h-{kind}" cargo bench ...   # serve under a profiler
 //! HOMICRO_BENCH_DUMP=/tmp/d cargo bench -- --only 2   # item 2's latencies, in send order
+//! HOMICRO_BENCH_KINDS=homicro cargo bench -- --only 2   # one subject only (profiling)
 //! ```
 //!
 //! Items: 1 registrations/s, 2 propagation at 1,000 msg/s, 3 connection

@@ -36,9 +36,15 @@ impl Kind {
 
     /// The subjects in the order of run `run`: rotated, so that warm-up
     /// and drift on a shared machine hit each subject alike.
+    ///
+    /// With HOMICRO_BENCH_KINDS (labels, comma-separated: `homicro,bus
+    /// alone`), only those: for profiling one subject at a time.
     pub fn order(kinds: &[Kind], run: usize) -> Vec<Kind> {
         let mut v = kinds.to_vec();
         v.rotate_left(run % kinds.len());
+        if let Ok(only) = std::env::var("HOMICRO_BENCH_KINDS") {
+            v.retain(|k| only.split(',').any(|o| o.trim() == k.label()));
+        }
         v
     }
 }

@@ -26,6 +26,9 @@ pub struct Submission {
     pub qos: u8,
     /// The publishing session (for NoLocal on the stored copy).
     pub origin: u64,
+    /// What the publisher's acknowledgement waits for (see
+    /// [`crate::bus::router::After`]).
+    pub after: Option<crate::bus::router::After>,
 }
 
 impl Submission {
@@ -41,6 +44,7 @@ impl Submission {
             payload,
             qos: p.qos,
             origin,
+            after: None,
         }
     }
 }

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::mpsc;
 
-pub use message::{Expired, Forwarded, Message, now_ms};
+pub use message::{After, Expired, Forwarded, Message, now_ms};
 use store::Store;
 use tree::Tree;
 
@@ -65,6 +65,45 @@ struct State {
 struct Target {
     link: u64,
     tx: mpsc::Sender<Forwarded>,
+    waiters: Arc<Waiters>,
+}
+
+/// The publishers' tokens a link holds until its session's next turn.
+#[derive(Default)]
+struct Waiters(Mutex<WaitState>);
+
+#[derive(Default)]
+struct WaitState {
+    /// The session is taking messages: it will take its turn soon.
+    taking: bool,
+    held: Vec<After>,
+}
+
+impl Waiters {
+    fn state(&self) -> MutexGuard<'_, WaitState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps `after` if the session is taking messages.
+    fn hold(&self, after: &After) {
+        let mut s = self.state();
+        if s.taking {
+            s.held.push(after.clone());
+        }
+    }
+
+    /// Lets go of every token held; takes more only if `taking`.
+    fn turn(&self, taking: bool) {
+        let mut s = self.state();
+        s.taking = taking;
+        if s.held.is_empty() {
+            return;
+        }
+        let held = std::mem::take(&mut s.held);
+        drop(s);
+        // Dropped outside the lock: the last clone wakes its publisher.
+        drop(held);
+    }
 }
 
 impl tree::Target for Target {
@@ -106,6 +145,7 @@ impl Router {
             rx,
             backlog: VecDeque::new(),
             filters: HashSet::new(),
+            waiters: Arc::default(),
         }
     }
 
@@ -122,6 +162,12 @@ impl Router {
     /// Stores `m` if retained and hands it to every link subscribed to its
     /// topic.
     pub fn publish(&self, m: Message) {
+        self.publish_after(m, None);
+    }
+
+    /// [`Self::publish`], with `after` held by each link it is handed to
+    /// until that link's session takes its next turn.
+    pub fn publish_after(&self, m: Message, after: Option<&After>) {
         let m = Arc::new(m);
         let mut dropped = 0;
         let mut state = self.state();
@@ -135,6 +181,8 @@ impl Router {
             };
             if t.tx.try_send(f).is_err() {
                 dropped += 1;
+            } else if let Some(after) = after {
+                t.waiters.hold(after);
             }
         });
         drop(state);
@@ -154,11 +202,24 @@ pub struct Link {
     /// Retained messages of new subscriptions, not yet taken.
     backlog: VecDeque<Forwarded>,
     filters: HashSet<String>,
+    waiters: Arc<Waiters>,
 }
 
 impl Link {
     pub fn publish(&self, m: Message) {
         self.router.publish(m);
+    }
+
+    /// [`Router::publish_after`].
+    pub fn publish_after(&self, m: Message, after: Option<&After>) {
+        self.router.publish_after(m, after);
+    }
+
+    /// The session's turn: lets go of the publishers' tokens this link
+    /// holds (see [`After`]), and says whether it is taking messages now
+    /// (a link that is not takes no token: nothing would let it go).
+    pub fn turn(&self, taking: bool) {
+        self.waiters.turn(taking);
     }
 
     /// Subscribes to `filter` (`$share/GROUP/f` for a shared
@@ -169,6 +230,7 @@ impl Link {
         let target = Target {
             link: self.id,
             tx: self.tx.clone(),
+            waiters: self.waiters.clone(),
         };
         let shared = tree::split_shared(filter).0.is_some();
         let mut state = self.router.state();
@@ -204,6 +266,7 @@ impl Link {
 
 impl Drop for Link {
     fn drop(&mut self) {
+        self.waiters.turn(false);
         if self.filters.is_empty() {
             return;
         }
@@ -218,6 +281,7 @@ impl Drop for Link {
 mod tests {
     use super::*;
     use bytes::Bytes;
+    use tokio::sync::oneshot;
 
     fn msg(topic: &str, payload: &'static [u8], retain: bool) -> Message {
         Message {
@@ -272,6 +336,44 @@ mod tests {
         drop(s);
         assert!(r.state().subs.for_each_match_count("a/x") == 0);
         assert!(r.state().subs.for_each_match_count("b") == 0);
+    }
+
+    /// A publisher's token is held by each link it reached that is taking
+    /// messages, until that link's turn; a link not taking holds none, and
+    /// a link that stops taking, or is dropped, lets go at once.
+    #[tokio::test]
+    async fn tokens_wait_for_each_taking_link_and_no_other() {
+        let r = Router::new();
+        let (mut a, mut b, c) = (r.link(), r.link(), r.link());
+        a.subscribe("t", true);
+        b.subscribe("t", true);
+        a.turn(true);
+        b.turn(true);
+        let (after, mut rx) = After::new();
+        c.publish_after(msg("t", b"1", false), Some(&after));
+        drop(after);
+        assert!(rx.try_recv().is_err(), "held by a and b");
+        a.turn(true);
+        assert!(rx.try_recv().is_err(), "still held by b");
+        b.turn(false);
+        assert!(
+            rx.try_recv()
+                .is_err_and(|e| e == oneshot::error::TryRecvError::Closed)
+        );
+        // b is not taking: only a holds the next one, until it is dropped.
+        let (after, mut rx) = After::new();
+        c.publish_after(msg("t", b"2", false), Some(&after));
+        drop(after);
+        assert!(
+            rx.try_recv()
+                .is_err_and(|e| e == oneshot::error::TryRecvError::Empty)
+        );
+        drop(a);
+        assert!(
+            rx.try_recv()
+                .is_err_and(|e| e == oneshot::error::TryRecvError::Closed)
+        );
+        assert_eq!(b.next().await.msg.payload, Bytes::from_static(b"1"));
     }
 
     #[tokio::test]

@@ -24,7 +24,7 @@ use tracing::debug;
 
 use super::codec::{self, AckKind, Properties, Publish, Version, Will, reason};
 use super::connect::{self, Conn, Reader, Writer};
-use super::router::{Forwarded, Link};
+use super::router::{After, Forwarded, Link};
 use super::{Bus, sessions};
 use outbound::Outbound;
 
@@ -125,6 +125,11 @@ pub(super) struct Session {
     /// The address of the last client connected (for a record or
     /// heartbeat will without `host`).
     last_peer: Option<SocketAddr>,
+    /// The token the publishes being handled hand to the subscribers they
+    /// wake; let go when they are handled.
+    after: Option<After>,
+    /// The connection's writes wait for those subscribers' turns.
+    hold: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 /// Runs session `number` of `client_id`, serving the connections `rx`
@@ -152,6 +157,8 @@ pub async fn run(
         has_state: false,
         over: false,
         last_peer: None,
+        after: None,
+        hold: None,
     };
     s.serve(&mut rx).await;
     if let Some((_, will)) = s.pending_will.take() {
@@ -169,6 +176,9 @@ enum Event {
     KeepaliveTimeout,
     WillDue,
     Expired,
+    /// The subscribers the connection's writes waited for took their
+    /// turns.
+    Released,
 }
 
 impl Session {
@@ -210,6 +220,7 @@ impl Session {
                     }
                 }
                 Event::Expired => self.over = true,
+                Event::Released => self.hold = None,
             }
         }
     }
@@ -224,7 +235,13 @@ impl Session {
     }
 
     async fn next_event(&mut self, rx: &mut mpsc::UnboundedReceiver<Box<Conn>>) -> Event {
+        // The publishes handled so far are handed on: the hold ends when
+        // their subscribers have taken them.
+        self.after = None;
+        let held = self.hold.is_some();
         let pull = self.wants_forwards();
+        // Publishers waiting for this session's turn go on.
+        self.link.turn(pull);
         let keepalive = self.conn.as_ref().and_then(Live::keepalive_deadline);
         let will_at = self.pending_will.as_ref().map(|(t, _)| *t);
         let expires_at = self.expires_at.filter(|_| self.conn.is_none());
@@ -238,7 +255,8 @@ impl Session {
         tokio::select! {
             c = rx.recv() => Event::Attach(c),
             r = read_some(read) => Event::Read(r),
-            w = write_some(write) => Event::Wrote(w),
+            w = write_some(write), if !held => Event::Wrote(w),
+            _ = released(&mut self.hold) => Event::Released,
             f = self.link.next(), if pull => Event::Forward(Box::new(f)),
             _ = sleep_at(keepalive) => Event::KeepaliveTimeout,
             _ = sleep_at(will_at) => Event::WillDue,
@@ -341,6 +359,8 @@ impl Session {
     async fn close(&mut self, end: End) {
         // Publishes already put to the gate are acknowledged first.
         self.settle().await;
+        self.after = None;
+        self.hold = None;
         let Some(mut live) = self.conn.take() else {
             return;
         };
@@ -417,6 +437,15 @@ async fn write_some(io: Option<(&mut Writer, &BytesMut)>) -> std::io::Result<usi
     match io {
         Some((w, buf)) if !buf.is_empty() => w.write(buf).await,
         _ => std::future::pending().await,
+    }
+}
+
+async fn released(hold: &mut Option<tokio::sync::oneshot::Receiver<()>>) {
+    match hold {
+        Some(rx) => {
+            let _ = rx.await;
+        }
+        None => std::future::pending().await,
     }
 }
 
