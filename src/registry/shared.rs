@@ -328,6 +328,27 @@ mod tests {
         }
     }
 
+    /// One session's records in a row are judged in its own task, however
+    /// close together: each verdict is there when `gate_later` returns (no
+    /// actor runs here to judge a queued one). Under the earlier rule
+    /// (any two close submissions are a burst) the second was queued.
+    #[tokio::test]
+    async fn one_clients_records_in_a_row_are_judged_at_once() {
+        let mut reg = Registry::new(Topics::new("homicro"), "test");
+        reg.set_gated();
+        let shared = Shared::new(reg, Some(Router::new()));
+        // The first may count as a burst after another client's (the
+        // start): whoever takes the lock next judges it.
+        let mut first = shared.gate_later(record(1, 0)).unwrap();
+        drop(shared.lock());
+        assert_eq!(first.try_recv(), Ok(Gated::Accepted));
+        for i in 1..200 {
+            let mut rx = shared.gate_later(record(1, i)).unwrap();
+            assert_eq!(rx.try_recv(), Ok(Gated::Accepted), "record {i}");
+        }
+        assert!(shared.queue().is_empty());
+    }
+
     /// Many sessions at once, some in bursts (queued), some alone (judged
     /// in their own task): every submission gets its verdict, none is left
     /// in the queue, and each is published.
