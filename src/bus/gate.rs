@@ -34,7 +34,7 @@ pub struct Submission {
 impl Submission {
     pub fn new(kind: Kind, raw: &str, p: &Publish, peer: Option<SocketAddr>, origin: u64) -> Self {
         let payload = peer
-            .and_then(|peer| with_host(&p.payload, &peer.ip().to_string()))
+            .and_then(|peer| with_host(&p.payload, || peer.ip().to_string()))
             // A copy, not a slice of the client's read buffer: the registry
             // keeps it as long as the record lives.
             .map_or_else(|| Bytes::copy_from_slice(&p.payload), Bytes::from);
@@ -79,16 +79,17 @@ pub fn reason_for(code: ErrorCode) -> u8 {
 }
 
 /// A record or heartbeat JSON object without `host`, completed with `host`
-/// (the publisher's address) as its first field. `None`: leave the payload
-/// as it is (not a JSON object, or it has a `host`). Only the top-level
-/// keys are read: values are skipped without being built.
-pub fn with_host(payload: &[u8], host: &str) -> Option<Vec<u8>> {
+/// (the publisher's address, formatted only when it is needed) as its
+/// first field. `None`: leave the payload as it is (not a JSON object, or
+/// it has a `host`). Only the top-level keys are read: values are skipped
+/// without being built.
+pub fn with_host(payload: &[u8], host: impl FnOnce() -> String) -> Option<Vec<u8>> {
     let keys: TopKeys = serde_json::from_slice(payload).ok()?;
     if keys.has_host {
         return None;
     }
     let at = payload.iter().position(|b| *b == b'{')?;
-    let field = serde_json::to_string(host).ok()?;
+    let field = serde_json::to_string(&host()).ok()?;
     let mut out = Vec::with_capacity(payload.len() + field.len() + 10);
     out.extend_from_slice(&payload[..=at]);
     out.extend_from_slice(b"\"host\":");
@@ -144,13 +145,13 @@ mod tests {
     #[test]
     fn host_is_completed_only_when_missing() {
         assert_eq!(
-            with_host(br#"{"port":1}"#, "10.0.0.2").unwrap(),
+            with_host(br#"{"port":1}"#, || "10.0.0.2".into()).unwrap(),
             br#"{"host":"10.0.0.2","port":1}"#
         );
-        assert_eq!(with_host(b"{}", "h").unwrap(), br#"{"host":"h"}"#);
-        assert_eq!(with_host(br#"{"host":"a","port":1}"#, "h"), None);
-        assert_eq!(with_host(b"not json", "h"), None);
-        assert_eq!(with_host(b"[1]", "h"), None);
+        assert_eq!(with_host(b"{}", || "h".into()).unwrap(), br#"{"host":"h"}"#);
+        assert_eq!(with_host(br#"{"host":"a","port":1}"#, || "h".into()), None);
+        assert_eq!(with_host(b"not json", || "h".into()), None);
+        assert_eq!(with_host(b"[1]", || "h".into()), None);
     }
 
     #[test]

@@ -46,11 +46,10 @@ impl Session {
         ids.dedup();
         p.props.subscription_ids = ids;
         if let Some(live) = &self.conn {
-            let mut sized = p.clone();
-            if sized.qos > 0 {
-                sized.pkid = 1;
-            }
-            if codec::publish_len(live.version, &sized) > live.max_packet {
+            // The length does not depend on the packet id (still 0 here).
+            if live.max_packet < usize::MAX
+                && codec::publish_len(live.version, &p) > live.max_packet
+            {
                 return; // larger than the client takes (MQTT 5, 3.1.2.11.4)
             }
         }
