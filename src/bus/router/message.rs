@@ -111,13 +111,22 @@ pub struct Forwarded {
 /// token while its session is not taking messages, and lets go of those
 /// it holds when it stops.
 #[derive(Debug, Clone)]
-pub struct After(#[allow(dead_code)] Arc<tokio::sync::oneshot::Sender<()>>);
+pub struct After {
+    /// Never sent on: dropped with the last clone, which completes the
+    /// receiver.
+    _done: Arc<tokio::sync::oneshot::Sender<()>>,
+}
 
 impl After {
     /// A token, and what completes when its last clone is dropped.
     pub fn new() -> (After, tokio::sync::oneshot::Receiver<()>) {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        (After(Arc::new(tx)), rx)
+        (
+            After {
+                _done: Arc::new(tx),
+            },
+            rx,
+        )
     }
 }
 
