@@ -361,6 +361,9 @@ impl Session {
         self.settle().await;
         self.after = None;
         self.hold = None;
+        // The last write below may wait (up to a second for a client that
+        // reads nothing): publishers do not wait for this session meanwhile.
+        self.link.turn(false);
         let Some(mut live) = self.conn.take() else {
             return;
         };
