@@ -103,26 +103,33 @@ async fn once(s: &Subject, n: usize) -> (Vec<f64>, usize) {
             (wr, acks)
         })
     };
-    let mut lat = Vec::with_capacity(n);
-    let mut got = vec![false; n];
-    while lat.len() < n {
-        let Some(p) = w.rd.next_within(Duration::from_secs(2)).await else {
-            break;
-        };
-        let at = epoch.elapsed().as_nanos() as u64;
-        let Some((topic, payload)) = p.publish() else {
-            continue;
-        };
-        if !topic.starts_with(b"homicro/services/lat-") {
-            continue;
+    // The watcher reads on a runtime worker, as the publisher writes: read
+    // in `block_on`'s own thread, each delivery cost one more thread hop
+    // in the bench (the I/O worker waking that thread), for every subject.
+    let watch = tokio::spawn(async move {
+        let mut lat = Vec::with_capacity(n);
+        let mut got = vec![false; n];
+        while lat.len() < n {
+            let Some(p) = w.rd.next_within(Duration::from_secs(2)).await else {
+                break;
+            };
+            let at = epoch.elapsed().as_nanos() as u64;
+            let Some((topic, payload)) = p.publish() else {
+                continue;
+            };
+            if !topic.starts_with(b"homicro/services/lat-") {
+                continue;
+            }
+            let Some(seq) = seq_of(payload).filter(|s| *s < n && !got[*s]) else {
+                continue;
+            };
+            got[seq] = true;
+            let t = sent[seq].load(Ordering::Relaxed);
+            lat.push(at.saturating_sub(t) as f64 / 1e6);
         }
-        let Some(seq) = seq_of(payload).filter(|s| *s < n && !got[*s]) else {
-            continue;
-        };
-        got[seq] = true;
-        let t = sent[seq].load(Ordering::Relaxed);
-        lat.push(at.saturating_sub(t) as f64 / 1e6);
-    }
+        (lat, w)
+    });
+    let (lat, _w) = watch.await.unwrap();
     let _ = pubs.await;
     let lost = n - lat.len();
     (lat, lost)
