@@ -199,7 +199,7 @@ impl Session {
     /// Puts `p` (see [`Self::pipelined`]) to the gate; its verdict is
     /// awaited by [`Self::settle`].
     async fn submit(&mut self, p: &Publish, peer: SocketAddr) -> Result<(), End> {
-        let after = if p.qos > 0 { self.after_token() } else { None };
+        let after = self.after_token(p.qos);
         let (Some(registry), kind) = (&self.bus.gate, self.bus.topics.classify(&p.topic)) else {
             return Ok(());
         };
@@ -279,7 +279,7 @@ impl Session {
         if p.topic.starts_with('$') {
             return reason::NOT_AUTHORIZED;
         }
-        let after = if p.qos > 0 { self.after_token() } else { None };
+        let after = self.after_token(p.qos);
         if let Some(registry) = &self.bus.gate {
             let topics = &self.bus.topics;
             let kind = match topics.classify(&p.topic) {
@@ -308,7 +308,7 @@ impl Session {
     }
 
     fn publish(&mut self, p: &Publish) -> u8 {
-        let after = if p.qos > 0 { self.after_token() } else { None };
+        let after = self.after_token(p.qos);
         self.link
             .publish_after(Message::new(p, self.number), after.as_ref());
         reason::SUCCESS
@@ -316,9 +316,12 @@ impl Session {
 
     /// The token a publish about to be acknowledged hands to the
     /// subscribers it wakes, so that the connection writes nothing more
-    /// until they have taken it (see [`After`]). `None` with no connection
-    /// (a will): there is nothing to acknowledge.
-    fn after_token(&mut self) -> Option<After> {
+    /// until they have taken it (see [`After`]). `None` at QoS 0 or with no
+    /// connection (a will): there is nothing to acknowledge.
+    fn after_token(&mut self, qos: u8) -> Option<After> {
+        if qos == 0 {
+            return None;
+        }
         self.conn.as_ref()?;
         if self.after.is_none() {
             let (after, rx) = After::new();
