@@ -100,6 +100,9 @@ pub struct ServeConfig {
     pub state_flush: Duration,
     pub log_level: String,
     pub health_concurrency: usize,
+    /// Move the executable's code onto huge pages at start (see
+    /// [`crate::hugetext`]).
+    pub huge_code_pages: bool,
     /// Run the registry (false: the embedded broker alone, a benchmark
     /// baseline).
     pub registry: bool,
@@ -120,7 +123,7 @@ pub struct Overrides {
 
 pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 
-const TOP_KEYS: [&str; 8] = [
+const TOP_KEYS: [&str; 9] = [
     "listen",
     "broker",
     "prefix",
@@ -128,6 +131,7 @@ const TOP_KEYS: [&str; 8] = [
     "state_flush",
     "log_level",
     "health_concurrency",
+    "huge_code_pages",
     "embedded",
 ];
 const EMBEDDED_KEYS: [&str; 7] = [
@@ -233,6 +237,20 @@ impl ServeConfig {
             }
         };
 
+        let huge_code_pages = match t.get("huge_code_pages") {
+            Some(Value::Boolean(b)) => *b,
+            other => {
+                return Err(err(
+                    src,
+                    "huge_code_pages",
+                    format!(
+                        "must be true or false, got {}",
+                        other.map_or("nothing".to_string(), |v| v.to_string())
+                    ),
+                ));
+            }
+        };
+
         let e = match t.get("embedded") {
             Some(Value::Table(e)) => e,
             _ => return Err(err(src, "embedded", "must be a table ([embedded])".into())),
@@ -281,6 +299,7 @@ impl ServeConfig {
             state_flush,
             log_level,
             health_concurrency,
+            huge_code_pages,
             registry: !flags.no_registry,
             embedded,
         })
@@ -437,6 +456,10 @@ mod tests {
                 "health_concurrency: must be an integer from 1 to 100000, got 0",
             ),
             ("listen = ", "not valid TOML"),
+            (
+                "huge_code_pages = \"yes\"",
+                "huge_code_pages: must be true or false, got \"yes\"",
+            ),
             (
                 "[embedded]\nconnect_timeout = \"5m\"",
                 "embedded.connect_timeout: must be from",

@@ -57,6 +57,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod http;
+pub mod hugetext;
 pub mod mqtt;
 pub mod protocol;
 pub mod record;

@@ -233,6 +233,17 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
         };
     init_logging(&config.log_level);
+    if config.huge_code_pages {
+        // Before the runtime: no other thread may run while code moves.
+        match homicro::hugetext::remap() {
+            Ok(m) => tracing::info!(
+                mappings = m.mappings,
+                mib = m.bytes >> 20,
+                "code and constants on huge pages"
+            ),
+            Err(e) => tracing::info!(reason = %e, "code left on small pages"),
+        }
+    }
     let rt = runtime();
     match rt.block_on(homicro::serve::run(config, stop_signal())) {
         Ok(()) => ExitCode::SUCCESS,

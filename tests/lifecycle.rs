@@ -344,3 +344,65 @@ async fn the_state_file_is_not_written_once_per_message() {
         "{writes} writes for {n} registrations in {took:?}"
     );
 }
+
+/// The binary's own mappings in serve's `/proc/PID/maps`, and its
+/// `AnonHugePages` in kB.
+fn own_mappings(s: &Serve) -> (Vec<String>, u64) {
+    let pid = s.child.id();
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let own = maps
+        .lines()
+        .filter(|l| l.ends_with(&*exe.to_string_lossy()))
+        .map(|l| l.split_whitespace().nth(1).unwrap().to_string())
+        .collect();
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    let huge = rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("AnonHugePages:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    (own, huge)
+}
+
+#[tokio::test]
+async fn serve_runs_its_code_from_huge_pages_unless_told_not_to() {
+    let thp =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    let s = Serve::start().await;
+    let (own, huge) = own_mappings(&s);
+    if thp.contains("[never]") || thp.is_empty() {
+        // Nothing to move onto: said, and left as mapped.
+        assert!(s.log().contains("code left on small pages"), "{}", s.log());
+        assert!(own.iter().any(|p| p == "r-xp"), "{own:?}");
+    } else {
+        assert!(
+            s.log().contains("code and constants on huge pages"),
+            "{}",
+            s.log()
+        );
+        // The code and constants are anonymous copies now: only the
+        // writable data is still mapped from the file.
+        assert!(own.iter().all(|p| p.starts_with("rw")), "{own:?}");
+        assert!(huge >= 2048, "AnonHugePages {huge} kB");
+    }
+    // And the moved code runs the bus and the registry.
+    let mut c = Client::connect(&s.url).await;
+    c.subscribe("homicro/events/web").await;
+    c.publish("homicro/services/web", WEB, true).await;
+    c.expect("homicro/events/web", |v| v["event"] == "registered")
+        .await;
+    drop(s);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("homicro.toml");
+    std::fs::write(&config, "huge_code_pages = false\n").unwrap();
+    let args = ["--listen", "127.0.0.1:0", "--config"];
+    let mut args = args.map(String::from).to_vec();
+    args.push(config.to_string_lossy().into_owned());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let s = Serve::start_with(&args, &tmp.path().join("state.json")).await;
+    let (own, _) = own_mappings(&s);
+    assert!(own.iter().any(|p| p == "r-xp"), "{own:?}");
+    assert!(!s.log().contains("huge pages"), "{}", s.log());
+}
