@@ -15,7 +15,10 @@
 //! region asked for huge pages, given the mapping's protection, and moved
 //! over the original with one `mremap`. Nothing is changed until the copy
 //! is ready and protected; any failure leaves the mapping as it was. Call
-//! it before any other thread starts.
+//! it before the runtime starts: a thread already running (jemalloc's
+//! background thread may be) sees the same bytes at the same addresses
+//! throughout, as the kernel makes a fault in the range wait for the
+//! `mremap` to finish, but nothing should be running code there by design.
 //!
 //! The cost: the code is a private copy (up to 6 MiB of resident memory
 //! more, not shared with the page cache), and `perf` no longer names the
@@ -116,8 +119,8 @@ pub fn remap() -> Result<Moved, String> {
 /// [start, end) and moves that region over it.
 ///
 /// # Safety
-/// [start, end) must hold nothing but `m` and unmapped holes, `m` must be
-/// read-only, and no other thread may be running.
+/// [start, end) must hold nothing but `m` and unmapped holes, and `m` must
+/// be read-only (its bytes cannot change while they are copied).
 unsafe fn move_onto_huge_pages(m: &Mapping, start: usize, end: usize) -> Result<(), String> {
     let len = end - start;
     let prot = if m.perms.contains('x') {

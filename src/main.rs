@@ -234,7 +234,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         };
     init_logging(&config.log_level);
     if config.huge_code_pages {
-        // Before the runtime: no other thread may run while code moves.
+        // Before the runtime starts its threads (see `hugetext`).
         match homicro::hugetext::remap() {
             Ok(m) => tracing::info!(
                 mappings = m.mappings,
