@@ -229,10 +229,7 @@ impl ServeConfig {
                 return Err(err(
                     src,
                     "health_concurrency",
-                    format!(
-                        "must be an integer from 1 to 100000, got {}",
-                        other.map_or("nothing".to_string(), |v| v.to_string())
-                    ),
+                    format!("must be an integer from 1 to 100000, got {}", shown(other)),
                 ));
             }
         };
@@ -243,10 +240,7 @@ impl ServeConfig {
                 return Err(err(
                     src,
                     "huge_code_pages",
-                    format!(
-                        "must be true or false, got {}",
-                        other.map_or("nothing".to_string(), |v| v.to_string())
-                    ),
+                    format!("must be true or false, got {}", shown(other)),
                 ));
             }
         };
@@ -264,7 +258,7 @@ impl ServeConfig {
                     &full,
                     format!(
                         "must be an integer from {min} to {max}, got {}",
-                        other.map_or("nothing".to_string(), |v| v.to_string())
+                        shown(other)
                     ),
                 )),
             }
@@ -342,16 +336,18 @@ fn merge(base: &mut Table, over: Table) {
     }
 }
 
+/// A config value as an error message quotes it.
+fn shown(v: Option<&Value>) -> String {
+    v.map_or("nothing".to_string(), |v| v.to_string())
+}
+
 fn get_str(src: &str, t: &Table, key: &str) -> Result<String, ConfigError> {
     match t.get(key) {
         Some(Value::String(s)) => Ok(s.clone()),
         other => Err(ConfigError {
             source_name: src.to_string(),
             key: key.to_string(),
-            message: format!(
-                "must be a string, got {}",
-                other.map_or("nothing".to_string(), |v| v.to_string())
-            ),
+            message: format!("must be a string, got {}", shown(other)),
         }),
     }
 }
