@@ -142,24 +142,20 @@ unsafe fn move_onto_huge_pages(m: &Mapping, start: usize, end: usize) -> Result<
         if raw == libc::MAP_FAILED {
             return Err(format!("mmap: {}", std::io::Error::last_os_error()));
         }
-        let raw_end = raw as usize + len + HUGE;
+        // Keep the aligned part only.
         let tmp = (raw as usize).next_multiple_of(HUGE);
-        let give_back = |whole: bool| {
-            if whole {
-                libc::munmap(raw, len + HUGE);
-                return;
-            }
-            if tmp > raw as usize {
-                libc::munmap(raw, tmp - raw as usize);
-            }
-            if raw_end > tmp + len {
-                libc::munmap((tmp + len) as *mut libc::c_void, raw_end - tmp - len);
-            }
-        };
+        if tmp > raw as usize {
+            libc::munmap(raw, tmp - raw as usize);
+        }
+        let slack_end = raw as usize + len + HUGE;
+        if slack_end > tmp + len {
+            libc::munmap((tmp + len) as *mut libc::c_void, slack_end - tmp - len);
+        }
+        let give_back = || libc::munmap(tmp as *mut libc::c_void, len);
         // Asked before the first touch: the copy faults in huge pages.
         if libc::madvise(tmp as *mut libc::c_void, len, libc::MADV_HUGEPAGE) != 0 {
             let e = std::io::Error::last_os_error();
-            give_back(true);
+            give_back();
             return Err(format!("madvise: {e}"));
         }
         let (from, to) = (m.lo.max(start), m.hi.min(end));
@@ -170,7 +166,7 @@ unsafe fn move_onto_huge_pages(m: &Mapping, start: usize, end: usize) -> Result<
         );
         if libc::mprotect(tmp as *mut libc::c_void, len, prot) != 0 {
             let e = std::io::Error::last_os_error();
-            give_back(true);
+            give_back();
             return Err(format!("mprotect: {e}"));
         }
         let at = libc::mremap(
@@ -182,10 +178,9 @@ unsafe fn move_onto_huge_pages(m: &Mapping, start: usize, end: usize) -> Result<
         );
         if at == libc::MAP_FAILED {
             let e = std::io::Error::last_os_error();
-            give_back(true);
+            give_back();
             return Err(format!("mremap: {e}"));
         }
-        give_back(false);
     }
     Ok(())
 }
