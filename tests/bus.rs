@@ -175,6 +175,49 @@ async fn a_disconnect_sends_no_will_and_a_silent_client_is_dropped_with_its_will
 }
 
 #[tokio::test]
+async fn a_client_that_pings_outlives_many_keepalive_periods_and_is_dropped_once_silent() {
+    // The keepalive timer is armed once and moved on when it fires early:
+    // a client pinging every 0.4 s with keepalive 1 passes the 1.5 s
+    // mark three times, then goes silent and is dropped with its will.
+    let s = Serve::start().await;
+    let mut watch = Client::connect(&s.url).await;
+    watch.subscribe("test/will/+").await;
+    let hello = Hello {
+        client_id: "pinger",
+        keep_alive: 1,
+        will: Some(("test/will/pinger", b"gone", false)),
+        ..Hello::default()
+    };
+    let (mut pinger, code) = Raw::connect(s.port(), &hello).await;
+    assert_eq!(code, 0);
+    for i in 0..12 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        pinger.send(&[0xC0, 0x00]).await;
+        let (first, _) = pinger
+            .read_packet()
+            .await
+            .unwrap_or_else(|| panic!("closed after {i} pings, {} ms", (i + 1) * 400));
+        assert_eq!(first, 0xD0, "PINGRESP");
+    }
+    assert!(
+        watch.seen.iter().all(|(t, _, _)| t != "test/will/pinger"),
+        "no will while the client pings: {:?}",
+        watch.seen
+    );
+    let silent = std::time::Instant::now();
+    assert!(
+        pinger.closed_within(Duration::from_secs(4)).await,
+        "a client silent past 1.5 x keepalive is dropped"
+    );
+    let after = silent.elapsed();
+    assert!(
+        after >= Duration::from_millis(1000),
+        "dropped {after:?} after its last ping: before 1.5 x keepalive"
+    );
+    watch.expect_raw("test/will/pinger", b"gone").await;
+}
+
+#[tokio::test]
 async fn client_ids_with_slash_plus_hash_dollar_are_accepted() {
     let s = Serve::start().await;
     for (v5, id) in [

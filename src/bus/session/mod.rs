@@ -12,6 +12,7 @@ pub mod outbound;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -19,7 +20,7 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tokio::time::{Instant, sleep_until};
+use tokio::time::{Instant, Sleep, sleep_until};
 use tracing::debug;
 
 use super::codec::{self, AckKind, Properties, Publish, Version, Will, reason};
@@ -69,6 +70,10 @@ struct Live {
     /// Granted keepalive in seconds (0: none).
     keep_alive: u16,
     last_rx: Instant,
+    /// Fires at or before the keepalive deadline (`None`: no keepalive).
+    /// Armed once and moved on only when it fires early: a timer set
+    /// anew for every packet cost a timer-wheel insert and removal each.
+    keepalive_timer: Option<Pin<Box<Sleep>>>,
     /// QoS 1 and 2 messages the client takes unacknowledged.
     receive_max: u16,
     /// The largest packet the client takes.
@@ -173,7 +178,8 @@ enum Event {
     Read(std::io::Result<usize>),
     Wrote(std::io::Result<usize>),
     Forward(Box<Forwarded>),
-    KeepaliveTimeout,
+    /// The keepalive timer fired (the deadline may have moved since).
+    KeepaliveDue,
     WillDue,
     Expired,
     /// The subscribers the connection's writes waited for took their
@@ -210,7 +216,15 @@ impl Session {
                     }
                 }
                 Event::Forward(f) => self.on_forward(*f),
-                Event::KeepaliveTimeout => {
+                Event::KeepaliveDue => {
+                    if let Some(live) = &mut self.conn
+                        && let Some(deadline) = live.keepalive_deadline()
+                        && deadline > Instant::now()
+                        && let Some(timer) = &mut live.keepalive_timer
+                    {
+                        timer.as_mut().reset(deadline);
+                        continue;
+                    }
                     debug!(client_id = %self.client_id, "keepalive timed out");
                     Box::pin(self.close(End::Abnormal(Some(reason::KEEP_ALIVE_TIMEOUT)))).await;
                 }
@@ -242,15 +256,15 @@ impl Session {
         let pull = self.wants_forwards();
         // Publishers waiting for this session's turn go on.
         self.link.turn(pull);
-        let keepalive = self.conn.as_ref().and_then(Live::keepalive_deadline);
         let will_at = self.pending_will.as_ref().map(|(t, _)| *t);
         let expires_at = self.expires_at.filter(|_| self.conn.is_none());
-        let (read, write) = match &mut self.conn {
+        let (read, write, keepalive) = match &mut self.conn {
             Some(c) => (
                 Some((&mut c.reader, &mut c.rbuf)),
                 Some((&mut c.writer, &c.wbuf)),
+                c.keepalive_timer.as_mut(),
             ),
-            None => (None, None),
+            None => (None, None, None),
         };
         tokio::select! {
             c = rx.recv() => Event::Attach(c),
@@ -258,7 +272,7 @@ impl Session {
             w = write_some(write), if !held => Event::Wrote(w),
             _ = released(&mut self.hold) => Event::Released,
             f = self.link.next(), if pull => Event::Forward(Box::new(f)),
-            _ = sleep_at(keepalive) => Event::KeepaliveTimeout,
+            _ = fired(keepalive) => Event::KeepaliveDue,
             _ = sleep_at(will_at) => Event::WillDue,
             _ = sleep_at(expires_at) => Event::Expired,
         }
@@ -314,6 +328,7 @@ impl Session {
             wbuf: BytesMut::with_capacity(256),
             keep_alive,
             last_rx: Instant::now(),
+            keepalive_timer: None,
             receive_max,
             max_packet,
             aliases: HashMap::new(),
@@ -321,6 +336,7 @@ impl Session {
             peer: conn.peer,
             _permit: conn.permit,
         };
+        live.keepalive_timer = live.keepalive_deadline().map(|t| Box::pin(sleep_until(t)));
         self.last_peer = Some(conn.peer);
         codec::write_connack(&mut live.wbuf, version, resume, 0, &props);
         if resume {
@@ -448,6 +464,13 @@ async fn released(hold: &mut Option<tokio::sync::oneshot::Receiver<()>>) {
         Some(rx) => {
             let _ = rx.await;
         }
+        None => std::future::pending().await,
+    }
+}
+
+async fn fired(timer: Option<&mut Pin<Box<Sleep>>>) {
+    match timer {
+        Some(t) => t.as_mut().await,
         None => std::future::pending().await,
     }
 }
