@@ -153,6 +153,18 @@ pub async fn deregister(broker: &Broker, prefix: &str, name: &str) -> Result<(),
             Ok(())
         }
         Ok(false) => Err(fail(format!("{name} is not registered"))),
+        Err(RegisterError::Owned { detail, .. }) => {
+            // Another identity's record: an admin may still clear it, and
+            // on this machine `homicro serve`'s HTTP API takes us for one.
+            match client::deregister_as_admin(broker, &name).await {
+                Ok(true) => {
+                    println!("deregistered {name} (as admin: {detail})");
+                    Ok(())
+                }
+                Ok(false) => Err(fail(format!("{name} is not registered"))),
+                Err(e) => Err(fail(format!("{detail}; and as admin: {e}"))),
+            }
+        }
         Err(RegisterError::RegistryOffline) => Err(fail(format!(
             "cleared {name}, but no registry confirmed it: is `homicro serve` running?"
         ))),

@@ -58,6 +58,7 @@ pub mod client;
 pub mod config;
 pub mod http;
 pub mod hugetext;
+pub mod identity;
 pub mod mqtt;
 pub mod protocol;
 pub mod record;

@@ -1,9 +1,11 @@
 //! The registry's state file: every record as published, written atomically
 //! (temporary file, fsync, rename) and read back at start.
 //!
-//! Format: `{"version":1,"records":{"NAME":"<record JSON as published>"}}`.
-//! Records are kept as strings so that a re-publish after a restart is
-//! byte-identical to what the owner published.
+//! Format: `{"version":1,"records":{"NAME":"<record JSON as published>"},
+//! "owners":{"NAME":"10.0.0.5" or "user:alice"}}`. Records are kept as
+//! strings so that a re-publish after a restart is byte-identical to what
+//! the owner published; `owners` (who wrote each record) may be missing, as
+//! in files written before it existed.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -14,7 +16,9 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
+use crate::identity::Identity;
 use crate::record::{Name, Record};
+use crate::registry::state::Kept;
 
 const VERSION: u32 = 1;
 
@@ -22,6 +26,8 @@ const VERSION: u32 = 1;
 struct File {
     version: u32,
     records: BTreeMap<String, String>,
+    #[serde(default)]
+    owners: BTreeMap<String, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +51,8 @@ pub enum StateFileError {
 pub enum Loaded {
     /// No state file yet: a first start.
     Missing,
-    Records(Vec<(Name, Record)>),
+    /// Each record with who wrote it, where the file says.
+    Records(Vec<(Name, Record, Option<Identity>)>),
     /// The file could not be used; it was moved to `moved_to` (or could not
     /// be moved, `None`) and serve starts empty.
     Discarded {
@@ -88,8 +95,15 @@ pub fn load(path: &Path) -> Loaded {
     }
     let mut records = Vec::with_capacity(file.records.len());
     for (name, payload) in file.records {
+        let owner = file.owners.get(&name).and_then(|o| {
+            let id = Identity::from_stored(o);
+            if id.is_none() {
+                warn!(path = %path.display(), name, owner = o, "a stored owner is not an identity; the record's next writer owns it");
+            }
+            id
+        });
         let parsed = Name::parse(&name)
-            .and_then(|n| Record::parse(&n, Bytes::from(payload)).map(|r| (n, r)));
+            .and_then(|n| Record::parse(&n, Bytes::from(payload)).map(|r| (n, r, owner)));
         match parsed {
             Ok(nr) => records.push(nr),
             Err(e) => warn!(path = %path.display(), name, error = %e, "skipped a stored record"),
@@ -112,20 +126,35 @@ fn discard(path: &Path, error: StateFileError) -> Loaded {
 /// Serialises records for [`write`]; cheap enough to call once per flush.
 /// Writes straight from the records, one per line, without copying them
 /// into an intermediate map first (100,000 records: one 8 MB buffer).
-pub fn encode<'a>(records: impl Iterator<Item = (&'a Name, &'a Bytes)>) -> Vec<u8> {
-    let mut records: Vec<(&Name, &Bytes)> = records.collect();
+pub fn encode<'a>(records: impl Iterator<Item = (&'a Name, &'a Kept)>) -> Vec<u8> {
+    let mut records: Vec<(&Name, &Kept)> = records.collect();
     records.sort_by(|a, b| a.0.cmp(b.0));
-    let mut out = Vec::with_capacity(64 + records.len() * 96);
+    let mut out = Vec::with_capacity(64 + records.len() * 128);
     out.extend_from_slice(format!("{{\"version\":{VERSION},\"records\":{{").as_bytes());
-    for (i, (name, record)) in records.into_iter().enumerate() {
+    let string = |out: &mut Vec<u8>, s: &str| {
+        serde_json::to_writer(out, s).expect("a string serialises");
+    };
+    for (i, (name, kept)) in records.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
         out.extend_from_slice(b"\n");
-        serde_json::to_writer(&mut out, name.as_str()).expect("a string serialises");
+        string(&mut out, name.as_str());
         out.push(b':');
-        let text = String::from_utf8_lossy(record);
-        serde_json::to_writer(&mut out, &text).expect("a string serialises");
+        string(&mut out, &String::from_utf8_lossy(&kept.payload));
+    }
+    out.extend_from_slice(b"\n},\"owners\":{");
+    let owned = records
+        .iter()
+        .filter_map(|(n, k)| Some((n, k.owner.as_ref()?)));
+    for (i, (name, owner)) in owned.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"\n");
+        string(&mut out, name.as_str());
+        out.push(b':');
+        string(&mut out, &owner.to_stored());
     }
     out.extend_from_slice(b"\n}}\n");
     out
@@ -164,16 +193,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.json");
         assert!(matches!(load(&path), Loaded::Missing));
-        let recs = [
+        let (web, nas) = (
             rec("web", r#"{"port":1, "host":"h","x":[1]}"#),
             rec("nas", r#"{"host":"n"}"#),
+        );
+        let alice = Some(Identity::user("alice"));
+        let kept = [
+            (web.0.clone(), Kept::of(web.1.payload(), alice.as_ref())),
+            (nas.0.clone(), Kept::of(nas.1.payload(), None)),
         ];
-        write(&path, &encode(recs.iter().map(|(n, r)| (n, r.payload())))).unwrap();
+        write(&path, &encode(kept.iter().map(|(n, k)| (n, k)))).unwrap();
         let Loaded::Records(mut got) = load(&path) else {
             panic!("not loaded")
         };
         got.sort_by(|a, b| b.0.cmp(&a.0));
-        assert_eq!(got, recs.to_vec());
+        assert_eq!(got, vec![(web.0, web.1, alice), (nas.0, nas.1, None)]);
         assert!(!dir.path().join("s.json.tmp").exists());
     }
 

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 
 use super::codec::{Publish, reason};
+use crate::identity::Author;
 use crate::protocol::ErrorCode;
 use crate::topics::Topics;
 
@@ -24,6 +25,8 @@ pub struct Submission {
     /// when a JSON object lacks it.
     pub payload: Bytes,
     pub qos: u8,
+    /// Who publishes it.
+    pub by: Author,
     /// The publishing session (for NoLocal on the stored copy).
     pub origin: u64,
     /// What the publisher's acknowledgement waits for (see
@@ -32,7 +35,14 @@ pub struct Submission {
 }
 
 impl Submission {
-    pub fn new(kind: Kind, raw: &str, p: &Publish, peer: Option<SocketAddr>, origin: u64) -> Self {
+    pub fn new(
+        kind: Kind,
+        raw: &str,
+        p: &Publish,
+        peer: Option<SocketAddr>,
+        by: Author,
+        origin: u64,
+    ) -> Self {
         let payload = peer
             .and_then(|peer| with_host(&p.payload, || peer.ip().to_string()))
             // A copy, not a slice of the client's read buffer: the registry
@@ -43,6 +53,7 @@ impl Submission {
             raw: raw.to_string(),
             payload,
             qos: p.qos,
+            by,
             origin,
             after: None,
         }
@@ -73,7 +84,7 @@ pub fn reason_for(code: ErrorCode) -> u8 {
     match code {
         ErrorCode::BadName => reason::TOPIC_NAME_INVALID,
         ErrorCode::Invalid | ErrorCode::TooLarge => reason::PAYLOAD_FORMAT_INVALID,
-        ErrorCode::Owned => reason::NOT_AUTHORIZED,
+        ErrorCode::Owned | ErrorCode::NotOwner => reason::NOT_AUTHORIZED,
         _ => reason::IMPLEMENTATION_SPECIFIC,
     }
 }

@@ -28,6 +28,7 @@
 //! # Ok(()) }
 //! ```
 
+mod admin;
 mod directory;
 mod registration;
 
@@ -41,6 +42,7 @@ use tokio::time::{Instant, timeout_at};
 
 pub use crate::config::BrokerUrl as Broker;
 pub use crate::record::{Endpoint, Name, Record};
+pub use admin::deregister_as_admin;
 pub use directory::{
     Change, Directory, DirectoryError, Options as DirectoryOptions, Service, Strategy,
 };
@@ -49,7 +51,9 @@ pub use registration::{
 };
 
 use crate::mqtt::{self, Incoming, SnapshotError};
-use crate::protocol::{EventKind, EventPayload, RegistryState, RegistryStatus};
+use crate::protocol::{
+    ErrorCode, ErrorPayload, EventKind, EventPayload, RegistryState, RegistryStatus,
+};
 use crate::topics::Topics;
 
 /// How long the helper waits for the broker or the registry to answer.
@@ -231,7 +235,8 @@ pub async fn deregister(broker: &Broker, prefix: &str, name: &Name) -> Result<bo
     let topics = Topics::new(prefix);
     let mut c = Connection::open(broker, "homicro-dereg", None).await?;
     let events = topics.event(name.as_str());
-    c.subscribe(std::slice::from_ref(&events)).await?;
+    let errors = topics.error(name.as_str());
+    c.subscribe(&[events.clone(), errors.clone()]).await?;
     let topic = topics.service(name.as_str());
     let snapshot = c.snapshot(&topics, &topic).await?;
     if !snapshot
@@ -250,6 +255,21 @@ pub async fn deregister(broker: &Broker, prefix: &str, name: &Name) -> Result<bo
                 if event.is_ok_and(|e| e.event == EventKind::Deregistered) {
                     c.close().await;
                     return Ok(true);
+                }
+            }
+            Ok(Incoming::Message { topic, payload, .. }) if topic == errors => {
+                // Another identity's record: only it or an admin may clear it.
+                if let Ok(e) = serde_json::from_slice::<ErrorPayload>(&payload)
+                    && e.error == ErrorCode::NotOwner
+                {
+                    c.close().await;
+                    return Err(RegisterError::Owned {
+                        owner: e.owner.unwrap_or_else(|| Endpoint {
+                            host: "unknown".into(),
+                            port: None,
+                        }),
+                        detail: e.detail,
+                    });
                 }
             }
             Ok(_) => {}

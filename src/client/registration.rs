@@ -21,13 +21,18 @@ use session::Session;
 /// Why a registration failed; callers branch on the variant.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegisterError {
-    /// Another endpoint owns the name.
+    /// Another endpoint owns the name (`owned`), or another identity
+    /// wrote its record (`not_owner`: only that writer or an admin may
+    /// change it); `detail` says which.
     #[error("refused: {detail}")]
     Owned { owner: Endpoint, detail: String },
     /// The record (or name) is not valid; nothing was sent if the helper
     /// found out itself.
     #[error("invalid: {0}")]
     Invalid(String),
+    /// The server refused what only an admin may do, or could not be asked.
+    #[error("refused: {0}")]
+    Refused(String),
     /// The broker has no registry, or it is offline or did not answer.
     #[error("the registry is offline or absent: is `homicro serve` running?")]
     RegistryOffline,

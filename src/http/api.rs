@@ -13,6 +13,7 @@ use serde_json::{Map, Value, json};
 
 use super::{ApiError, Resp, json_bytes};
 use crate::bus::{Bus, Gauge, Metrics};
+use crate::identity::{Author, Identity};
 use crate::protocol::{ErrorCode, ErrorPayload, EventKind, EventPayload};
 use crate::record::{Name, Query, Record};
 use crate::registry::{Answer, Handle, Status, Stopped};
@@ -53,7 +54,8 @@ impl Api<'_> {
     pub async fn self_register(&self, body: &[u8]) -> Result<Resp, ApiError> {
         let (name, record) = named_record(body).map_err(ApiError::invalid)?;
         let record = with_peer_host(record, self.peer.ip()).map_err(ApiError::invalid)?;
-        self.submit(&name, record).await
+        self.submit(&name, record, Author::new(self.identity()))
+            .await
     }
 
     /// `PUT /register`: a full record on behalf of another service; from
@@ -61,13 +63,15 @@ impl Api<'_> {
     pub async fn register(&self, body: &[u8]) -> Result<Resp, ApiError> {
         self.loopback_only("register a record on behalf of another service")?;
         let (name, record) = named_record(body).map_err(ApiError::invalid)?;
-        self.submit(&name, to_bytes(record)).await
+        self.submit(&name, to_bytes(record), Author::admin(self.identity()))
+            .await
     }
 
     /// `DELETE /register/NAME`: removes NAME; from loopback only.
     pub async fn deregister(&self, name: &str) -> Result<Resp, ApiError> {
         self.loopback_only("deregister a service")?;
-        self.submit(name, Bytes::new()).await
+        self.submit(name, Bytes::new(), Author::admin(self.identity()))
+            .await
     }
 
     /// `GET /health`: the registry's own state.
@@ -104,10 +108,15 @@ impl Api<'_> {
         resp
     }
 
-    async fn submit(&self, name: &str, record: Bytes) -> Result<Resp, ApiError> {
+    /// The caller, as a record's owner.
+    fn identity(&self) -> Identity {
+        Identity::address(self.peer.ip())
+    }
+
+    async fn submit(&self, name: &str, record: Bytes, by: Author) -> Result<Resp, ApiError> {
         let answer = self
             .registry()?
-            .submit(name, record)
+            .submit(name, record, by)
             .await
             .map_err(stopped)?;
         Ok(answered(answer))
@@ -159,7 +168,7 @@ pub(super) fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::Owned => StatusCode::CONFLICT,
         ErrorCode::Unknown | ErrorCode::NotFound => StatusCode::NOT_FOUND,
-        ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        ErrorCode::Forbidden | ErrorCode::NotOwner => StatusCode::FORBIDDEN,
         ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
     }

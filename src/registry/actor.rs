@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+
+use crate::identity::Author;
 use rumqttc::{AsyncClient, QoS};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::{Instant, sleep_until, timeout};
@@ -30,6 +32,7 @@ pub(super) enum Request {
     Submit {
         name: String,
         payload: Bytes,
+        by: Author,
         respond_to: oneshot::Sender<Answer>,
     },
     Records(oneshot::Sender<Vec<(Name, Bytes)>>),
@@ -170,11 +173,12 @@ impl Actor {
             Request::Submit {
                 name,
                 payload,
+                by,
                 respond_to,
             } => {
                 let mut answer = None;
                 self.change(|r| {
-                    let (a, out) = r.on_submit(Instant::now(), &name, payload);
+                    let (a, out) = r.on_submit(Instant::now(), &name, payload, &by);
                     answer = Some(a);
                     out
                 })

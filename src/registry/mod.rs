@@ -163,10 +163,16 @@ impl Handle {
     /// Submits NAME's record (empty: removes it) through the same rules as
     /// a publish on `PREFIX/services/NAME`; the registry publishes the
     /// outcome. See [`Registry::on_submit`].
-    pub async fn submit(&self, name: &str, payload: Bytes) -> Result<Answer, Stopped> {
+    pub async fn submit(
+        &self,
+        name: &str,
+        payload: Bytes,
+        by: crate::identity::Author,
+    ) -> Result<Answer, Stopped> {
         self.ask(|respond_to| Request::Submit {
             name: name.to_string(),
             payload,
+            by,
             respond_to,
         })
         .await

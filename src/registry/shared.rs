@@ -240,9 +240,9 @@ impl Shared {
     /// Judges one submission and publishes what it says; whether the actor
     /// must look at its deadlines again.
     fn judge(&self, l: &mut Locked, sub: Submission, tx: oneshot::Sender<Gated>) -> bool {
-        let (verdict, out) = l
-            .reg
-            .on_gate(Instant::now(), sub.kind, &sub.raw, sub.payload);
+        let (verdict, out) =
+            l.reg
+                .on_gate(Instant::now(), sub.kind, &sub.raw, sub.payload, &sub.by);
         let topic = match sub.kind {
             GateKind::Record => l.reg.topics().service(&sub.raw),
             GateKind::Heartbeat => l.reg.topics().heartbeat(&sub.raw),
@@ -323,6 +323,7 @@ mod tests {
             raw: format!("t{task}-{i}"),
             payload: Bytes::from(format!(r#"{{"host":"10.0.{task}.{}","port":80}}"#, i % 250)),
             qos: 1,
+            by: crate::identity::Author::UNKNOWN,
             origin: task as u64,
             after: None,
         }

@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 
 use super::echoes::Echoes;
 use super::health::{self, Outcome, Probe, Verdict};
+use crate::identity::{Author, Identity};
 use crate::protocol::{ErrorCode, EventKind, EventPayload, RegistryState, RegistryStatus};
 use crate::record::{Endpoint, Name, Record};
 use crate::topics::Topics;
@@ -26,7 +27,7 @@ pub use gate::GateKind;
 pub use out::Publish;
 use out::to_bytes;
 use persist::ChangeLog;
-pub use persist::Changes;
+pub use persist::{Changes, Kept};
 
 /// Counters for logs and metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -46,6 +47,8 @@ pub struct Stats {
 #[derive(Debug)]
 struct Entry {
     endpoint: Endpoint,
+    /// Who wrote it (`None`: not known, as through an external broker).
+    owner: Option<Identity>,
     ttl: Option<Duration>,
     payload: Bytes,
     deadline: Option<Instant>,
@@ -154,6 +157,11 @@ impl Registry {
         self.records.iter().map(|(n, e)| (n, &e.payload))
     }
 
+    /// Who wrote NAME's record (`None`: not registered, or not known).
+    pub fn owner(&self, name: &Name) -> Option<&Identity> {
+        self.records.get(name)?.owner.as_ref()
+    }
+
     /// Bumped on every change worth persisting (not on a `ttl` refresh).
     pub fn changes(&self) -> u64 {
         self.changed.count()
@@ -166,7 +174,7 @@ impl Registry {
         self.changed.take(|| {
             records
                 .iter()
-                .map(|(n, e)| (n.clone(), e.payload.clone()))
+                .map(|(n, e)| (n.clone(), Kept::of(&e.payload, e.owner.as_ref())))
                 .collect()
         })
     }
@@ -182,10 +190,10 @@ impl Registry {
 
     /// Takes the records of a state file after a restart; each `ttl` starts
     /// afresh at `now`. They are re-published on the next connect.
-    pub fn load(&mut self, now: Instant, records: Vec<(Name, Record)>) {
-        for (name, record) in records {
+    pub fn load(&mut self, now: Instant, records: Vec<(Name, Record, Option<Identity>)>) {
+        for (name, record, owner) in records {
             self.restored.push(name.clone());
-            self.insert(now, name, record);
+            self.insert(now, name, record, owner);
         }
     }
 
@@ -274,7 +282,14 @@ impl Registry {
     }
 
     /// Judges a record publish (empty: a removal) and applies it.
-    fn on_record(&mut self, now: Instant, raw: &str, payload: Bytes, delivery: Delivery) -> Judged {
+    fn on_record(
+        &mut self,
+        now: Instant,
+        raw: &str,
+        payload: Bytes,
+        delivery: Delivery,
+        by: &Author,
+    ) -> Judged {
         let name = match Name::parse(raw) {
             Ok(n) => n,
             Err(e) if payload.is_empty() => {
@@ -284,6 +299,9 @@ impl Registry {
             Err(e) => return self.refuse(raw, e.code(), e.to_string(), None, None),
         };
         if payload.is_empty() {
+            if let Some(refused) = self.not_owner(raw, &name, by, None) {
+                return refused;
+            }
             return match self.remove(&name) {
                 Some(record) => {
                     self.stats.deregistrations += 1;
@@ -301,13 +319,17 @@ impl Registry {
             Ok(r) => r,
             Err(e) => return self.refuse(raw, e.code(), e.to_string(), None, None),
         };
-        let Some(existing) = self.records.get(&name) else {
+        if !self.records.contains_key(&name) {
             self.stats.registrations += 1;
             info!(name = %name, owner = %record.endpoint, "registered");
             let ev = self.event(&name, EventKind::Registered, Some(&record.endpoint));
-            self.insert(now, name, record);
+            self.insert(now, name, record, by.identity.clone());
             return Judged::Accepted(ev);
-        };
+        }
+        if let Some(refused) = self.not_owner(raw, &name, by, Some(&record.endpoint)) {
+            return refused;
+        }
+        let existing = &self.records[&name];
         if existing.endpoint != record.endpoint {
             let owner = existing.endpoint.clone();
             let detail = owned_detail(&owner, &record.endpoint);
@@ -329,15 +351,24 @@ impl Registry {
             changed: Some(changed),
             ..EventPayload::new(name.as_str(), EventKind::Updated, Some(&record.endpoint))
         });
-        if changed {
-            self.insert(now, name, record);
+        // A record whose writer was not known (restored from an older
+        // state file) is its next accepted writer's.
+        let owner = existing.owner.clone().or_else(|| by.identity.clone());
+        if changed || owner != existing.owner {
+            self.insert(now, name, record, owner);
         } else {
             self.refresh(now, &name);
         }
         Judged::Accepted(ev)
     }
 
-    fn on_heartbeat(&mut self, now: Instant, raw: &str, payload: &[u8]) -> Vec<Publish> {
+    fn on_heartbeat(
+        &mut self,
+        now: Instant,
+        raw: &str,
+        payload: &[u8],
+        by: &Author,
+    ) -> Vec<Publish> {
         let name = match Name::parse(raw) {
             Ok(n) => n,
             Err(e) => return vec![self.error(raw, e.code(), &e.to_string(), None, None)],
@@ -351,6 +382,13 @@ impl Registry {
             let detail = format!("{name} is not registered; publish its record again");
             return vec![self.error(raw, ErrorCode::Unknown, &detail, None, Some(&from))];
         };
+        if !by.may_change(entry.owner.as_ref()) {
+            let (owner, detail) = (&entry.endpoint, not_owner_detail(&name, entry, by));
+            let error = self.error(raw, ErrorCode::NotOwner, &detail, Some(owner), Some(&from));
+            self.stats.refusals += 1;
+            warn!(name = %name, detail = %detail, "heartbeat refused");
+            return vec![error];
+        }
         if entry.endpoint.port.is_some() && from.port.is_none() {
             let detail = "heartbeat needs `port`: the record has one".to_string();
             return vec![self.error(raw, ErrorCode::Invalid, &detail, None, None)];
@@ -384,7 +422,25 @@ impl Registry {
         Judged::Refused { code, error, event }
     }
 
-    fn insert(&mut self, now: Instant, name: Name, record: Record) {
+    /// The refusal of a change to NAME by `by`, when NAME's record is
+    /// another identity's. `from`: the endpoint `by` published, if any.
+    fn not_owner(
+        &mut self,
+        raw: &str,
+        name: &Name,
+        by: &Author,
+        from: Option<&Endpoint>,
+    ) -> Option<Judged> {
+        let entry = self.records.get(name)?;
+        if by.may_change(entry.owner.as_ref()) {
+            return None;
+        }
+        let owner = entry.endpoint.clone();
+        let detail = not_owner_detail(name, entry, by);
+        Some(self.refuse(raw, ErrorCode::NotOwner, detail, Some(&owner), from))
+    }
+
+    fn insert(&mut self, now: Instant, name: Name, record: Record, owner: Option<Identity>) {
         if let Some(old) = self.records.remove(&name)
             && let Some(t) = old.deadline
         {
@@ -400,11 +456,12 @@ impl Registry {
         let entry = Entry {
             payload: record.payload().clone(),
             endpoint: record.endpoint,
+            owner,
             ttl: record.ttl,
             deadline,
         };
-        self.changed
-            .note(&name, Some(&entry.payload), self.records.len() + 1);
+        let kept = Kept::of(&entry.payload, entry.owner.as_ref());
+        self.changed.note(&name, Some(kept), self.records.len() + 1);
         self.records.insert(name, entry);
     }
 
@@ -432,6 +489,20 @@ impl Registry {
             self.deadlines.insert((now + ttl, name.clone()));
         }
     }
+}
+
+fn not_owner_detail(name: &Name, entry: &Entry, by: &Author) -> String {
+    let owner = entry
+        .owner
+        .as_ref()
+        .map_or("?".to_string(), |o| o.to_string());
+    let by = by
+        .identity
+        .as_ref()
+        .map_or("?".to_string(), |o| o.to_string());
+    format!(
+        "{name} belongs to {owner}; {by} may not change it (only its owner, or an admin such as the HTTP API from loopback)"
+    )
 }
 
 fn owned_detail(owner: &Endpoint, from: &Endpoint) -> String {

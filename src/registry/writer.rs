@@ -12,11 +12,10 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::{debug, error};
 
-use super::state::Changes;
+use super::state::{Changes, Kept};
 use crate::record::Name;
 use crate::statefile;
 
@@ -39,8 +38,8 @@ impl Writer {
             .name("homicro-state".into())
             .spawn(move || {
                 set_idle(true);
-                let mut records: HashMap<Name, Bytes> = HashMap::new();
-                let apply = |job: Job, records: &mut HashMap<Name, Bytes>| match job {
+                let mut records: HashMap<Name, Kept> = HashMap::new();
+                let apply = |job: Job, records: &mut HashMap<Name, Kept>| match job {
                     Job::Write(c) => c.apply(records),
                     Job::Last(c) => {
                         set_idle(false);
@@ -135,7 +134,7 @@ mod tests {
         let path = dir.path().join("state.json");
         let w = Writer::spawn(path.clone(), true);
         let n = |s: &str| Name::parse(s).unwrap();
-        let p = |s: &'static str| Bytes::from_static(s.as_bytes());
+        let p = |s: &'static str| Kept::of(&bytes::Bytes::from_static(s.as_bytes()), None);
         w.write(Changes::Since(vec![
             (n("web"), Some(p(r#"{"host":"web.local"}"#))),
             (n("nas"), Some(p(r#"{"host":"nas.local"}"#))),

@@ -75,8 +75,10 @@ class Client:
     """A paho client that connects, subscribes and publishes synchronously."""
 
     def __init__(self, port, client_id="", version=V5, clean=True, keepalive=30,
-                 will=None, properties=None, session_expiry=None):
-        self.port, self.version, self.clean = port, version, clean
+                 will=None, properties=None, session_expiry=None, bind=""):
+        """`bind`: the local address to connect from (127.0.0.2, 127.0.0.3:
+        strangers to each other on one machine)."""
+        self.port, self.version, self.clean, self.bind = port, version, clean, bind
         self.keepalive, self.properties = keepalive, properties
         if session_expiry is not None:
             self.properties = self.properties or connect_props()
@@ -125,7 +127,8 @@ class Client:
         if self.version == V5:
             kw["clean_start"] = self.clean if clean_start is None else clean_start
             kw["properties"] = self.properties
-        self.c.connect("127.0.0.1", self.port, keepalive=self.keepalive, **kw)
+        self.c.connect("127.0.0.1", self.port, keepalive=self.keepalive,
+                       bind_address=self.bind, **kw)
         self.c.loop_start()
         flags, rc, p = self.connacks.get(timeout=TIMEOUT)
         assert not rc.is_failure, f"CONNACK refused: {rc}"

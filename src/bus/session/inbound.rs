@@ -208,7 +208,8 @@ impl Session {
             Incoming::Heartbeat(raw) => (gate::Kind::Heartbeat, raw),
             _ => return Ok(()),
         };
-        let mut submission = gate::Submission::new(kind, raw, p, Some(peer), self.number);
+        let mut submission =
+            gate::Submission::new(kind, raw, p, Some(peer), self.author.clone(), self.number);
         submission.after = after;
         let verdict = registry.gate_later(submission).ok();
         self.pending.push_back(Pending {
@@ -299,7 +300,8 @@ impl Session {
                 debug!(client_id = %self.client_id, topic = %p.topic, "publish to a registry topic refused");
                 return reason::NOT_AUTHORIZED;
             };
-            let mut submission = gate::Submission::new(kind, raw, p, peer, self.number);
+            let mut submission =
+                gate::Submission::new(kind, raw, p, peer, self.author.clone(), self.number);
             submission.after = after;
             let verdict = registry.gate(submission).await.ok();
             return self.code_for(verdict);

@@ -27,6 +27,7 @@ use super::codec::{self, AckKind, Properties, Publish, Version, Will, reason};
 use super::connect::{self, Conn, Reader, Writer};
 use super::router::{After, Forwarded, Link};
 use super::{Bus, sessions};
+use crate::identity::{Author, Identity};
 use outbound::Outbound;
 
 /// Session expiry meaning "never" (3.1.1 persistent sessions).
@@ -130,6 +131,8 @@ pub(super) struct Session {
     /// The address of the last client connected (for a record or
     /// heartbeat will without `host`).
     last_peer: Option<SocketAddr>,
+    /// Who the last client connected is, as a record's owner.
+    author: Author,
     /// The token the publishes being handled hand to the subscribers they
     /// wake; let go when they are handled.
     after: Option<After>,
@@ -162,6 +165,7 @@ pub async fn run(
         has_state: false,
         over: false,
         last_peer: None,
+        author: Author::UNKNOWN,
         after: None,
         hold: None,
     };
@@ -338,6 +342,7 @@ impl Session {
         };
         live.keepalive_timer = live.keepalive_deadline().map(|t| Box::pin(sleep_until(t)));
         self.last_peer = Some(conn.peer);
+        self.author = Author::new(Identity::address(conn.peer.ip()));
         codec::write_connack(&mut live.wbuf, version, resume, 0, &props);
         if resume {
             for out in self.out.resend() {

@@ -251,7 +251,7 @@ impl Session {
         {
             match e.error {
                 ErrorCode::Unknown => return true,
-                ErrorCode::Owned if self.is_about(&e) => {
+                ErrorCode::Owned | ErrorCode::NotOwner if self.is_about(&e) => {
                     if let RegisterError::Owned { owner, .. } = refusal(e) {
                         warn!(name = %self.name, owner = %owner, "name taken by another endpoint; giving up");
                         *lost = true;
@@ -268,7 +268,7 @@ impl Session {
 /// The error a refusal is to the caller.
 fn refusal(e: ErrorPayload) -> RegisterError {
     match (e.error, e.owner) {
-        (ErrorCode::Owned, owner) => RegisterError::Owned {
+        (ErrorCode::Owned | ErrorCode::NotOwner, owner) => RegisterError::Owned {
             owner: owner.unwrap_or_else(|| Endpoint {
                 host: "unknown".into(),
                 port: None,

@@ -8,6 +8,7 @@ use tokio::time::Instant;
 use tracing::info;
 
 use super::{Judged, Publish, Registry};
+use crate::identity::Author;
 use crate::protocol::EventKind;
 use crate::record::Name;
 use crate::topics::Incoming;
@@ -74,7 +75,7 @@ impl Registry {
                     return Vec::new();
                 }
                 let reassert = delivery == Delivery::Live && self.echoes.pending(&raw);
-                let mut out = match self.on_record(now, &raw, payload, delivery) {
+                let mut out = match self.on_record(now, &raw, payload, delivery, &Author::UNKNOWN) {
                     Judged::Accepted(ev) => vec![ev],
                     // What the broker now holds is the refused publish:
                     // restore the previous record or clear the topic.
@@ -94,7 +95,7 @@ impl Registry {
             }
             // A retained heartbeat is an old one replayed at subscribe time.
             Incoming::Heartbeat(raw) if delivery == Delivery::Live => {
-                self.on_heartbeat(now, raw, &payload)
+                self.on_heartbeat(now, raw, &payload, &Author::UNKNOWN)
             }
             Incoming::Heartbeat(_) | Incoming::Registry | Incoming::Other => Vec::new(),
         }

@@ -7,6 +7,7 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use super::{Delivery, Judged, Publish, Registry};
+use crate::identity::Author;
 use crate::protocol::{ErrorCode, ErrorPayload};
 use crate::record::Name;
 
@@ -31,6 +32,7 @@ impl Registry {
         now: Instant,
         raw: &str,
         payload: Bytes,
+        by: &Author,
     ) -> (Result<Bytes, Bytes>, Vec<Publish>) {
         let name = match Name::parse(raw) {
             Ok(n) => n,
@@ -41,7 +43,7 @@ impl Registry {
                 return (Err(err.payload), Vec::new());
             }
         };
-        let (answer, mut out) = match self.on_record(now, raw, payload, Delivery::Live) {
+        let (answer, mut out) = match self.on_record(now, raw, payload, Delivery::Live, by) {
             Judged::Accepted(ev) => (Ok(ev.payload.clone()), vec![self.current(raw), ev]),
             Judged::Refused { error, event, .. } => {
                 (Err(error.payload.clone()), vec![error, event])
@@ -70,15 +72,16 @@ impl Registry {
         kind: GateKind,
         raw: &str,
         payload: Bytes,
+        by: &Author,
     ) -> (Result<(), ErrorCode>, Vec<Publish>) {
         let (verdict, mut out) = match kind {
-            GateKind::Record => match self.on_record(now, raw, payload, Delivery::Live) {
+            GateKind::Record => match self.on_record(now, raw, payload, Delivery::Live, by) {
                 Judged::Accepted(ev) => (Ok(()), vec![self.current(raw), ev]),
                 Judged::Refused { code, error, event } => (Err(code), vec![error, event]),
                 Judged::Quiet => (Ok(()), Vec::new()),
             },
             GateKind::Heartbeat => {
-                let errors = self.on_heartbeat(now, raw, &payload);
+                let errors = self.on_heartbeat(now, raw, &payload, by);
                 match errors.first() {
                     None => {
                         let beat = Publish {

@@ -9,20 +9,37 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 
+use crate::identity::Identity;
 use crate::record::Name;
+
+/// What the state file keeps of a record: its bytes and who wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kept {
+    pub payload: Bytes,
+    pub owner: Option<Identity>,
+}
+
+impl Kept {
+    pub fn of(payload: &Bytes, owner: Option<&Identity>) -> Kept {
+        Kept {
+            payload: payload.clone(),
+            owner: owner.cloned(),
+        }
+    }
+}
 
 /// The records' changes since the writer last took them, or all of the
 /// records when the log grew past what a full copy costs.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Changes {
     /// In the order they were made; `None`: the record is gone.
-    Since(Vec<(Name, Option<Bytes>)>),
-    All(Vec<(Name, Bytes)>),
+    Since(Vec<(Name, Option<Kept>)>),
+    All(Vec<(Name, Kept)>),
 }
 
 impl Changes {
     /// Brings `copy` (the records as last taken) up to date.
-    pub fn apply(self, copy: &mut HashMap<Name, Bytes>) {
+    pub fn apply(self, copy: &mut HashMap<Name, Kept>) {
         match self {
             Changes::Since(log) => {
                 for (name, payload) in log {
@@ -40,7 +57,7 @@ impl Changes {
 /// The log the registry keeps (see [`Changes`]).
 #[derive(Debug, Default)]
 pub(super) struct ChangeLog {
-    since: Vec<(Name, Option<Bytes>)>,
+    since: Vec<(Name, Option<Kept>)>,
     /// The log was dropped for its size: the next take is a full copy.
     overflowed: bool,
     /// Every change ever logged.
@@ -54,12 +71,12 @@ impl ChangeLog {
 
     /// Logs NAME's new bytes (`None`: removed); `records` is how many the
     /// registry holds now.
-    pub fn note(&mut self, name: &Name, payload: Option<&Bytes>, records: usize) {
+    pub fn note(&mut self, name: &Name, kept: Option<Kept>, records: usize) {
         self.count += 1;
         if self.overflowed {
             return;
         }
-        self.since.push((name.clone(), payload.cloned()));
+        self.since.push((name.clone(), kept));
         // Unread for long (a long `state_flush`, a burst of churn): a full
         // copy is cheaper than the log now.
         if self.since.len() > 2 * records + 1024 {
@@ -69,7 +86,7 @@ impl ChangeLog {
     }
 
     /// The log since the last take (or, after an overflow, `all()`).
-    pub fn take(&mut self, all: impl FnOnce() -> Vec<(Name, Bytes)>) -> Changes {
+    pub fn take(&mut self, all: impl FnOnce() -> Vec<(Name, Kept)>) -> Changes {
         if std::mem::take(&mut self.overflowed) {
             Changes::All(all())
         } else {
@@ -86,13 +103,21 @@ mod tests {
         Name::parse(s).unwrap()
     }
 
+    fn kept(b: &'static [u8]) -> Kept {
+        Kept::of(&Bytes::from_static(b), None)
+    }
+
     #[test]
     fn the_log_brings_a_copy_up_to_date_in_order() {
         let mut log = ChangeLog::default();
-        let (a, b) = (Bytes::from_static(b"a"), Bytes::from_static(b"b"));
-        log.note(&n("web"), Some(&a), 1);
-        log.note(&n("nas"), Some(&a), 2);
-        log.note(&n("web"), Some(&b), 2);
+        let a = kept(b"a");
+        let b = Kept {
+            owner: Some(Identity::user("alice")),
+            ..kept(b"b")
+        };
+        log.note(&n("web"), Some(a.clone()), 1);
+        log.note(&n("nas"), Some(a), 2);
+        log.note(&n("web"), Some(b.clone()), 2);
         log.note(&n("nas"), None, 1);
         let mut copy = HashMap::new();
         log.take(|| unreachable!("no overflow")).apply(&mut copy);
@@ -104,12 +129,12 @@ mod tests {
     #[test]
     fn a_log_larger_than_a_copy_becomes_a_copy() {
         let mut log = ChangeLog::default();
-        let p = Bytes::from_static(b"p");
+        let p = kept(b"p");
         for _ in 0..1026 {
-            log.note(&n("web"), Some(&p), 1);
+            log.note(&n("web"), Some(p.clone()), 1);
         }
         assert_eq!(log.since.len(), 1026, "up to 2 × records + 1024");
-        log.note(&n("web"), Some(&p), 1);
+        log.note(&n("web"), Some(p.clone()), 1);
         assert!(log.since.is_empty() && log.overflowed);
         let all = vec![(n("web"), p.clone())];
         let mut copy = HashMap::from([(n("gone"), p.clone())]);

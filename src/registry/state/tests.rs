@@ -1,6 +1,7 @@
 //! The protocol's rules, one test each, on paused time and without a broker.
 
 mod health;
+mod owner;
 mod submit;
 
 use std::time::Duration;
@@ -10,6 +11,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::{Delivery, Publish, Registry};
+use crate::identity::{Author, Identity};
 use crate::record::{Name, Record};
 use crate::topics::Topics;
 
@@ -256,8 +258,13 @@ async fn heartbeats() {
 async fn restart_republishes_everything_with_fresh_ttls() {
     let mut r = reg();
     let now = Instant::now();
-    let records = [("web", A), ("nas", B)]
-        .map(|(n, p)| (name(n), Record::parse(&name(n), Bytes::from(p)).unwrap()));
+    let records = [("web", A), ("nas", B)].map(|(n, p)| {
+        (
+            name(n),
+            Record::parse(&name(n), Bytes::from(p)).unwrap(),
+            None,
+        )
+    });
     r.load(now, records.to_vec());
     let out = r.on_connected();
     assert_eq!(out[0].topic, "homicro/registry");

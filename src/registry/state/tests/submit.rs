@@ -3,7 +3,12 @@
 use super::*;
 
 fn submit(r: &mut Registry, raw: &str, payload: &str) -> (Result<Value, Value>, Vec<Publish>) {
-    let (answer, out) = r.on_submit(Instant::now(), raw, Bytes::from(payload.to_string()));
+    let (answer, out) = r.on_submit(
+        Instant::now(),
+        raw,
+        Bytes::from(payload.to_string()),
+        &Author::UNKNOWN,
+    );
     let parse = |b: Bytes| serde_json::from_slice::<Value>(&b).unwrap();
     (answer.map(parse).map_err(parse), out)
 }
