@@ -4,6 +4,7 @@
 //! value is judged the same way wherever it is checked.
 
 mod endpoint;
+mod strict;
 
 use std::fmt;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use bytes::Bytes;
 use serde_json::{Map, Value};
 
 use crate::protocol::ErrorCode;
-pub use endpoint::Endpoint;
+pub use endpoint::{Endpoint, is_local};
 
 /// The largest record the registry accepts, in bytes (protocol: 16 KiB).
 pub const MAX_RECORD_SIZE: usize = 16 * 1024;
@@ -121,7 +122,12 @@ impl Health {
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
     pub const DEFAULT_FAILURES: u32 = 3;
 
-    fn parse(v: &Value) -> Result<Health, RecordError> {
+    /// Probes are never more frequent than this.
+    pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
+
+    /// `v` of a record whose host is `host`: an absolute URL may only name
+    /// that host (a health check cannot be aimed at another machine).
+    fn parse(v: &Value, host: &str) -> Result<Health, RecordError> {
         let Value::Object(obj) = v else {
             return Err(invalid(format!("`health` must be an object, got {v}")));
         };
@@ -140,6 +146,15 @@ impl Health {
                     return Err(invalid(format!(
                         "`health.http` must be a path starting with '/' or an http(s):// URL, got {s:?}"
                     )));
+                }
+                if is_url {
+                    let (h, _) = url_authority(s).map_err(invalid)?;
+                    if !h.eq_ignore_ascii_case(host) {
+                        return Err(invalid(format!(
+                            "`health.http` may only probe the record's own host {host:?}, not {h:?} \
+                             (give a path such as \"/health\")"
+                        )));
+                    }
                 }
                 HealthCheck::Http(s.clone())
             }
@@ -174,9 +189,16 @@ impl Health {
                 }
             },
         };
+        let interval = duration("interval", Self::DEFAULT_INTERVAL)?;
+        if interval < Self::MIN_INTERVAL {
+            return Err(invalid(format!(
+                "`health.interval` must be at least 1s, got {}",
+                humantime::format_duration(interval)
+            )));
+        }
         Ok(Health {
             check,
-            interval: duration("interval", Self::DEFAULT_INTERVAL)?,
+            interval,
             timeout: duration("timeout", Self::DEFAULT_TIMEOUT)?,
             failures,
         })
@@ -251,7 +273,10 @@ impl Record {
                 )));
             }
         };
-        let health = obj.get("health").map(Health::parse).transpose()?;
+        let health = obj
+            .get("health")
+            .map(|h| Health::parse(h, &endpoint.host))
+            .transpose()?;
         let meta = match obj.get("meta") {
             None => Map::new(),
             Some(Value::Object(m)) => m.clone(),
@@ -340,14 +365,53 @@ fn valid_scheme(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || b"+.-".contains(c))
 }
 
-fn parse_object(payload: &[u8], what: &str) -> Result<Map<String, Value>, RecordError> {
+/// The host (lower-cased, without IPv6 brackets) and port of an
+/// `http(s)://` URL's authority; user information is refused (a URL such as
+/// `http://10.0.0.5@127.0.0.1/` names the host after the `@`).
+pub fn url_authority(url: &str) -> Result<(String, Option<u16>), String> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    if authority.contains('@') {
+        return Err(format!(
+            "`health.http` may not carry user information, got {url:?}"
+        ));
+    }
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((h, p)) => (h, p.strip_prefix(':')),
+            None => return Err(format!("`health.http` has an unclosed '[' in {url:?}")),
+        },
+        None => match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        },
+    };
+    let port = match port {
+        None => None,
+        Some(p) => Some(
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("`health.http` has a bad port in {url:?}"))?,
+        ),
+    };
+    endpoint::validate_host(host)
+        .map_err(|_| format!("`health.http` has a bad host in {url:?}"))?;
+    Ok((host.to_ascii_lowercase(), port))
+}
+
+/// `payload` as a JSON object, read strictly (no key twice at any depth).
+pub(crate) fn parse_object(payload: &[u8], what: &str) -> Result<Map<String, Value>, RecordError> {
     let text =
         std::str::from_utf8(payload).map_err(|e| invalid(format!("{what} is not UTF-8: {e}")))?;
-    match serde_json::from_str::<Value>(text) {
+    match serde_json::from_str::<strict::Strict>(text).map(|s| s.0) {
         Ok(Value::Object(m)) => Ok(m),
         Ok(other) => Err(invalid(format!(
             "{what} must be a JSON object, got {}",
             json_kind(&other)
+        ))),
+        Err(e) if e.to_string().starts_with(strict::DUPLICATE) => Err(invalid(format!(
+            "{what} has a {e}: refused, as readers may take either value"
         ))),
         Err(e) => Err(invalid(format!("{what} is not JSON: {e}"))),
     }

@@ -199,11 +199,7 @@ fn answered(answer: Answer) -> Resp {
 /// Splits a body `{"name": …, …record}` into the name and the record's
 /// fields (`name` is the API's, not the record's).
 fn named_record(body: &[u8]) -> Result<(String, Map<String, Value>), String> {
-    let mut obj = match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(m)) => m,
-        Ok(_) => return Err("the body must be a JSON object: a record with `name`".into()),
-        Err(e) => return Err(format!("the body is not JSON: {e}")),
-    };
+    let mut obj = crate::record::parse_object(body, "the body").map_err(|e| e.to_string())?;
     match obj.remove("name") {
         Some(Value::String(n)) => Ok((n, obj)),
         Some(other) => Err(format!("`name` must be a string, got {other}")),

@@ -53,6 +53,16 @@ impl Endpoint {
         Endpoint::new(host, parse_port(&obj)?)
     }
 
+    /// Whether the host is this machine's own: a loopback or unspecified
+    /// address (connecting to 0.0.0.0 reaches this machine), `localhost`
+    /// or a name under `.localhost`.
+    pub fn is_loopback(&self) -> bool {
+        match self.host.parse::<IpAddr>() {
+            Ok(ip) => is_local(ip),
+            Err(_) => self.host == "localhost" || self.host.ends_with(".localhost"),
+        }
+    }
+
     /// The JSON form used in heartbeats and error payloads.
     pub fn to_json(&self) -> Value {
         serde_json::to_value(self).expect("an endpoint is a JSON object")
@@ -70,7 +80,13 @@ impl fmt::Display for Endpoint {
     }
 }
 
-fn validate_host(host: &str) -> Result<(), RecordError> {
+/// A loopback or unspecified address, also IPv4-mapped.
+pub fn is_local(ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    ip.is_loopback() || ip.is_unspecified()
+}
+
+pub(super) fn validate_host(host: &str) -> Result<(), RecordError> {
     if host.parse::<IpAddr>().is_ok() {
         return Ok(());
     }

@@ -84,6 +84,14 @@ fn invalid_records_say_what_is_wrong() {
     let cases = [
         ("not json", "record is not JSON"),
         ("[1]", "must be a JSON object, got an array"),
+        (
+            r#"{"host":"10.0.0.5","port":80,"host":"6.6.6.6"}"#,
+            "record has a duplicate key `host`",
+        ),
+        (
+            r#"{"host":"h","health":{"tcp":true,"interval":"1s","interval":"1ns"}}"#,
+            "duplicate key `interval`",
+        ),
         ("{}", "`host` is required"),
         (r#"{"host":5}"#, "`host` must be a string"),
         (r#"{"host":"a b"}"#, "neither an IP address nor a host name"),
@@ -140,6 +148,34 @@ fn invalid_records_say_what_is_wrong() {
             r#"{"host":"h","health":{"tcp":true,"failures":0}}"#,
             "`health.failures`",
         ),
+        (
+            r#"{"host":"h","health":{"tcp":true,"interval":"1ns"}}"#,
+            "`health.interval` must be at least 1s, got 1ns",
+        ),
+        (
+            r#"{"host":"h","health":{"tcp":true,"interval":"999ms"}}"#,
+            "at least 1s",
+        ),
+        (
+            r#"{"host":"10.0.0.5","health":{"http":"http://127.0.0.1:8080/admin/delete?all=1"}}"#,
+            "may only probe the record's own host \"10.0.0.5\", not \"127.0.0.1\"",
+        ),
+        (
+            r#"{"host":"nas","health":{"http":"https://router/x"}}"#,
+            "own host \"nas\", not \"router\"",
+        ),
+        (
+            r#"{"host":"127.0.0.1","health":{"http":"http://10.0.0.5@127.0.0.1/"}}"#,
+            "may not carry user information",
+        ),
+        (
+            r#"{"host":"::1","health":{"http":"http://[::1/x"}}"#,
+            "unclosed '['",
+        ),
+        (
+            r#"{"host":"h","health":{"http":"http://h:0/x"}}"#,
+            "bad port",
+        ),
     ];
     for (json, want) in cases {
         let got = err(json);
@@ -152,6 +188,17 @@ fn invalid_records_say_what_is_wrong() {
             .to_string()
             .contains("not UTF-8")
     );
+}
+
+#[test]
+fn a_health_url_may_name_the_records_own_host_on_any_port() {
+    for json in [
+        r#"{"host":"nas","port":80,"health":{"http":"https://NAS:5001/x","interval":"1s"}}"#,
+        r#"{"host":"::1","health":{"http":"http://[::1]:8080/health"}}"#,
+        r#"{"host":"10.0.0.5","health":{"http":"http://10.0.0.5/"}}"#,
+    ] {
+        assert!(parse(json).is_ok(), "{json}: {:?}", parse(json).err());
+    }
 }
 
 #[test]

@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::record::{Endpoint, Health, HealthCheck, Name, Record};
+use crate::record::{Endpoint, Health, HealthCheck, Name, Record, url_authority};
 
-/// Probes are never more frequent than this, whatever a record asks.
-pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// Probes are never more frequent than this (a record asking for more is
+/// refused; this guards the schedule itself).
+pub const MIN_INTERVAL: Duration = Health::MIN_INTERVAL;
 
 /// One probe to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +23,10 @@ pub struct Probe {
     pub generation: u64,
     pub target: Target,
     pub timeout: Duration,
+    /// The record's host is this machine's own: the probe may reach
+    /// loopback. Otherwise an address that resolves to loopback (or
+    /// 0.0.0.0) is not probed.
+    pub loopback: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,22 +52,11 @@ impl Target {
             // TLS is not spoken: an https URL is checked by a TCP connect to
             // its host and port (docs/PROTOCOL.md).
             HealthCheck::Http(url) if url.starts_with("https://") => {
-                let rest = &url["https://".len()..];
-                let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
-                let (host, port) = match authority.strip_prefix('[') {
-                    // [v6]:port or [v6]
-                    Some(v6) => match v6.split_once(']') {
-                        Some((h, p)) => (h, p.strip_prefix(':')),
-                        None => (v6, None),
-                    },
-                    None => match authority.rsplit_once(':') {
-                        Some((h, p)) => (h, Some(p)),
-                        None => (authority, None),
-                    },
-                };
+                // A record's URL was checked when it was parsed.
+                let (host, port) = url_authority(url).unwrap_or((ep.host.clone(), None));
                 Target::Tcp {
-                    host: host.to_string(),
-                    port: port.and_then(|p| p.parse().ok()).unwrap_or(443),
+                    host,
+                    port: port.unwrap_or(443),
                 }
             }
             HealthCheck::Http(url) if url.starts_with("http://") => Target::Http(url.clone()),
@@ -116,6 +110,7 @@ struct Tracked {
     generation: u64,
     health: Health,
     target: Target,
+    loopback: bool,
     failures: u32,
     in_flight: bool,
     due: Option<Instant>,
@@ -157,6 +152,7 @@ impl Schedule {
                 generation: self.generations,
                 health: health.clone(),
                 target,
+                loopback: record.endpoint.is_loopback(),
                 failures: 0,
                 in_flight: false,
                 due: Some(at),
@@ -199,6 +195,7 @@ impl Schedule {
                     generation: t.generation,
                     target: t.target.clone(),
                     timeout: timeout_of(&t.health),
+                    loopback: t.loopback,
                 });
             }
         }

@@ -11,6 +11,7 @@ use serde_json::Value;
 use tokio::net::TcpStream;
 
 use super::health::{Outcome, Probe, Target};
+use crate::record::is_local;
 
 /// The most of a health response body that is read (for its `name`).
 const MAX_BODY: usize = 64 * 1024;
@@ -19,11 +20,11 @@ const MAX_BODY: usize = 64 * 1024;
 pub async fn run(probe: &Probe) -> Outcome {
     let work = async {
         match &probe.target {
-            Target::Tcp { host, port } => TcpStream::connect((host.as_str(), *port))
-                .await
-                .map(|_| Outcome::Pass)
-                .unwrap_or_else(|e| Outcome::Fail(format!("connect: {e}"))),
-            Target::Http(url) => http(url, probe.name.as_str()).await,
+            Target::Tcp { host, port } => match connect(host, *port, probe.loopback).await {
+                Ok(_) => Outcome::Pass,
+                Err(e) => Outcome::Fail(e),
+            },
+            Target::Http(url) => http(url, probe.name.as_str(), probe.loopback).await,
         }
     };
     match tokio::time::timeout(probe.timeout, work).await {
@@ -36,7 +37,35 @@ fn fmt(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
 
-async fn http(url: &str, name: &str) -> Outcome {
+/// Connects to `host`:`port`, never to this machine's own addresses
+/// unless `loopback` (a record aimed at a name that resolves to 127.0.0.1
+/// must not make the registry a way into loopback-only services).
+async fn connect(host: &str, port: u16, loopback: bool) -> Result<TcpStream, String> {
+    let addrs: Vec<_> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| format!("resolve {host}: {e}"))?
+        .collect();
+    let allowed: Vec<_> = addrs
+        .iter()
+        .filter(|a| loopback || !is_local(a.ip()))
+        .collect();
+    if allowed.is_empty() {
+        let first = addrs.first().map_or(String::new(), |a| a.ip().to_string());
+        return Err(format!(
+            "not probed: {host} is this machine ({first}), and the record's host is not loopback"
+        ));
+    }
+    let mut last = None;
+    for addr in allowed {
+        match TcpStream::connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(format!("connect: {}", last.expect("one address tried")))
+}
+
+async fn http(url: &str, name: &str, loopback: bool) -> Outcome {
     let uri: hyper::Uri = match url.parse() {
         Ok(u) => u,
         Err(e) => return Outcome::Fail(format!("bad URL {url}: {e}")),
@@ -46,9 +75,9 @@ async fn http(url: &str, name: &str) -> Outcome {
     };
     let host = host.trim_matches(['[', ']']);
     let port = uri.port_u16().unwrap_or(80);
-    let stream = match TcpStream::connect((host, port)).await {
+    let stream = match connect(host, port, loopback).await {
         Ok(s) => s,
-        Err(e) => return Outcome::Fail(format!("connect: {e}")),
+        Err(e) => return Outcome::Fail(e),
     };
     let _ = stream.set_nodelay(true);
     let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
@@ -100,6 +129,40 @@ fn judge_body(body: &[u8], name: &str) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn tcp(host: &str, port: u16, loopback: bool) -> Probe {
+        Probe {
+            name: crate::record::Name::parse("web").unwrap(),
+            generation: 1,
+            target: Target::Tcp {
+                host: host.into(),
+                port,
+            },
+            timeout: Duration::from_secs(5),
+            loopback,
+        }
+    }
+
+    #[tokio::test]
+    async fn this_machine_is_probed_only_for_a_record_on_loopback() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert_eq!(run(&tcp("127.0.0.1", port, true)).await, Outcome::Pass);
+        for host in ["127.0.0.1", "localhost", "0.0.0.0", "::ffff:127.0.0.1"] {
+            let Outcome::Fail(why) = run(&tcp(host, port, false)).await else {
+                panic!("{host} probed")
+            };
+            assert!(
+                why.starts_with(&format!("not probed: {host} is this machine")),
+                "{why}"
+            );
+        }
+        let url = Probe {
+            target: Target::Http(format!("http://localhost:{port}/admin")),
+            ..tcp("", 0, false)
+        };
+        assert!(matches!(run(&url).await, Outcome::Fail(w) if w.starts_with("not probed")));
+    }
 
     #[test]
     fn bodies() {

@@ -103,7 +103,8 @@ def test_duplicate_record_is_never_seen_and_its_publisher_gets_an_error(homicro,
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-@pytest.mark.parametrize("payload", ["not json", '{"host": 5}'])
+@pytest.mark.parametrize("payload", ["not json", '{"host": 5}',
+                                     '{"host":"10.0.0.5","port":80,"host":"6.6.6.6"}'])
 def test_invalid_record_is_never_seen_and_its_publisher_gets_an_error(homicro, version, payload):
     owner = homicro.client("owner", version=V311)
     register(owner, "printer", ORIGINAL)

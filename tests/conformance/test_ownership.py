@@ -122,3 +122,16 @@ def test_homicro_deregister_falls_back_to_the_admin_path(homicro):
     assert out.returncode == 0, out
     assert "deregistered web (as admin" in out.stdout, out
     assert retained(homicro, "web") is None
+
+
+def test_a_record_with_a_duplicate_key_is_refused_over_http(homicro):
+    owned_record(homicro)
+    args = ["curl", "-s", "-w", "\n%{http_code}", "-X", "PUT",
+            f"http://127.0.0.1:{homicro.port}/register", "--data",
+            '{"name":"web","host":"10.0.0.5","port":8080,"host":"6.6.6.6"}']
+    out = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT, check=True)
+    text, status = out.stdout.rsplit("\n", 1)
+    body = json.loads(text)
+    assert (int(status), body["error"]) == (400, "invalid"), body
+    assert "duplicate key `host`" in body["detail"], body
+    assert retained(homicro, "web") == RECORD
