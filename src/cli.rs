@@ -15,6 +15,9 @@ use crate::record::Name;
 
 /// A command failed; `code` is the process exit code (1: it did not work,
 /// 2: bad input).
+mod passwd;
+pub use passwd::passwd;
+
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct CliError {

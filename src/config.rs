@@ -13,6 +13,8 @@ use crate::record::parse_duration_str;
 use crate::topics::Topics;
 
 /// The default configuration, commented; `homicro config` prints it.
+mod auth;
+
 pub const DEFAULT_CONFIG: &str = include_str!("../config/homicro.toml");
 
 /// A configuration value that was refused.
@@ -30,6 +32,21 @@ pub struct ConfigError {
 pub struct BrokerUrl {
     pub host: String,
     pub port: u16,
+    /// The user to connect as (never part of the URL, never shown).
+    pub login: Option<Login>,
+}
+
+/// A user name and password for a broker.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Login {
+    pub user: String,
+    pub password: String,
+}
+
+impl fmt::Debug for Login {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Login({:?}, password hidden)", self.user)
+    }
 }
 
 impl BrokerUrl {
@@ -59,7 +76,17 @@ impl BrokerUrl {
         Ok(BrokerUrl {
             host: host.to_string(),
             port,
+            login: None,
         })
+    }
+
+    /// The same broker, connected to as `user` with `password`.
+    pub fn with_login(mut self, user: &str, password: &str) -> BrokerUrl {
+        self.login = Some(Login {
+            user: user.to_string(),
+            password: password.to_string(),
+        });
+        self
     }
 }
 
@@ -107,6 +134,7 @@ pub struct ServeConfig {
     /// baseline).
     pub registry: bool,
     pub embedded: BrokerConfig,
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// Values given on the command line; `None` keeps the file's value.
@@ -123,7 +151,7 @@ pub struct Overrides {
 
 pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 
-const TOP_KEYS: [&str; 9] = [
+const TOP_KEYS: [&str; 10] = [
     "listen",
     "broker",
     "prefix",
@@ -133,6 +161,7 @@ const TOP_KEYS: [&str; 9] = [
     "health_concurrency",
     "huge_code_pages",
     "embedded",
+    "auth",
 ];
 const EMBEDDED_KEYS: [&str; 7] = [
     "max_connections",
@@ -158,6 +187,9 @@ impl ServeConfig {
             check_keys(path, "", &user, &TOP_KEYS)?;
             if let Some(Value::Table(e)) = user.get("embedded") {
                 check_keys(path, "embedded.", e, &EMBEDDED_KEYS)?;
+            }
+            if let Some(Value::Table(a)) = user.get("auth") {
+                check_keys(path, "auth.", a, &auth::KEYS)?;
             }
             merge(&mut table, user);
             return Self::from_table(path, &table, flags);
@@ -285,6 +317,8 @@ impl ServeConfig {
             max_keepalive: int("max_keepalive", 10, 65_535)? as u16,
         };
 
+        let auth = auth::parse(src, t.get("auth"))?;
+
         Ok(ServeConfig {
             listen,
             broker,
@@ -296,6 +330,7 @@ impl ServeConfig {
             huge_code_pages,
             registry: !flags.no_registry,
             embedded,
+            auth,
         })
     }
 }
@@ -490,7 +525,8 @@ mod tests {
             ok("mqtt://localhost"),
             BrokerUrl {
                 host: "localhost".into(),
-                port: 1883
+                port: 1883,
+                login: None,
             }
         );
         assert_eq!(ok("mqtt://10.0.0.2:1884").port, 1884);

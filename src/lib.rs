@@ -52,6 +52,7 @@
 //! payloads for all of them.
 
 pub mod alloc;
+pub mod auth;
 pub mod bus;
 pub mod cli;
 pub mod client;

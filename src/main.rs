@@ -44,6 +44,16 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Add a user to a password file (Mosquitto's format), or change its
+    /// password: asked for twice, or read from stdin's first line.
+    Passwd {
+        /// The password file (created when missing).
+        file: PathBuf,
+        user: String,
+        /// Remove the user instead.
+        #[arg(long)]
+        delete: bool,
+    },
     /// Print one line per registry change until Ctrl-C.
     Watch {
         /// Print the registry's events as JSON, one per line.
@@ -89,6 +99,26 @@ struct Conn {
     /// Topic prefix.
     #[arg(long, default_value = Topics::DEFAULT_PREFIX, value_parser = parse_prefix)]
     prefix: String,
+    /// Connect as this user; the password comes from HOMICRO_PASSWORD
+    /// (never from the command line).
+    #[arg(long, env = "HOMICRO_USERNAME")]
+    username: Option<String>,
+}
+
+impl Conn {
+    /// The broker, with the user to connect as.
+    fn broker(&self) -> Result<BrokerUrl, CliError> {
+        let Some(user) = &self.username else {
+            return Ok(self.broker.clone());
+        };
+        match std::env::var("HOMICRO_PASSWORD") {
+            Ok(password) => Ok(self.broker.clone().with_login(user, &password)),
+            Err(_) => Err(CliError {
+                code: 2,
+                message: format!("--username {user} needs its password in HOMICRO_PASSWORD"),
+            }),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -184,6 +214,13 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Serve(args) => serve(args),
+        Command::Passwd { file, user, delete } => match cli::passwd(&file, &user, delete) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(CliError { code, message }) => {
+                eprintln!("homicro: {message}");
+                ExitCode::from(code as u8)
+            }
+        },
         other => {
             init_logging("warn");
             let rt = runtime();
@@ -247,7 +284,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     let rt = runtime();
     match rt.block_on(homicro::serve::run(config, stop_signal())) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e @ homicro::serve::ServeError::Listen { .. }) => {
+        Err(e) => {
             eprintln!("homicro: {e}");
             ExitCode::from(2)
         }
@@ -270,15 +307,17 @@ async fn client(cmd: Command) -> Result<(), CliError> {
                 health_tcp: r.health_tcp,
                 once: r.once,
             };
-            cli::register(&r.conn.broker, &r.conn.prefix, &args, stop_signal()).await
+            cli::register(&r.conn.broker()?, &r.conn.prefix, &args, stop_signal()).await
         }
         Command::Deregister { name, conn } => {
-            cli::deregister(&conn.broker, &conn.prefix, &name).await
+            cli::deregister(&conn.broker()?, &conn.prefix, &name).await
         }
-        Command::List { json, conn } => cli::list(&conn.broker, &conn.prefix, json).await,
+        Command::List { json, conn } => cli::list(&conn.broker()?, &conn.prefix, json).await,
         Command::Watch { json, conn } => {
-            cli::watch(&conn.broker, &conn.prefix, json, stop_signal()).await
+            cli::watch(&conn.broker()?, &conn.prefix, json, stop_signal()).await
         }
-        Command::Serve(_) | Command::Config => unreachable!("handled in main"),
+        Command::Serve(_) | Command::Config | Command::Passwd { .. } => {
+            unreachable!("handled in main")
+        }
     }
 }

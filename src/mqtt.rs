@@ -57,6 +57,9 @@ pub fn options(client_id: &str, broker: &BrokerUrl) -> MqttOptions {
     o.set_max_packet_size(MAX_PACKET, MAX_PACKET);
     o.set_clean_session(true);
     o.set_inflight(1000);
+    if let Some(login) = &broker.login {
+        o.set_credentials(login.user.clone(), login.password.clone());
+    }
     o
 }
 

@@ -76,7 +76,7 @@ impl EventPayload {
 }
 
 /// Why something was refused: `error` on `PREFIX/errors/NAME` and in HTTP
-/// answers (the last four only over HTTP).
+/// answers (`not_authorized` and the four after it only over HTTP).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -87,6 +87,8 @@ pub enum ErrorCode {
     Unknown,
     /// Not the record's owner (nor an admin): the record is kept as it is.
     NotOwner,
+    /// No or wrong credentials, or an ACL denies it.
+    NotAuthorized,
     Forbidden,
     NotFound,
     MethodNotAllowed,
@@ -180,6 +182,7 @@ wire_names! {
         Owned => "owned",
         Unknown => "unknown",
         NotOwner => "not_owner",
+        NotAuthorized => "not_authorized",
         Forbidden => "forbidden",
         NotFound => "not_found",
         MethodNotAllowed => "method_not_allowed",
@@ -337,6 +340,7 @@ mod tests {
             (Owned, "owned"),
             (Unknown, "unknown"),
             (NotOwner, "not_owner"),
+            (NotAuthorized, "not_authorized"),
             (Forbidden, "forbidden"),
             (NotFound, "not_found"),
             (MethodNotAllowed, "method_not_allowed"),

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::info;
 
+use crate::auth::Auth;
 use crate::bus::{self, Bus, Limits, Router, listener};
 use crate::config::{BrokerUrl, ServeConfig};
 use crate::registry::{self, Handle};
@@ -17,6 +18,8 @@ use crate::topics::Topics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    #[error("{0}")]
+    Auth(#[from] crate::auth::FileError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -51,6 +54,11 @@ pub async fn start(config: &ServeConfig) -> Result<Running, ServeError> {
         return start_embedded(config).await;
     };
     info!(broker = %url, "using an external broker");
+    if config.auth.password_file.is_some() {
+        tracing::warn!(
+            "[auth] is for the embedded bus: the external broker checks its own clients"
+        );
+    }
     let registry = match config.registry {
         true => Some(
             registry::Handle::spawn(options(config, registry::Bus::External(url.clone()))).await,
@@ -72,6 +80,14 @@ async fn start_embedded(config: &ServeConfig) -> Result<Running, ServeError> {
     let listen = tcp
         .local_addr()
         .map_err(|source| ServeError::Listen { addr, source })?;
+    let auth = Arc::new(Auth::load(config.auth.clone())?);
+    if auth.enabled() {
+        info!(
+            users = auth.users(),
+            allow_anonymous = auth.allow_anonymous(),
+            "password file read"
+        );
+    }
     let router = Router::new();
     let registry = match config.registry {
         true => Some(
@@ -93,7 +109,9 @@ async fn start_embedded(config: &ServeConfig) -> Result<Running, ServeError> {
         router,
         Topics::new(&config.prefix),
         registry.clone(),
+        auth.clone(),
     ));
+    tokio::spawn(reload_on_hangup(auth));
     info!(%listen, "listening (MQTT 3.1.1 and 5, WebSocket /mqtt, HTTP API)");
     let listener_task = tokio::spawn(listener::run(tcp, bus.clone()));
     tokio::spawn(bus::trim_memory(bus.clone()));
@@ -176,6 +194,20 @@ pub async fn run(
     Ok(())
 }
 
+/// Reads the password file again on every SIGHUP, as Mosquitto does; a
+/// file with errors is logged and the users stay as they were.
+async fn reload_on_hangup(auth: Arc<Auth>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        if let Err(e) = auth.reload() {
+            tracing::error!(error = %e, "password file not reloaded; the users stay as they were");
+        }
+    }
+}
+
 fn url_of(addr: SocketAddr) -> BrokerUrl {
     let host = if addr.ip().is_unspecified() {
         match addr {
@@ -188,5 +220,6 @@ fn url_of(addr: SocketAddr) -> BrokerUrl {
     BrokerUrl {
         host,
         port: addr.port(),
+        login: None,
     }
 }

@@ -266,3 +266,106 @@ async fn without_a_broker_or_registry_commands_say_so() {
         stderr(&out)
     );
 }
+
+/// A password file or `[auth]` that cannot be used stops `serve` at once
+/// with exit 2 and a message naming the file and line (or the key).
+#[test]
+fn serve_refuses_a_bad_password_file_or_auth_config_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("passwd");
+    std::fs::write(&pw, "# users\nalice:$7$101$c2FsdA==$aGFzaA==\nbob:plain\n").unwrap();
+    let serve = |auth: &str| {
+        let cfg = dir.path().join("homicro.toml");
+        std::fs::write(&cfg, format!("listen = \"127.0.0.1:0\"\n[auth]\n{auth}\n")).unwrap();
+        let state = dir.path().join("state.json");
+        homicro_cmd(&[
+            "serve",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--state-file",
+            state.to_str().unwrap(),
+        ])
+    };
+    let cases = [
+        (
+            format!("password_file = {:?}", pw.to_str().unwrap()),
+            format!(
+                "{}:3: user \"bob\": the password is not hashed",
+                pw.display()
+            ),
+        ),
+        (
+            "password_file = \"/nonexistent/passwd\"".to_string(),
+            "/nonexistent/passwd:0: cannot read it".to_string(),
+        ),
+        (
+            "allow_anonymous = false".to_string(),
+            "auth.allow_anonymous: false needs a password_file".to_string(),
+        ),
+        (
+            "users = 1".to_string(),
+            "auth.users: unknown key".to_string(),
+        ),
+    ];
+    for (auth, want) in cases {
+        let out = serve(&auth);
+        assert_eq!(out.status.code(), Some(2), "{auth}: {}", stderr(&out));
+        assert!(stderr(&out).contains(&want), "{auth}: {}", stderr(&out));
+    }
+}
+
+/// `homicro passwd` takes the password from stdin (never argv), writes a
+/// file Mosquitto's tools read, and refuses a bad user name.
+#[test]
+fn passwd_adds_users_that_mosquitto_passwd_can_update() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("passwd");
+    let run = |args: &[&str], input: &str| {
+        let mut child = std::process::Command::new(bin())
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let p = pw.to_str().unwrap();
+    let out = run(&["passwd", p, "alice"], "first\n");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), format!("added alice in {p}\n"));
+    let out = run(&["passwd", p, "alice"], "second\n");
+    assert_eq!(
+        stdout(&out),
+        format!("changed the password of alice in {p}\n")
+    );
+    let out = run(&["passwd", p, "a:b"], "x\n");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("may not contain ':'"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(&["passwd", p, "bob"], "\n");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("the password is empty"));
+    // Mosquitto's own tool reads and rewrites the file homicro wrote.
+    let status = std::process::Command::new("mosquitto_passwd")
+        .args(["-b", p, "bob", "b0b"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let text = std::fs::read_to_string(&pw).unwrap();
+    assert!(
+        text.contains("alice:$7$10000$") && text.contains("bob:$7$101$"),
+        "{text}"
+    );
+    assert!(!text.contains("second"), "never the password itself");
+}

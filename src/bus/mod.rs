@@ -88,6 +88,8 @@ pub struct Bus {
     /// `PREFIX/heartbeat` (`None` with `--no-registry`).
     pub gate: Option<registry::Handle>,
     pub metrics: Metrics,
+    /// Who may connect (users, anonymous clients).
+    pub auth: std::sync::Arc<crate::auth::Auth>,
     pub started: Instant,
     pub(crate) sessions: Mutex<HashMap<String, sessions::Entry>>,
     next_session: AtomicU64,
@@ -99,12 +101,14 @@ impl Bus {
         router: Router,
         topics: Topics,
         gate: Option<registry::Handle>,
+        auth: std::sync::Arc<crate::auth::Auth>,
     ) -> Bus {
         Bus {
             limits,
             router,
             topics,
             gate,
+            auth,
             metrics: Metrics::default(),
             started: Instant::now(),
             sessions: Mutex::new(HashMap::new()),

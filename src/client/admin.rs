@@ -24,10 +24,14 @@ pub async fn deregister_as_admin(broker: &Broker, name: &Name) -> Result<bool, R
             .await
             .map_err(|e| format!("HTTP API at {at}: {e}"))?;
         let driver = tokio::spawn(conn);
-        let req = Request::delete(format!("/register/{name}"))
-            .header(hyper::header::HOST, &at)
-            .body(Empty::<Bytes>::new())
-            .expect("a valid request");
+        let mut req = Request::delete(format!("/register/{name}")).header(hyper::header::HOST, &at);
+        if let Some(login) = &broker.login {
+            use base64::Engine as _;
+            let pair = format!("{}:{}", login.user, login.password);
+            let basic = base64::engine::general_purpose::STANDARD.encode(pair);
+            req = req.header(hyper::header::AUTHORIZATION, format!("Basic {basic}"));
+        }
+        let req = req.body(Empty::<Bytes>::new()).expect("a valid request");
         let resp = sender.send_request(req).await.map_err(|e| {
             format!("HTTP API at {at}: {e} (is it homicro serve, not another broker?)")
         })?;

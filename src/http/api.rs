@@ -12,6 +12,7 @@ use hyper::header::{CONTENT_TYPE, HeaderValue};
 use serde_json::{Map, Value, json};
 
 use super::{ApiError, Resp, json_bytes};
+use crate::auth::Verdict;
 use crate::bus::{Bus, Gauge, Metrics};
 use crate::identity::{Author, Identity};
 use crate::protocol::{ErrorCode, ErrorPayload, EventKind, EventPayload};
@@ -22,6 +23,8 @@ use crate::registry::{Answer, Handle, Status, Stopped};
 pub(super) struct Api<'a> {
     pub shared: &'a Bus,
     pub peer: SocketAddr,
+    /// What the request's credentials proved.
+    pub who: Verdict,
 }
 
 impl Api<'_> {
@@ -54,24 +57,22 @@ impl Api<'_> {
     pub async fn self_register(&self, body: &[u8]) -> Result<Resp, ApiError> {
         let (name, record) = named_record(body).map_err(ApiError::invalid)?;
         let record = with_peer_host(record, self.peer.ip()).map_err(ApiError::invalid)?;
-        self.submit(&name, record, Author::new(self.identity()))
+        self.submit(&name, record, self.who.author(self.peer.ip()))
             .await
     }
 
     /// `PUT /register`: a full record on behalf of another service; from
     /// loopback only.
     pub async fn register(&self, body: &[u8]) -> Result<Resp, ApiError> {
-        self.loopback_only("register a record on behalf of another service")?;
+        let admin = self.admin_only("register a record on behalf of another service")?;
         let (name, record) = named_record(body).map_err(ApiError::invalid)?;
-        self.submit(&name, to_bytes(record), Author::admin(self.identity()))
-            .await
+        self.submit(&name, to_bytes(record), admin).await
     }
 
     /// `DELETE /register/NAME`: removes NAME; from loopback only.
     pub async fn deregister(&self, name: &str) -> Result<Resp, ApiError> {
-        self.loopback_only("deregister a service")?;
-        self.submit(name, Bytes::new(), Author::admin(self.identity()))
-            .await
+        let admin = self.admin_only("deregister a service")?;
+        self.submit(name, Bytes::new(), admin).await
     }
 
     /// `GET /health`: the registry's own state.
@@ -108,11 +109,6 @@ impl Api<'_> {
         resp
     }
 
-    /// The caller, as a record's owner.
-    fn identity(&self) -> Identity {
-        Identity::address(self.peer.ip())
-    }
-
     async fn submit(&self, name: &str, record: Bytes, by: Author) -> Result<Resp, ApiError> {
         let answer = self
             .registry()?
@@ -132,12 +128,20 @@ impl Api<'_> {
         })
     }
 
-    pub(super) fn loopback_only(&self, what: &str) -> Result<(), ApiError> {
+    /// The caller as an admin: a user marked admin, or any client on
+    /// this machine (loopback).
+    pub(super) fn admin_only(&self, what: &str) -> Result<Author, ApiError> {
+        let me = self.who.author(self.peer.ip());
+        if me.admin {
+            return Ok(me);
+        }
         if is_loopback(self.peer.ip()) {
-            return Ok(());
+            let identity = me.identity.unwrap_or(Identity::address(self.peer.ip()));
+            return Ok(Author::admin(identity));
         }
         let detail = format!(
-            "only a client on this machine may {what}; {} is not loopback (use PUT /self-register)",
+            "only an admin (a user listed in [auth] admins, or a client on this machine) may \
+             {what}; {} is neither (use PUT /self-register)",
             self.peer.ip().to_canonical()
         );
         Err(ApiError::new(
@@ -169,6 +173,7 @@ pub(super) fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::Owned => StatusCode::CONFLICT,
         ErrorCode::Unknown | ErrorCode::NotFound => StatusCode::NOT_FOUND,
         ErrorCode::Forbidden | ErrorCode::NotOwner => StatusCode::FORBIDDEN,
+        ErrorCode::NotAuthorized => StatusCode::UNAUTHORIZED,
         ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
     }

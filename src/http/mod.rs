@@ -20,7 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
+use hyper::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -29,6 +29,7 @@ use serde_json::json;
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::auth::Verdict;
 use crate::bus::Bus;
 use crate::protocol::ErrorCode;
 use crate::record::MAX_RECORD_SIZE;
@@ -144,12 +145,23 @@ async fn handle(shared: Arc<Bus>, req: Request<Incoming>, peer: SocketAddr) -> R
             return resp;
         }
     };
+    // MQTT over WebSocket authenticates in its CONNECT, and `/health`
+    // answers monitors without credentials.
+    let who = match route {
+        Route::Mqtt => return websocket::upgrade(shared.clone(), req, peer),
+        Route::Health => Verdict::Anonymous,
+        _ => match authenticate(&shared, &req, peer).await {
+            Ok(who) => who,
+            Err(resp) => return resp,
+        },
+    };
     let api = api::Api {
         shared: &shared,
         peer,
+        who,
     };
     let answer = match route {
-        Route::Mqtt => return websocket::upgrade(shared.clone(), req, peer),
+        Route::Mqtt => unreachable!("upgraded above"),
         Route::Discover => api.discover(req.uri().query()).await,
         Route::DiscoverOne(name) => api.discover_one(&name).await,
         Route::SelfRegister => match body(req, shared.limits.handshake_timeout).await {
@@ -157,20 +169,74 @@ async fn handle(shared: Arc<Bus>, req: Request<Incoming>, peer: SocketAddr) -> R
             Err(e) => Err(e),
         },
         // Loopback is checked before the body is read.
-        Route::Register => {
-            match api.loopback_only("register a record on behalf of another service") {
-                Ok(()) => match body(req, shared.limits.handshake_timeout).await {
-                    Ok(b) => api.register(&b).await,
-                    Err(e) => Err(e),
-                },
+        Route::Register => match api.admin_only("register a record on behalf of another service") {
+            Ok(_) => match body(req, shared.limits.handshake_timeout).await {
+                Ok(b) => api.register(&b).await,
                 Err(e) => Err(e),
-            }
-        }
+            },
+            Err(e) => Err(e),
+        },
         Route::Deregister(name) => api.deregister(&name).await,
         Route::Health => Ok(api.health().await),
         Route::Metrics => Ok(api.metrics().await),
     };
     answer.unwrap_or_else(ApiError::response)
+}
+
+/// The request's Basic credentials checked against the users (none: an
+/// anonymous client, when those are let in). Refused: 401 with a
+/// `WWW-Authenticate` challenge, after the same delay as a refused CONNECT.
+async fn authenticate(
+    shared: &Bus,
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Verdict, Resp> {
+    if !shared.auth.enabled() {
+        return Ok(Verdict::Anonymous);
+    }
+    let header = req.headers().get(AUTHORIZATION);
+    let basic = header.map(|h| basic_credentials(h.as_bytes()));
+    let verdict = match &basic {
+        None => shared.auth.check(peer.ip(), None, None).await,
+        Some(Some((user, password))) => {
+            shared
+                .auth
+                .check(peer.ip(), Some(user), Some(password.as_bytes()))
+                .await
+        }
+        // Not Basic, or not base64 of USER:PASSWORD.
+        Some(None) => Verdict::BadCredentials,
+    };
+    if verdict.admitted() {
+        return Ok(verdict);
+    }
+    let detail = match verdict {
+        Verdict::AnonymousRefused => {
+            "credentials required: HTTP Basic auth with a user of the password file"
+        }
+        _ => "wrong user name or password",
+    };
+    let mut resp = error(StatusCode::UNAUTHORIZED, ErrorCode::NotAuthorized, detail);
+    resp.headers_mut().insert(
+        WWW_AUTHENTICATE,
+        HeaderValue::from_static("Basic realm=\"homicro\", charset=\"UTF-8\""),
+    );
+    Err(resp)
+}
+
+/// USER and PASSWORD of an `Authorization: Basic base64(USER:PASSWORD)`.
+fn basic_credentials(header: &[u8]) -> Option<(String, String)> {
+    use base64::Engine as _;
+    let text = std::str::from_utf8(header).ok()?;
+    let (scheme, encoded) = text.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let (user, password) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+    Some((user.to_string(), password.to_string()))
 }
 
 /// Reads a request body of at most [`MAX_BODY`] bytes within `within` (a

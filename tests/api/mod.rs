@@ -85,7 +85,13 @@ impl Api {
             handshake_timeout: IDLE,
             ..Limits::default()
         };
-        let shared = Bus::new(limits, router, topics, Some(registry));
+        let shared = Bus::new(
+            limits,
+            router,
+            topics,
+            Some(registry),
+            Arc::new(homicro::auth::Auth::load(homicro::auth::AuthConfig::default()).unwrap()),
+        );
         let front = tokio::spawn(bus::listener::run(listener, Arc::new(shared)));
         let mut c = Client::connect(&mosq.url).await;
         c.subscribe("homicro/registry").await;

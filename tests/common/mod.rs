@@ -274,6 +274,7 @@ impl Mosquitto {
         let url = BrokerUrl {
             host: "127.0.0.1".into(),
             port,
+            login: None,
         };
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {

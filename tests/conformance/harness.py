@@ -282,7 +282,8 @@ def start_mosquitto(tmp, extra=""):
     port = free_port()
     conf = os.path.join(tmp, "mosquitto.conf")
     with open(conf, "w") as f:
-        f.write(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra}")
+        anonymous = "" if "allow_anonymous" in extra else "allow_anonymous true\n"
+        f.write(f"listener {port} 127.0.0.1\n{anonymous}persistence false\n{extra}")
     log = os.path.join(tmp, "mosquitto.log")
     with open(log, "w") as err:
         proc = subprocess.Popen([mosquitto_bin(), "-c", conf], stdout=err, stderr=err)
@@ -300,8 +301,9 @@ def homicro_bin():
 SERVING = re.compile(r"homicro serving.*listen=mqtt://127\.0\.0\.1:(\d+)")
 
 
-def start_homicro(tmp, config=""):
-    """`config`: a homicro.toml to serve with (empty: the defaults)."""
+def start_homicro(tmp, config="", user=None, password=None):
+    """`config`: a homicro.toml to serve with (empty: the defaults); `user`
+    and `password`: what the readiness probe connects with."""
     log = os.path.join(tmp, "homicro.log")
     args = [homicro_bin(), "serve", "--listen", "127.0.0.1:0",
             "--state-file", os.path.join(tmp, "state.json")]
@@ -337,7 +339,10 @@ def start_homicro(tmp, config=""):
         proc.kill()
         raise RuntimeError(f"homicro did not report `homicro serving`:\n{open(log).read()}")
     broker = Broker("homicro", port, proc, log, pumper)
-    watcher = broker.client("conformance-registry-probe", version=V311)
+    watcher = broker.client("conformance-registry-probe", version=V311, connect=False)
+    if user:
+        watcher.c.username_pw_set(user, password)
+    watcher.connect()
     watcher.subscribe("homicro/registry", 1)
     while True:
         m = watcher.get()

@@ -94,9 +94,13 @@ def packet(ptype, flags, body):
 
 
 def connect(client_id, version=V311, keepalive=60, clean=True, will=None,
-            props=None):
+            props=None, username=None, password=None):
     """will: dict(topic, payload, qos=0, retain=False, props=None)."""
     flags = 0x02 if clean else 0
+    if username is not None:
+        flags |= 0x80
+    if password is not None:
+        flags |= 0x40
     if will:
         flags |= 0x04 | will.get("qos", 0) << 3 | (0x20 if will.get("retain") else 0)
     body = mqtt_str("MQTT") + bytes([version, flags]) + struct.pack("!H", keepalive)
@@ -107,6 +111,10 @@ def connect(client_id, version=V311, keepalive=60, clean=True, will=None,
         if version == V5:
             body += properties(will.get("props"))
         body += mqtt_str(will["topic"]) + mqtt_str(will["payload"])
+    if username is not None:
+        body += mqtt_str(username)
+    if password is not None:
+        body += mqtt_str(password)
     return packet(CONNECT, 0, body)
 
 

@@ -128,6 +128,7 @@ pub mod reason {
     pub const IMPLEMENTATION_SPECIFIC: u8 = 0x83;
     pub const UNSUPPORTED_PROTOCOL_VERSION: u8 = 0x84;
     pub const CLIENT_ID_NOT_VALID: u8 = 0x85;
+    pub const BAD_USER_NAME_OR_PASSWORD: u8 = 0x86;
     pub const NOT_AUTHORIZED: u8 = 0x87;
     pub const SERVER_UNAVAILABLE: u8 = 0x88;
     pub const SERVER_SHUTTING_DOWN: u8 = 0x8B;

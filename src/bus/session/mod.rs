@@ -27,7 +27,7 @@ use super::codec::{self, AckKind, Properties, Publish, Version, Will, reason};
 use super::connect::{self, Conn, Reader, Writer};
 use super::router::{After, Forwarded, Link};
 use super::{Bus, sessions};
-use crate::identity::{Author, Identity};
+use crate::identity::Author;
 use outbound::Outbound;
 
 /// Session expiry meaning "never" (3.1.1 persistent sessions).
@@ -342,7 +342,7 @@ impl Session {
         };
         live.keepalive_timer = live.keepalive_deadline().map(|t| Box::pin(sleep_until(t)));
         self.last_peer = Some(conn.peer);
-        self.author = Author::new(Identity::address(conn.peer.ip()));
+        self.author = conn.author.clone();
         codec::write_connack(&mut live.wbuf, version, resume, 0, &props);
         if resume {
             for out in self.out.resend() {

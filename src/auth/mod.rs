@@ -1,0 +1,265 @@
+//! Who may use the bus: users from a Mosquitto password file (`passwd`),
+//! anonymous clients when allowed, failures slowed down per address
+//! (`throttle`). MQTT CONNECT and HTTP Basic auth ask the same [`Auth`].
+//!
+//! As in Mosquitto: without a password file every client is anonymous
+//! (a user name is taken but proves nothing); with one, `allow_anonymous`
+//! defaults to false and a client that names a user must give its
+//! password.
+
+pub mod passwd;
+mod throttle;
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::identity::{Author, Identity};
+pub use passwd::{FileError, Hash, Users};
+use throttle::Throttle;
+
+/// `[auth]` of the config file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuthConfig {
+    pub password_file: Option<PathBuf>,
+    /// Clients without a user name are let in.
+    pub allow_anonymous: bool,
+    /// Users who act as admins (change any record, use `/register`).
+    pub admins: Vec<String>,
+}
+
+/// What a client proved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Let in without a user (no password file, or anonymous allowed).
+    Anonymous,
+    /// A user whose password matched.
+    User { name: Arc<str>, admin: bool },
+    /// A user name unknown, or its password wrong or missing.
+    BadCredentials,
+    /// No user name, and anonymous clients are not allowed.
+    AnonymousRefused,
+}
+
+impl Verdict {
+    /// The writer this client is, connecting from `ip`.
+    pub fn author(&self, ip: IpAddr) -> Author {
+        match self {
+            Verdict::User { name, admin: true } => Author::admin(Identity::User(name.clone())),
+            Verdict::User { name, .. } => Author::new(Identity::User(name.clone())),
+            _ => Author::new(Identity::address(ip)),
+        }
+    }
+
+    pub fn admitted(&self) -> bool {
+        matches!(self, Verdict::Anonymous | Verdict::User { .. })
+    }
+}
+
+pub struct Auth {
+    config: AuthConfig,
+    users: RwLock<Arc<Users>>,
+    admins: HashSet<String>,
+    throttle: Mutex<Throttle>,
+}
+
+impl Auth {
+    /// Reads the password file, if one is set.
+    pub fn load(config: AuthConfig) -> Result<Auth, FileError> {
+        let users = match &config.password_file {
+            Some(path) => read(path)?,
+            None => Users::default(),
+        };
+        Ok(Auth {
+            admins: config.admins.iter().cloned().collect(),
+            config,
+            users: RwLock::new(Arc::new(users)),
+            throttle: Mutex::default(),
+        })
+    }
+
+    /// Users are checked (a password file is set).
+    pub fn enabled(&self) -> bool {
+        self.config.password_file.is_some()
+    }
+
+    pub fn allow_anonymous(&self) -> bool {
+        self.config.allow_anonymous
+    }
+
+    /// How many users the password file has.
+    pub fn users(&self) -> usize {
+        self.users.read().unwrap().len()
+    }
+
+    /// Reads the password file again (SIGHUP); on an error the users stay
+    /// as they were.
+    pub fn reload(&self) -> Result<usize, FileError> {
+        let Some(path) = &self.config.password_file else {
+            return Ok(0);
+        };
+        let users = read(path)?;
+        let n = users.len();
+        *self.users.write().unwrap() = Arc::new(users);
+        info!(path = %path.display(), users = n, "password file reloaded");
+        Ok(n)
+    }
+
+    /// Checks a client's credentials. A failure is logged (never the
+    /// password) and answered late when its address keeps failing.
+    pub async fn check(&self, ip: IpAddr, user: Option<&str>, password: Option<&[u8]>) -> Verdict {
+        let verdict = self.judge(user, password).await;
+        let ip = ip.to_canonical();
+        if verdict.admitted() {
+            if matches!(verdict, Verdict::User { .. }) {
+                self.throttle.lock().unwrap().succeeded(ip);
+            }
+            return verdict;
+        }
+        let delay = self.throttle.lock().unwrap().failed(ip, Instant::now());
+        match &verdict {
+            Verdict::BadCredentials => {
+                warn!(%ip, user = user.unwrap_or(""), delay_ms = delay.as_millis() as u64, "authentication failed")
+            }
+            _ => {
+                info!(%ip, delay_ms = delay.as_millis() as u64, "anonymous client refused (allow_anonymous = false)")
+            }
+        }
+        tokio::time::sleep(delay).await;
+        verdict
+    }
+
+    async fn judge(&self, user: Option<&str>, password: Option<&[u8]>) -> Verdict {
+        if !self.enabled() {
+            return Verdict::Anonymous;
+        }
+        let Some(user) = user else {
+            return if self.config.allow_anonymous {
+                Verdict::Anonymous
+            } else {
+                Verdict::AnonymousRefused
+            };
+        };
+        let hash = self.users.read().unwrap().get(user).cloned();
+        let (Some(hash), Some(password)) = (hash, password) else {
+            return Verdict::BadCredentials;
+        };
+        // PBKDF2 takes milliseconds: off the runtime's worker threads.
+        let password = password.to_vec();
+        let ok = tokio::task::spawn_blocking(move || hash.verify(&password))
+            .await
+            .unwrap_or(false);
+        if ok {
+            Verdict::User {
+                name: user.into(),
+                admin: self.admins.contains(user),
+            }
+        } else {
+            Verdict::BadCredentials
+        }
+    }
+}
+
+fn read(path: &std::path::Path) -> Result<Users, FileError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| FileError {
+        path: shown.clone(),
+        line: 0,
+        message: format!("cannot read it: {e}"),
+    })?;
+    Users::parse(&shown, &text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth(anonymous: bool, admins: &[&str]) -> (Auth, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pw");
+        let mut users = Users::default();
+        users.set("alice", Hash::new(b"secret"));
+        users.set("root", Hash::new(b"toor"));
+        std::fs::write(&path, users.to_text()).unwrap();
+        let config = AuthConfig {
+            password_file: Some(path),
+            allow_anonymous: anonymous,
+            admins: admins.iter().map(|s| s.to_string()).collect(),
+        };
+        (Auth::load(config).unwrap(), dir)
+    }
+
+    fn ip() -> IpAddr {
+        "10.0.0.5".parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn users_anonymous_and_admins() {
+        let (a, _d) = auth(false, &["root"]);
+        let alice = a.check(ip(), Some("alice"), Some(b"secret")).await;
+        assert_eq!(
+            alice,
+            Verdict::User {
+                name: "alice".into(),
+                admin: false
+            }
+        );
+        assert_eq!(alice.author(ip()), Author::new(Identity::user("alice")));
+        let root = a.check(ip(), Some("root"), Some(b"toor")).await;
+        assert_eq!(root.author(ip()), Author::admin(Identity::user("root")));
+        for (user, pw) in [
+            (Some("alice"), Some(&b"wrong"[..])),
+            (Some("alice"), None),
+            (Some("mallory"), Some(&b"secret"[..])),
+        ] {
+            assert_eq!(
+                a.check(ip(), user, pw).await,
+                Verdict::BadCredentials,
+                "{user:?}"
+            );
+        }
+        assert_eq!(a.check(ip(), None, None).await, Verdict::AnonymousRefused);
+        let (open, _d) = auth(true, &[]);
+        assert_eq!(open.check(ip(), None, None).await, Verdict::Anonymous);
+        assert_eq!(
+            open.check(ip(), Some("alice"), Some(b"nope")).await,
+            Verdict::BadCredentials,
+            "a named user must prove it even when anonymous clients may connect"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_password_file_everyone_is_anonymous() {
+        let a = Auth::load(AuthConfig {
+            allow_anonymous: true,
+            ..Default::default()
+        })
+        .unwrap();
+        let v = a.check(ip(), Some("alice"), Some(b"x")).await;
+        assert_eq!(v, Verdict::Anonymous);
+        assert_eq!(v.author(ip()), Author::new(Identity::address(ip())));
+    }
+
+    #[tokio::test]
+    async fn a_reload_with_errors_keeps_the_users() {
+        let (a, dir) = auth(false, &[]);
+        std::fs::write(dir.path().join("pw"), "broken").unwrap();
+        let e = a.reload().unwrap_err();
+        assert!(e.to_string().ends_with("pw:1: expected USER:HASH"), "{e}");
+        assert_eq!(a.users(), 2);
+        let mut users = Users::default();
+        users.set("dave", Hash::new(b"d"));
+        std::fs::write(dir.path().join("pw"), users.to_text()).unwrap();
+        assert_eq!(a.reload().unwrap(), 1);
+        assert!(a.check(ip(), Some("dave"), Some(b"d")).await.admitted());
+        assert!(
+            !a.check(ip(), Some("alice"), Some(b"secret"))
+                .await
+                .admitted()
+        );
+    }
+}

@@ -1,0 +1,149 @@
+//! `[auth]`: who may connect (see [`crate::auth`]).
+
+use std::path::PathBuf;
+
+use toml::{Table, Value};
+
+use super::{ConfigError, shown};
+use crate::auth::{AuthConfig, passwd};
+
+pub(super) const KEYS: [&str; 3] = ["password_file", "allow_anonymous", "admins"];
+
+/// Reads `[auth]` (`t`: the merged table, defaults included).
+pub(super) fn parse(src: &str, t: Option<&Value>) -> Result<AuthConfig, ConfigError> {
+    let err = |key: &str, message: String| ConfigError {
+        source_name: src.to_string(),
+        key: format!("auth.{key}"),
+        message,
+    };
+    let empty = Table::new();
+    let t = match t {
+        None => &empty,
+        Some(Value::Table(t)) => t,
+        Some(_) => {
+            return Err(ConfigError {
+                source_name: src.to_string(),
+                key: "auth".into(),
+                message: "must be a table ([auth])".into(),
+            });
+        }
+    };
+    let password_file = match t.get("password_file") {
+        None => None,
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(Value::String(s)) => Some(PathBuf::from(s)),
+        other => {
+            return Err(err(
+                "password_file",
+                format!("must be a file path, got {}", shown(other)),
+            ));
+        }
+    };
+    let allow_anonymous = match t.get("allow_anonymous") {
+        // As Mosquitto 2: anonymous clients only while there are no users.
+        None => password_file.is_none(),
+        Some(Value::Boolean(b)) => *b,
+        other => {
+            return Err(err(
+                "allow_anonymous",
+                format!("must be true or false, got {}", shown(other)),
+            ));
+        }
+    };
+    if !allow_anonymous && password_file.is_none() {
+        return Err(err(
+            "allow_anonymous",
+            "false needs a password_file: without users nobody could connect".into(),
+        ));
+    }
+    let admins = match t.get("admins") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => passwd::valid_user(s).map(|_| s.clone()),
+                other => Err(format!("{other} is not a user name")),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|m| err("admins", format!("must be a list of user names: {m}")))?,
+        other => {
+            return Err(err(
+                "admins",
+                format!("must be a list of user names, got {}", shown(other)),
+            ));
+        }
+    };
+    if !admins.is_empty() && password_file.is_none() {
+        return Err(err(
+            "admins",
+            "needs a password_file: an admin is a user who proves it".into(),
+        ));
+    }
+    Ok(AuthConfig {
+        password_file,
+        allow_anonymous,
+        admins,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth(text: &str) -> Result<AuthConfig, String> {
+        let t: Table = text.parse().unwrap();
+        parse("f.toml", t.get("auth")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn anonymous_by_default_only_without_a_password_file() {
+        assert_eq!(
+            auth("").unwrap(),
+            AuthConfig {
+                allow_anonymous: true,
+                ..Default::default()
+            }
+        );
+        let c = auth("[auth]\npassword_file = \"pw\"\nadmins = [\"root\"]").unwrap();
+        assert_eq!(c.password_file, Some(PathBuf::from("pw")));
+        assert!(!c.allow_anonymous);
+        assert_eq!(c.admins, ["root"]);
+        let c = auth("[auth]\npassword_file = \"pw\"\nallow_anonymous = true").unwrap();
+        assert!(c.allow_anonymous);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let cases = [
+            (
+                "[auth]\npassword_file = 5",
+                "auth.password_file: must be a file path, got 5",
+            ),
+            (
+                "[auth]\nallow_anonymous = \"no\"",
+                "auth.allow_anonymous: must be true or false",
+            ),
+            (
+                "[auth]\nallow_anonymous = false",
+                "false needs a password_file",
+            ),
+            (
+                "[auth]\npassword_file = \"pw\"\nadmins = \"root\"",
+                "auth.admins: must be a list",
+            ),
+            (
+                "[auth]\npassword_file = \"pw\"\nadmins = [\"a:b\"]",
+                "may not contain ':'",
+            ),
+            (
+                "[auth]\nadmins = [\"root\"]",
+                "auth.admins: needs a password_file",
+            ),
+            ("auth = 1", "auth: must be a table"),
+        ];
+        for (text, want) in cases {
+            let e = auth(text).unwrap_err();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+}
