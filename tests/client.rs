@@ -374,3 +374,79 @@ async fn dropping_the_handle_deregisters() {
     drop(reg);
     change(&mut rx, removed("tmp")).await;
 }
+
+/// The helper and the CLI log in with a user: the user owns its record,
+/// another user is refused it, and a wrong password is a clear error.
+#[tokio::test]
+async fn the_helper_and_the_cli_log_in_and_users_own_their_records() {
+    use homicro::auth::{Hash, Users};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut users = Users::default();
+    users.set("alice", Hash::new(b"a-pw"));
+    users.set("bob", Hash::new(b"b-pw"));
+    let pw = tmp.path().join("passwd");
+    std::fs::write(&pw, users.to_text()).unwrap();
+    let cfg = tmp.path().join("homicro.toml");
+    // Anonymous allowed, so that the test's readiness probe gets in.
+    let text = format!("[auth]\npassword_file = {pw:?}\nallow_anonymous = true\n");
+    std::fs::write(&cfg, text).unwrap();
+    let state = tmp.path().join("state.json");
+    let args = ["--listen", "127.0.0.1:0", "--config", cfg.to_str().unwrap()];
+    let s = Serve::start_with(&args, &state).await;
+
+    let alice = s.url.clone().with_login("alice", "a-pw");
+    let reg = Registration::builder("nas")
+        .host("10.0.0.5")
+        .port(5000)
+        .ttl_secs(60)
+        .register(&alice)
+        .await
+        .unwrap();
+    // Bob publishes the same endpoint: not his record.
+    let bob = s.url.clone().with_login("bob", "b-pw");
+    let stolen = Registration::builder("nas")
+        .host("10.0.0.5")
+        .port(5000)
+        .register(&bob)
+        .await;
+    match stolen {
+        Err(RegisterError::Owned { detail, .. }) => {
+            assert!(detail.contains("belongs to user alice"), "{detail}")
+        }
+        other => panic!("expected not_owner, got {other:?}"),
+    }
+    let wrong = s.url.clone().with_login("alice", "guess");
+    let e = Registration::builder("web")
+        .host("10.0.0.6")
+        .register(&wrong)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .to_lowercase()
+            .contains("bad user name or password"),
+        "{e}"
+    );
+    // The CLI: --username, the password from HOMICRO_PASSWORD.
+    let url = s.url.to_string();
+    let cli = |user: &str, password: Option<&str>| {
+        let mut cmd = std::process::Command::new(bin());
+        cmd.args(["deregister", "nas", "--broker", &url, "--username", user]);
+        match password {
+            Some(p) => cmd.env("HOMICRO_PASSWORD", p),
+            None => cmd.env_remove("HOMICRO_PASSWORD"),
+        };
+        cmd.output().unwrap()
+    };
+    let out = cli("alice", None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("needs its password in HOMICRO_PASSWORD"));
+    let out = cli("alice", Some("a-pw"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("deregistered nas"),
+        "{}",
+        stdout(&out)
+    );
+    drop(reg);
+}

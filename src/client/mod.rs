@@ -102,6 +102,18 @@ impl Connection {
         loop {
             match timeout_at(deadline, c.rx.recv()).await {
                 Ok(Some(Incoming::Connected)) => return Ok(c),
+                // A refused login does not get better by trying again.
+                Ok(Some(Incoming::Disconnected(e)))
+                    if e.contains("NotAuthorized") || e.contains("BadUserNamePassword") =>
+                {
+                    return Err(ConnectionError::Connect {
+                        broker: broker.to_string(),
+                        reason: format!(
+                            "bad user name or password, or not authorized ({e}); \
+                             check the user and its password"
+                        ),
+                    });
+                }
                 Ok(Some(Incoming::Disconnected(e))) => reason = e,
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => {
