@@ -14,6 +14,7 @@ use crate::topics::Topics;
 
 /// The default configuration, commented; `homicro config` prints it.
 mod auth;
+mod tls;
 
 pub const DEFAULT_CONFIG: &str = include_str!("../config/homicro.toml");
 
@@ -135,6 +136,8 @@ pub struct ServeConfig {
     pub registry: bool,
     pub embedded: BrokerConfig,
     pub auth: crate::auth::AuthConfig,
+    /// TLS on the port (`None`: plaintext only).
+    pub tls: Option<crate::bus::tls::TlsConfig>,
 }
 
 /// Values given on the command line; `None` keeps the file's value.
@@ -151,7 +154,7 @@ pub struct Overrides {
 
 pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 
-const TOP_KEYS: [&str; 10] = [
+const TOP_KEYS: [&str; 11] = [
     "listen",
     "broker",
     "prefix",
@@ -162,6 +165,7 @@ const TOP_KEYS: [&str; 10] = [
     "huge_code_pages",
     "embedded",
     "auth",
+    "tls",
 ];
 const EMBEDDED_KEYS: [&str; 7] = [
     "max_connections",
@@ -190,6 +194,9 @@ impl ServeConfig {
             }
             if let Some(Value::Table(a)) = user.get("auth") {
                 check_keys(path, "auth.", a, &auth::KEYS)?;
+            }
+            if let Some(Value::Table(a)) = user.get("tls") {
+                check_keys(path, "tls.", a, &tls::KEYS)?;
             }
             merge(&mut table, user);
             return Self::from_table(path, &table, flags);
@@ -318,6 +325,7 @@ impl ServeConfig {
         };
 
         let auth = auth::parse(src, t.get("auth"))?;
+        let tls = tls::parse(src, t.get("tls"))?;
 
         Ok(ServeConfig {
             listen,
@@ -331,6 +339,7 @@ impl ServeConfig {
             registry: !flags.no_registry,
             embedded,
             auth,
+            tls,
         })
     }
 }
@@ -368,6 +377,37 @@ fn merge(base: &mut Table, over: Table) {
                 base.insert(k, v);
             }
         }
+    }
+}
+
+/// The table `[name]` (`None` when the file has none).
+fn section<'a>(
+    src: &str,
+    name: &str,
+    v: Option<&'a Value>,
+) -> Result<Option<&'a Table>, ConfigError> {
+    match v {
+        None => Ok(None),
+        Some(Value::Table(t)) => Ok(Some(t)),
+        Some(_) => Err(ConfigError {
+            source_name: src.to_string(),
+            key: name.to_string(),
+            message: format!("must be a table ([{name}])"),
+        }),
+    }
+}
+
+/// A file path (`None`: absent or empty).
+fn file_path(src: &str, key: &str, v: Option<&Value>) -> Result<Option<PathBuf>, ConfigError> {
+    match v {
+        None => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) => Ok(Some(PathBuf::from(s))),
+        other => Err(ConfigError {
+            source_name: src.to_string(),
+            key: key.to_string(),
+            message: format!("must be a file path, got {}", shown(other)),
+        }),
     }
 }
 

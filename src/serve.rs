@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::auth::Auth;
+use crate::bus::tls::Tls;
 use crate::bus::{self, Bus, Limits, Router, listener};
 use crate::config::{BrokerUrl, ServeConfig};
 use crate::registry::{self, Handle};
@@ -20,6 +21,8 @@ use crate::topics::Topics;
 pub enum ServeError {
     #[error("{0}")]
     Auth(#[from] crate::auth::FileError),
+    #[error("{0}")]
+    Tls(#[from] crate::bus::tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -88,6 +91,14 @@ async fn start_embedded(config: &ServeConfig) -> Result<Running, ServeError> {
             "password file read"
         );
     }
+    let tls = match &config.tls {
+        Some(c) => {
+            let tls = Arc::new(Tls::load(c.clone())?);
+            info!(cert = %c.cert.display(), require = c.require, "TLS on the port");
+            Some(tls)
+        }
+        None => None,
+    };
     let router = Router::new();
     let registry = match config.registry {
         true => Some(
@@ -104,14 +115,16 @@ async fn start_embedded(config: &ServeConfig) -> Result<Running, ServeError> {
         max_connections = limits.max_connections,
         "limits from the file-descriptor limit"
     );
-    let bus = Arc::new(Bus::new(
+    let mut bus = Bus::new(
         limits,
         router,
         Topics::new(&config.prefix),
         registry.clone(),
         auth.clone(),
-    ));
-    tokio::spawn(reload_on_hangup(auth));
+    );
+    bus.tls = tls.clone();
+    let bus = Arc::new(bus);
+    tokio::spawn(reload_on_hangup(auth, tls));
     info!(%listen, "listening (MQTT 3.1.1 and 5, WebSocket /mqtt, HTTP API)");
     let listener_task = tokio::spawn(listener::run(tcp, bus.clone()));
     tokio::spawn(bus::trim_memory(bus.clone()));
@@ -194,16 +207,20 @@ pub async fn run(
     Ok(())
 }
 
-/// Reads the password file again on every SIGHUP, as Mosquitto does; a
-/// file with errors is logged and the users stay as they were.
-async fn reload_on_hangup(auth: Arc<Auth>) {
+/// Reads the password and ACL files and the TLS certificate again on every
+/// SIGHUP, as Mosquitto does; a file with errors is logged and what it
+/// held stays as it was.
+async fn reload_on_hangup(auth: Arc<Auth>, tls: Option<Arc<Tls>>) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         return;
     };
     while hup.recv().await.is_some() {
         if let Err(e) = auth.reload() {
-            tracing::error!(error = %e, "password file not reloaded; the users stay as they were");
+            tracing::error!(error = %e, "not reloaded; what it held stays as it was");
+        }
+        if let Some(Err(e)) = tls.as_ref().map(|t| t.reload()) {
+            tracing::error!(error = %e, "TLS certificate not reloaded; the old one stays");
         }
     }
 }

@@ -274,6 +274,12 @@ fn serve_refuses_a_bad_password_file_or_auth_config_with_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     let pw = dir.path().join("passwd");
     std::fs::write(&pw, "# users\nalice:$7$101$c2FsdA==$aGFzaA==\nbob:plain\n").unwrap();
+    let acl = dir.path().join("acl");
+    std::fs::write(
+        &acl,
+        "user k\ntopic read a/#\ntopic write homicro/services/kitchen-+\n",
+    )
+    .unwrap();
     let serve = |auth: &str| {
         let cfg = dir.path().join("homicro.toml");
         std::fs::write(&cfg, format!("listen = \"127.0.0.1:0\"\n[auth]\n{auth}\n")).unwrap();
@@ -297,6 +303,17 @@ fn serve_refuses_a_bad_password_file_or_auth_config_with_exit_2() {
         (
             "password_file = \"/nonexistent/passwd\"".to_string(),
             "/nonexistent/passwd:0: cannot read it".to_string(),
+        ),
+        (
+            format!("acl_file = {:?}", acl.to_str().unwrap()),
+            format!(
+                "{}:3: \"homicro/services/kitchen-+\" is not a valid topic filter: '+' and '#' stand for whole topic levels",
+                acl.display()
+            ),
+        ),
+        (
+            "acl_file = 7".to_string(),
+            "auth.acl_file: must be a file path, got 7".to_string(),
         ),
         (
             "allow_anonymous = false".to_string(),

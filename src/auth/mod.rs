@@ -7,6 +7,7 @@
 //! defaults to false and a client that names a user must give its
 //! password.
 
+pub mod acl;
 pub mod passwd;
 mod throttle;
 
@@ -19,6 +20,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::identity::{Author, Identity};
+pub use acl::{Access, Acl};
 pub use passwd::{FileError, Hash, Users};
 use throttle::Throttle;
 
@@ -30,6 +32,8 @@ pub struct AuthConfig {
     pub allow_anonymous: bool,
     /// Users who act as admins (change any record, use `/register`).
     pub admins: Vec<String>,
+    /// Mosquitto's ACL format (see [`acl`]).
+    pub acl_file: Option<PathBuf>,
 }
 
 /// What a client proved.
@@ -55,6 +59,14 @@ impl Verdict {
         }
     }
 
+    /// The authenticated user, if any (what ACLs look up).
+    pub fn user(&self) -> Option<Arc<str>> {
+        match self {
+            Verdict::User { name, .. } => Some(name.clone()),
+            _ => None,
+        }
+    }
+
     pub fn admitted(&self) -> bool {
         matches!(self, Verdict::Anonymous | Verdict::User { .. })
     }
@@ -63,6 +75,7 @@ impl Verdict {
 pub struct Auth {
     config: AuthConfig,
     users: RwLock<Arc<Users>>,
+    acl: RwLock<Arc<Acl>>,
     admins: HashSet<String>,
     throttle: Mutex<Throttle>,
 }
@@ -74,10 +87,15 @@ impl Auth {
             Some(path) => read(path)?,
             None => Users::default(),
         };
+        let acl = match &config.acl_file {
+            Some(path) => read_acl(path)?,
+            None => Acl::default(),
+        };
         Ok(Auth {
             admins: config.admins.iter().cloned().collect(),
             config,
             users: RwLock::new(Arc::new(users)),
+            acl: RwLock::new(Arc::new(acl)),
             throttle: Mutex::default(),
         })
     }
@@ -96,17 +114,55 @@ impl Auth {
         self.users.read().unwrap().len()
     }
 
-    /// Reads the password file again (SIGHUP); on an error the users stay
-    /// as they were.
+    /// Reads the password and ACL files again (SIGHUP); a file with errors
+    /// leaves what it holds as it was (the other is still read). The
+    /// number of users.
     pub fn reload(&self) -> Result<usize, FileError> {
-        let Some(path) = &self.config.password_file else {
-            return Ok(0);
+        let acl = match &self.config.acl_file {
+            Some(path) => read_acl(path).map(|acl| {
+                *self.acl.write().unwrap() = Arc::new(acl);
+                info!(path = %path.display(), "ACL file reloaded");
+            }),
+            None => Ok(()),
         };
-        let users = read(path)?;
-        let n = users.len();
-        *self.users.write().unwrap() = Arc::new(users);
-        info!(path = %path.display(), users = n, "password file reloaded");
-        Ok(n)
+        let users = match &self.config.password_file {
+            Some(path) => {
+                let users = read(path)?;
+                let n = users.len();
+                *self.users.write().unwrap() = Arc::new(users);
+                info!(path = %path.display(), users = n, "password file reloaded");
+                n
+            }
+            None => 0,
+        };
+        acl.map(|()| users)
+    }
+
+    /// Whether a client (its authenticated user, if any) may read or write
+    /// `topic`: always, without an ACL file.
+    pub fn allows(&self, user: Option<&str>, client_id: &str, topic: &str, access: Access) -> bool {
+        self.config.acl_file.is_none()
+            || self
+                .acl
+                .read()
+                .unwrap()
+                .allows(user, client_id, topic, access)
+    }
+
+    /// Whether a subscription to `filter` can deliver anything to the
+    /// client (see [`Acl::may_subscribe`]).
+    pub fn may_subscribe(&self, user: Option<&str>, client_id: &str, filter: &str) -> bool {
+        self.config.acl_file.is_none()
+            || self
+                .acl
+                .read()
+                .unwrap()
+                .may_subscribe(user, client_id, filter)
+    }
+
+    /// An ACL file is in force.
+    pub fn has_acl(&self) -> bool {
+        self.config.acl_file.is_some()
     }
 
     /// Checks a client's credentials. A failure is logged (never the
@@ -164,14 +220,26 @@ impl Auth {
     }
 }
 
-fn read(path: &std::path::Path) -> Result<Users, FileError> {
+/// Reads `path` and parses it with `parse` (which names it in errors).
+fn read_with<T>(
+    path: &std::path::Path,
+    parse: impl FnOnce(&str, &str) -> Result<T, FileError>,
+) -> Result<T, FileError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| FileError {
         path: shown.clone(),
         line: 0,
         message: format!("cannot read it: {e}"),
     })?;
-    Users::parse(&shown, &text)
+    parse(&shown, &text)
+}
+
+fn read_acl(path: &std::path::Path) -> Result<Acl, FileError> {
+    read_with(path, Acl::parse)
+}
+
+fn read(path: &std::path::Path) -> Result<Users, FileError> {
+    read_with(path, Users::parse)
 }
 
 #[cfg(test)]
@@ -189,6 +257,7 @@ mod tests {
             password_file: Some(path),
             allow_anonymous: anonymous,
             admins: admins.iter().map(|s| s.to_string()).collect(),
+            acl_file: None,
         };
         (Auth::load(config).unwrap(), dir)
     }

@@ -7,6 +7,8 @@ pub enum Kind {
     Mqtt,
     /// An HTTP/1 request line (a method token).
     Http,
+    /// A TLS handshake record (a ClientHello).
+    Tls,
     Garbage,
 }
 
@@ -16,6 +18,7 @@ pub enum Kind {
 pub fn classify(first: &[u8]) -> Kind {
     match first.first() {
         Some(0x10) => Kind::Mqtt,
+        Some(&super::tls::HANDSHAKE) => Kind::Tls,
         Some(b'A'..=b'Z') => {
             let token = first.iter().take_while(|b| b.is_ascii_uppercase()).count();
             match first.get(token) {
@@ -45,7 +48,7 @@ mod tests {
         assert_eq!(classify(b"PU"), Kind::Http);
         assert_eq!(classify(b"GET/x"), Kind::Garbage);
         assert_eq!(classify(b"get / HTTP/1.1"), Kind::Garbage);
-        assert_eq!(classify(&[0x16, 0x03, 0x01]), Kind::Garbage, "TLS hello");
+        assert_eq!(classify(&[0x16, 0x03, 0x01]), Kind::Tls, "TLS hello");
         assert_eq!(classify(&[0x30, 0x00]), Kind::Garbage, "PUBLISH first");
         assert_eq!(classify(b"\r\n"), Kind::Garbage);
     }

@@ -31,6 +31,8 @@ pub struct Conn {
     pub assigned: bool,
     /// Who the client is, as a record's owner.
     pub author: Author,
+    /// Its authenticated user (what the ACL file names).
+    pub user: Option<std::sync::Arc<str>>,
     /// The connection's place under the listener's connection cap, held
     /// until the connection ends.
     pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -140,6 +142,7 @@ pub async fn handshake(
         rbuf,
         peer,
         author: verdict.author(peer.ip()),
+        user: verdict.user(),
         connect,
         assigned,
         permit: None,

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::classify::{self, Kind};
+use super::tls::Prefixed;
 use super::{Bus, connect, sessions};
 
 /// Accepts connections on `listener` until the task is dropped.
@@ -86,7 +87,21 @@ async fn handle(
             return None;
         }
     };
+    let plaintext = matches!(kind, Kind::Mqtt | Kind::Http);
+    if plaintext
+        && bus.tls.as_ref().is_some_and(|t| t.required())
+        && !peer.ip().to_canonical().is_loopback()
+    {
+        debug!(%peer, "plaintext refused: [tls] require = true");
+        bus.metrics
+            .plaintext_refused
+            .fetch_add(1, Ordering::Relaxed);
+        return None;
+    }
     match kind {
+        Kind::Tls if bus.tls.is_some() => {
+            serve_tls(bus, stream, peer, deadline, full, permit).await
+        }
         Kind::Mqtt => {
             let (r, w) = stream.into_split();
             let io = (
@@ -107,9 +122,68 @@ async fn handle(
             drop(permit);
             None
         }
-        Kind::Garbage => {
+        Kind::Garbage | Kind::Tls => {
             bus.metrics.garbage.fetch_add(1, Ordering::Relaxed);
             Some(format!("{peer} sent {}", classify::hex(&first)))
+        }
+    }
+}
+
+/// A TLS connection: the handshake within the connection's deadline, then
+/// what it carries, classified from its first bytes as a plain one is.
+async fn serve_tls(
+    bus: Arc<Bus>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    deadline: Instant,
+    full: bool,
+    permit: OwnedSemaphorePermit,
+) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let acceptor = bus.tls.as_ref()?.acceptor();
+    let mut tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            bus.metrics.tls_failed.fetch_add(1, Ordering::Relaxed);
+            debug!(%peer, error = %e, "TLS handshake failed");
+            return None;
+        }
+        Err(_) => {
+            bus.metrics.silent.fetch_add(1, Ordering::Relaxed);
+            debug!(%peer, "TLS handshake not done in time; closed");
+            return None;
+        }
+    };
+    let mut first = vec![0u8; 16];
+    let n = match tokio::time::timeout_at(deadline, tls.read(&mut first)).await {
+        Ok(Ok(n)) if n > 0 => n,
+        Ok(_) => return None,
+        Err(_) => {
+            bus.metrics.silent.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+    };
+    first.truncate(n);
+    let kind = classify::classify(&first);
+    let io = Prefixed::new(bytes::Bytes::from(first.clone()), tls);
+    match kind {
+        Kind::Mqtt => {
+            let (r, w) = tokio::io::split(io);
+            let io = (
+                Box::new(r) as connect::Reader,
+                Box::new(w) as connect::Writer,
+            );
+            start_mqtt(&bus, io, peer, deadline, full, Some(permit)).await;
+            None
+        }
+        Kind::Http => {
+            crate::http::serve(bus, io, peer).await;
+            drop(permit);
+            None
+        }
+        Kind::Garbage | Kind::Tls => {
+            bus.metrics.garbage.fetch_add(1, Ordering::Relaxed);
+            Some(format!("{peer} sent {} inside TLS", classify::hex(&first)))
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod listener;
 pub mod router;
 pub mod session;
 pub mod sessions;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -90,6 +91,8 @@ pub struct Bus {
     pub metrics: Metrics,
     /// Who may connect (users, anonymous clients).
     pub auth: std::sync::Arc<crate::auth::Auth>,
+    /// TLS on the port (`None`: plaintext only).
+    pub tls: Option<std::sync::Arc<tls::Tls>>,
     pub started: Instant,
     pub(crate) sessions: Mutex<HashMap<String, sessions::Entry>>,
     next_session: AtomicU64,
@@ -109,6 +112,7 @@ impl Bus {
             topics,
             gate,
             auth,
+            tls: None,
             metrics: Metrics::default(),
             started: Instant::now(),
             sessions: Mutex::new(HashMap::new()),
@@ -140,6 +144,10 @@ pub struct Metrics {
     pub garbage: AtomicU64,
     /// Connections closed because they said nothing within the timeout.
     pub silent: AtomicU64,
+    /// TLS handshakes that failed.
+    pub tls_failed: AtomicU64,
+    /// Plaintext connections refused (`[tls] require`).
+    pub plaintext_refused: AtomicU64,
     /// Connections refused because the bus was full.
     pub refused_full: AtomicU64,
     /// Publishes refused: to the registry's own topics, or by the gate.

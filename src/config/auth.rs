@@ -1,13 +1,11 @@
 //! `[auth]`: who may connect (see [`crate::auth`]).
 
-use std::path::PathBuf;
+use toml::Value;
 
-use toml::{Table, Value};
-
-use super::{ConfigError, shown};
+use super::{ConfigError, file_path, section, shown};
 use crate::auth::{AuthConfig, passwd};
 
-pub(super) const KEYS: [&str; 3] = ["password_file", "allow_anonymous", "admins"];
+pub(super) const KEYS: [&str; 4] = ["password_file", "allow_anonymous", "admins", "acl_file"];
 
 /// Reads `[auth]` (`t`: the merged table, defaults included).
 pub(super) fn parse(src: &str, t: Option<&Value>) -> Result<AuthConfig, ConfigError> {
@@ -16,30 +14,10 @@ pub(super) fn parse(src: &str, t: Option<&Value>) -> Result<AuthConfig, ConfigEr
         key: format!("auth.{key}"),
         message,
     };
-    let empty = Table::new();
-    let t = match t {
-        None => &empty,
-        Some(Value::Table(t)) => t,
-        Some(_) => {
-            return Err(ConfigError {
-                source_name: src.to_string(),
-                key: "auth".into(),
-                message: "must be a table ([auth])".into(),
-            });
-        }
-    };
-    let password_file = match t.get("password_file") {
-        None => None,
-        Some(Value::String(s)) if s.is_empty() => None,
-        Some(Value::String(s)) => Some(PathBuf::from(s)),
-        other => {
-            return Err(err(
-                "password_file",
-                format!("must be a file path, got {}", shown(other)),
-            ));
-        }
-    };
-    let allow_anonymous = match t.get("allow_anonymous") {
+    let t = section(src, "auth", t)?;
+    let get = |key: &str| t.and_then(|t| t.get(key));
+    let password_file = file_path(src, "auth.password_file", get("password_file"))?;
+    let allow_anonymous = match get("allow_anonymous") {
         // As Mosquitto 2: anonymous clients only while there are no users.
         None => password_file.is_none(),
         Some(Value::Boolean(b)) => *b,
@@ -56,7 +34,7 @@ pub(super) fn parse(src: &str, t: Option<&Value>) -> Result<AuthConfig, ConfigEr
             "false needs a password_file: without users nobody could connect".into(),
         ));
     }
-    let admins = match t.get("admins") {
+    let admins = match get("admins") {
         None => Vec::new(),
         Some(Value::Array(a)) => a
             .iter()
@@ -79,15 +57,21 @@ pub(super) fn parse(src: &str, t: Option<&Value>) -> Result<AuthConfig, ConfigEr
             "needs a password_file: an admin is a user who proves it".into(),
         ));
     }
+    let acl_file = file_path(src, "auth.acl_file", get("acl_file"))?;
     Ok(AuthConfig {
         password_file,
         allow_anonymous,
         admins,
+        acl_file,
     })
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
+    use toml::Table;
+
     use super::*;
 
     fn auth(text: &str) -> Result<AuthConfig, String> {

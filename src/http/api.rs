@@ -12,7 +12,7 @@ use hyper::header::{CONTENT_TYPE, HeaderValue};
 use serde_json::{Map, Value, json};
 
 use super::{ApiError, Resp, json_bytes};
-use crate::auth::Verdict;
+use crate::auth::{Access, Verdict};
 use crate::bus::{Bus, Gauge, Metrics};
 use crate::identity::{Author, Identity};
 use crate::protocol::{ErrorCode, ErrorPayload, EventKind, EventPayload};
@@ -35,6 +35,7 @@ impl Api<'_> {
         if let Some(q) = &filter {
             records.retain(|(n, b)| Record::parse(n, b.clone()).is_ok_and(|r| q.matches(&r)));
         }
+        records.retain(|(n, _)| self.may(n.as_str(), Access::Read));
         Ok(json_bytes(StatusCode::OK, object_of(records)))
     }
 
@@ -42,6 +43,7 @@ impl Api<'_> {
     pub async fn discover_one(&self, raw: &str) -> Result<Resp, ApiError> {
         let name = Name::parse(raw)
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string()))?;
+        self.acl_allows(name.as_str(), Access::Read)?;
         match self.registry()?.record(&name).await.map_err(stopped)? {
             Some(bytes) => Ok(json_bytes(StatusCode::OK, bytes)),
             None => Err(ApiError::new(
@@ -56,6 +58,7 @@ impl Api<'_> {
     /// caller's address.
     pub async fn self_register(&self, body: &[u8]) -> Result<Resp, ApiError> {
         let (name, record) = named_record(body).map_err(ApiError::invalid)?;
+        self.acl_allows(&name, Access::Write)?;
         let record = with_peer_host(record, self.peer.ip()).map_err(ApiError::invalid)?;
         self.submit(&name, record, self.who.author(self.peer.ip()))
             .await
@@ -126,6 +129,32 @@ impl Api<'_> {
                 "this server runs without a registry (--no-registry)",
             )
         })
+    }
+
+    /// Whether the ACL lets the caller read or write NAME's record (an
+    /// HTTP client has no client id: `%c` patterns do not apply).
+    fn may(&self, name: &str, access: Access) -> bool {
+        let topic = self.shared.topics.service(name);
+        let user = self.who.user();
+        self.shared.auth.allows(user.as_deref(), "", &topic, access)
+    }
+
+    fn acl_allows(&self, name: &str, access: Access) -> Result<(), ApiError> {
+        if self.may(name, access) {
+            return Ok(());
+        }
+        let what = match access {
+            Access::Read => "read",
+            Access::Write => "write",
+        };
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::NotAuthorized,
+            format!(
+                "the ACL does not let this client {what} {}",
+                self.shared.topics.service(name)
+            ),
+        ))
     }
 
     /// The caller as an admin: a user marked admin, or any client on

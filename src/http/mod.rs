@@ -43,7 +43,10 @@ type Resp = Response<Full<Bytes>>;
 
 /// Serves HTTP/1.1 on `stream` until the client closes it, stays idle for
 /// the handshake timeout between requests, or upgrades `/mqtt`.
-pub async fn serve(shared: Arc<Bus>, stream: TcpStream, peer: SocketAddr) {
+pub async fn serve<S>(shared: Arc<Bus>, stream: S, peer: SocketAddr)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let _open = shared.metrics.http.enter();
     let svc = {
         let shared = shared.clone();

@@ -339,15 +339,19 @@ def start_homicro(tmp, config="", user=None, password=None):
         proc.kill()
         raise RuntimeError(f"homicro did not report `homicro serving`:\n{open(log).read()}")
     broker = Broker("homicro", port, proc, log, pumper)
-    watcher = broker.client("conformance-registry-probe", version=V311, connect=False)
-    if user:
-        watcher.c.username_pw_set(user, password)
-    watcher.connect()
-    watcher.subscribe("homicro/registry", 1)
-    while True:
-        m = watcher.get()
-        if m.topic == "homicro/registry" and m.json().get("state") == "online":
-            break
+    try:
+        watcher = broker.client("conformance-registry-probe", version=V311, connect=False)
+        if user:
+            watcher.c.username_pw_set(user, password)
+        watcher.connect()
+        watcher.subscribe("homicro/registry", 1)
+        while True:
+            m = watcher.get()
+            if m.topic == "homicro/registry" and m.json().get("state") == "online":
+                break
+    except BaseException:
+        broker.stop()  # never leave a server behind
+        raise
     watcher.stop()
     broker.clients.remove(watcher)
     return broker

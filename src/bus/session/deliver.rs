@@ -7,6 +7,7 @@
 use std::sync::atomic::Ordering;
 
 use super::{Session, WRITE_HIGH};
+use crate::auth::Access;
 use crate::bus::codec;
 use crate::bus::router::{self, Forwarded};
 
@@ -32,6 +33,17 @@ impl Session {
         let Some(granted) = granted else {
             return; // unsubscribed since
         };
+        // Through a wildcard, or retained: never a topic the ACL denies.
+        if self.bus.auth.has_acl()
+            && !self.bus.auth.allows(
+                self.user.as_deref(),
+                &self.client_id,
+                &f.msg.topic,
+                Access::Read,
+            )
+        {
+            return;
+        }
         if (all_no_local && f.msg.origin == self.number) || (f.from_store && all_suppress) {
             return;
         }

@@ -133,6 +133,8 @@ pub(super) struct Session {
     last_peer: Option<SocketAddr>,
     /// Who the last client connected is, as a record's owner.
     author: Author,
+    /// Its authenticated user, for the ACL.
+    user: Option<Arc<str>>,
     /// The token the publishes being handled hand to the subscribers they
     /// wake; let go when they are handled.
     after: Option<After>,
@@ -166,6 +168,7 @@ pub async fn run(
         over: false,
         last_peer: None,
         author: Author::UNKNOWN,
+        user: None,
         after: None,
         hold: None,
     };
@@ -343,6 +346,7 @@ impl Session {
         live.keepalive_timer = live.keepalive_deadline().map(|t| Box::pin(sleep_until(t)));
         self.last_peer = Some(conn.peer);
         self.author = conn.author.clone();
+        self.user = conn.user.clone();
         codec::write_connack(&mut live.wbuf, version, resume, 0, &props);
         if resume {
             for out in self.out.resend() {
@@ -436,6 +440,10 @@ impl Session {
             payload: will.payload,
             props,
         };
+        if !self.may_write(&p.topic) {
+            debug!(client_id = %self.client_id, topic = %p.topic, "will not published: the ACL denies its topic");
+            return;
+        }
         let code = self.route(&p, self.last_peer).await;
         debug!(client_id = %self.client_id, topic = %p.topic, code, "will published");
     }
