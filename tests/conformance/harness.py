@@ -75,17 +75,19 @@ class Client:
     """A paho client that connects, subscribes and publishes synchronously."""
 
     def __init__(self, port, client_id="", version=V5, clean=True, keepalive=30,
-                 will=None, properties=None, session_expiry=None, bind=""):
+                 will=None, properties=None, session_expiry=None, bind="",
+                 host="127.0.0.1", transport="tcp"):
         """`bind`: the local address to connect from (127.0.0.2, 127.0.0.3:
         strangers to each other on one machine)."""
         self.port, self.version, self.clean, self.bind = port, version, clean, bind
+        self.host = host
         self.keepalive, self.properties = keepalive, properties
         if session_expiry is not None:
             self.properties = self.properties or connect_props()
             self.properties.SessionExpiryInterval = session_expiry
         kw = {"clean_session": clean} if version != V5 else {}
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                             protocol=version, **kw)
+                             protocol=version, transport=transport, **kw)
         if will:
             self.c.will_set(**will)
         self.messages = queue.Queue()
@@ -127,7 +129,7 @@ class Client:
         if self.version == V5:
             kw["clean_start"] = self.clean if clean_start is None else clean_start
             kw["properties"] = self.properties
-        self.c.connect("127.0.0.1", self.port, keepalive=self.keepalive,
+        self.c.connect(self.host, self.port, keepalive=self.keepalive,
                        bind_address=self.bind, **kw)
         self.c.loop_start()
         flags, rc, p = self.connacks.get(timeout=TIMEOUT)
@@ -301,11 +303,11 @@ def homicro_bin():
 SERVING = re.compile(r"homicro serving.*listen=mqtt://127\.0\.0\.1:(\d+)")
 
 
-def start_homicro(tmp, config="", user=None, password=None):
+def start_homicro(tmp, config="", user=None, password=None, listen="127.0.0.1:0"):
     """`config`: a homicro.toml to serve with (empty: the defaults); `user`
     and `password`: what the readiness probe connects with."""
     log = os.path.join(tmp, "homicro.log")
-    args = [homicro_bin(), "serve", "--listen", "127.0.0.1:0",
+    args = [homicro_bin(), "serve", "--listen", listen,
             "--state-file", os.path.join(tmp, "state.json")]
     if config:
         path = os.path.join(tmp, "homicro.toml")
