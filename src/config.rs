@@ -35,6 +35,10 @@ pub struct BrokerUrl {
     pub port: u16,
     /// The user to connect as (never part of the URL, never shown).
     pub login: Option<Login>,
+    /// `mqtts://`: TLS, trusting `cafile` (PEM) or, without one, the
+    /// system's certificate authorities.
+    pub tls: bool,
+    pub cafile: Option<PathBuf>,
 }
 
 /// A user name and password for a broker.
@@ -51,14 +55,23 @@ impl fmt::Debug for Login {
 }
 
 impl BrokerUrl {
-    pub const ACCEPTED: &'static str =
-        "expected mqtt://HOST:PORT (or tcp://HOST:PORT; the port defaults to 1883)";
+    pub const ACCEPTED: &'static str = "expected mqtt://HOST:PORT or, with TLS, mqtts://HOST:PORT \
+         (tcp:// and ssl:// too; the port defaults to 1883 and 8883)";
 
     pub fn parse(s: &str) -> Result<BrokerUrl, String> {
-        let rest = s
+        let (tls, rest) = if let Some(r) = s
             .strip_prefix("mqtt://")
             .or_else(|| s.strip_prefix("tcp://"))
-            .ok_or_else(|| format!("{s:?} is not a broker URL: {}", Self::ACCEPTED))?;
+        {
+            (false, r)
+        } else if let Some(r) = s
+            .strip_prefix("mqtts://")
+            .or_else(|| s.strip_prefix("ssl://"))
+        {
+            (true, r)
+        } else {
+            return Err(format!("{s:?} is not a broker URL: {}", Self::ACCEPTED));
+        };
         let rest = rest.strip_suffix('/').unwrap_or(rest);
         let (host, port) = match rest.rsplit_once(':') {
             Some((h, p)) if !h.ends_with(':') || h.starts_with('[') => (
@@ -68,7 +81,7 @@ impl BrokerUrl {
                     .filter(|p| *p > 0)
                     .ok_or_else(|| format!("{s:?} has a bad port {p:?}: {}", Self::ACCEPTED))?,
             ),
-            _ => (rest, 1883),
+            _ => (rest, if tls { 8883 } else { 1883 }),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() || host.contains(['/', '@', ' ', '?', '#']) {
@@ -78,7 +91,51 @@ impl BrokerUrl {
             host: host.to_string(),
             port,
             login: None,
+            tls,
+            cafile: None,
         })
+    }
+
+    /// The same broker over TLS, trusting the certificate authorities in
+    /// `cafile` (PEM) rather than the system's.
+    pub fn with_cafile(mut self, cafile: impl Into<PathBuf>) -> BrokerUrl {
+        self.cafile = Some(cafile.into());
+        self
+    }
+
+    /// The TLS client settings for `mqtts://` (and the HTTP admin path).
+    pub fn tls_config(&self) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.cafile {
+            Some(path) => {
+                let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                    .and_then(|i| i.collect::<Result<_, _>>())
+                    .map_err(|e| format!("{}: not a PEM certificate file: {e}", path.display()))?;
+                let (added, _) = roots.add_parsable_certificates(certs);
+                if added == 0 {
+                    return Err(format!(
+                        "{}: holds no usable CA certificate",
+                        path.display()
+                    ));
+                }
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                roots.add_parsable_certificates(found.certs);
+                if roots.is_empty() {
+                    return Err("no system CA certificates found: give --cafile".into());
+                }
+            }
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(std::sync::Arc::new(config))
     }
 
     /// The same broker, connected to as `user` with `password`.
@@ -93,10 +150,11 @@ impl BrokerUrl {
 
 impl fmt::Display for BrokerUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
         if self.host.contains(':') {
-            write!(f, "mqtt://[{}]:{}", self.host, self.port)
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
         } else {
-            write!(f, "mqtt://{}:{}", self.host, self.port)
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
         }
     }
 }
@@ -567,6 +625,8 @@ mod tests {
                 host: "localhost".into(),
                 port: 1883,
                 login: None,
+                tls: false,
+                cafile: None,
             }
         );
         assert_eq!(ok("mqtt://10.0.0.2:1884").port, 1884);

@@ -93,7 +93,7 @@ struct ServeArgs {
 /// How a client command reaches the registry.
 #[derive(Args)]
 struct Conn {
-    /// The broker, mqtt://HOST:PORT.
+    /// The broker, mqtt://HOST:PORT (mqtts:// for TLS).
     #[arg(long, env = "HOMICRO_BROKER", default_value = "mqtt://localhost:1883", value_parser = parse_broker)]
     broker: BrokerUrl,
     /// Topic prefix.
@@ -103,16 +103,38 @@ struct Conn {
     /// (never from the command line).
     #[arg(long, env = "HOMICRO_USERNAME")]
     username: Option<String>,
+    /// With an mqtts:// broker: trust the certificate authorities in this
+    /// PEM file instead of the system's.
+    #[arg(long, env = "HOMICRO_CAFILE")]
+    cafile: Option<PathBuf>,
 }
 
 impl Conn {
     /// The broker, with the user to connect as.
     fn broker(&self) -> Result<BrokerUrl, CliError> {
+        let mut broker = self.broker.clone();
+        if let Some(ca) = &self.cafile {
+            if !broker.tls {
+                return Err(CliError {
+                    code: 2,
+                    message: format!("--cafile needs an mqtts:// broker, not {broker}"),
+                });
+            }
+            broker = broker.with_cafile(ca);
+        }
+        if broker.tls
+            && let Err(e) = broker.tls_config()
+        {
+            return Err(CliError {
+                code: 2,
+                message: format!("TLS: {e}"),
+            });
+        }
         let Some(user) = &self.username else {
-            return Ok(self.broker.clone());
+            return Ok(broker);
         };
         match std::env::var("HOMICRO_PASSWORD") {
-            Ok(password) => Ok(self.broker.clone().with_login(user, &password)),
+            Ok(password) => Ok(broker.with_login(user, &password)),
             Err(_) => Err(CliError {
                 code: 2,
                 message: format!("--username {user} needs its password in HOMICRO_PASSWORD"),

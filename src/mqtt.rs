@@ -60,6 +60,17 @@ pub fn options(client_id: &str, broker: &BrokerUrl) -> MqttOptions {
     if let Some(login) = &broker.login {
         o.set_credentials(login.user.clone(), login.password.clone());
     }
+    if broker.tls {
+        match broker.tls_config() {
+            Ok(c) => {
+                o.set_transport(rumqttc::Transport::tls_with_config(
+                    rumqttc::TlsConfiguration::Rustls(c),
+                ));
+            }
+            // The connection then fails; callers check `tls_config` first.
+            Err(e) => warn!(broker = %broker, error = %e, "TLS not set up"),
+        }
+    }
     o
 }
 

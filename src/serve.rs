@@ -238,5 +238,7 @@ fn url_of(addr: SocketAddr) -> BrokerUrl {
         host,
         port: addr.port(),
         login: None,
+        tls: false,
+        cafile: None,
     }
 }

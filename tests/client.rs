@@ -450,3 +450,72 @@ async fn the_helper_and_the_cli_log_in_and_users_own_their_records() {
     );
     drop(reg);
 }
+
+/// The helper and the CLI over `mqtts://` with a CA file: register,
+/// discover, and the CLI's admin deregistration over HTTPS on the same
+/// port; a CA that did not sign the server's certificate is refused.
+#[tokio::test]
+async fn the_helper_and_the_cli_speak_tls() {
+    use homicro::auth::{Hash, Users};
+    let tmp = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = make_certs(tmp.path());
+    let mut users = Users::default();
+    users.set("alice", Hash::new(b"a-pw"));
+    let pw = tmp.path().join("passwd");
+    std::fs::write(&pw, users.to_text()).unwrap();
+    let cfg = tmp.path().join("homicro.toml");
+    let text = format!(
+        "[auth]\npassword_file = {pw:?}\nallow_anonymous = true\n[tls]\ncert = {cert:?}\nkey = {key:?}\n"
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let state = tmp.path().join("state.json");
+    let s = Serve::start_with(
+        &["--listen", "127.0.0.1:0", "--config", cfg.to_str().unwrap()],
+        &state,
+    )
+    .await;
+    let url = format!("mqtts://127.0.0.1:{}", s.url.port);
+    let secure = Broker::parse(&url).unwrap().with_cafile(&ca);
+    let alice = secure.clone().with_login("alice", "a-pw");
+    let reg = Registration::builder("vault")
+        .host("10.0.0.8")
+        .port(8200)
+        .register(&alice)
+        .await
+        .unwrap();
+    let dir = directory(&secure).await;
+    assert_eq!(
+        dir.get("vault").unwrap().endpoint().to_string(),
+        "10.0.0.8:8200"
+    );
+    // Not alice's CA: refused.
+    let wrong = Broker::parse(&url)
+        .unwrap()
+        .with_cafile(tmp.path().join("srv.pem"));
+    let e = Registration::builder("x")
+        .host("10.0.0.9")
+        .register(&wrong)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("invalid peer certificate"), "{e}");
+    // The CLI, anonymous on loopback: not alice's record, so it asks as
+    // an admin over HTTPS on the same port.
+    let out = std::process::Command::new(bin())
+        .args([
+            "deregister",
+            "vault",
+            "--broker",
+            &url,
+            "--cafile",
+            ca.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("deregistered vault (as admin"),
+        "{}",
+        stdout(&out)
+    );
+    drop(reg);
+}

@@ -12,6 +12,10 @@ use super::{ANSWER_TIMEOUT, Broker, RegisterError};
 use crate::protocol::ErrorPayload;
 use crate::record::Name;
 
+/// A byte stream, plain or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
 /// Removes NAME's record whoever wrote it; `false`: it was not registered.
 pub async fn deregister_as_admin(broker: &Broker, name: &Name) -> Result<bool, RegisterError> {
     let refused = |why: String| RegisterError::Refused(why);
@@ -20,7 +24,20 @@ pub async fn deregister_as_admin(broker: &Broker, name: &Name) -> Result<bool, R
         let stream = TcpStream::connect((broker.host.as_str(), broker.port))
             .await
             .map_err(|e| format!("cannot reach the HTTP API at {at}: {e}"))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        // With mqtts://, the same port speaks HTTPS.
+        let io: Box<dyn Io> = if broker.tls {
+            let config = broker.tls_config()?;
+            let name = rustls::pki_types::ServerName::try_from(broker.host.clone())
+                .map_err(|e| format!("{}: {e}", broker.host))?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, stream)
+                .await
+                .map_err(|e| format!("TLS with {at}: {e}"))?;
+            Box::new(tls)
+        } else {
+            Box::new(stream)
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(|e| format!("HTTP API at {at}: {e}"))?;
         let driver = tokio::spawn(conn);

@@ -86,6 +86,14 @@ impl Connection {
         client_prefix: &str,
         will: Option<LastWill>,
     ) -> Result<Connection, ConnectionError> {
+        if broker.tls {
+            broker
+                .tls_config()
+                .map_err(|reason| ConnectionError::Connect {
+                    broker: broker.to_string(),
+                    reason,
+                })?;
+        }
         let mut opts = mqtt::options(&mqtt::client_id(client_prefix), broker);
         if let Some(w) = will {
             opts.set_last_will(w);
@@ -102,7 +110,14 @@ impl Connection {
         loop {
             match timeout_at(deadline, c.rx.recv()).await {
                 Ok(Some(Incoming::Connected)) => return Ok(c),
-                // A refused login does not get better by trying again.
+                // A refused login or certificate does not get better by
+                // trying again.
+                Ok(Some(Incoming::Disconnected(e))) if e.contains("invalid peer certificate") => {
+                    return Err(ConnectionError::Connect {
+                        broker: broker.to_string(),
+                        reason: e,
+                    });
+                }
                 Ok(Some(Incoming::Disconnected(e)))
                     if e.contains("NotAuthorized") || e.contains("BadUserNamePassword") =>
                 {
