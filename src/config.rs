@@ -638,10 +638,15 @@ mod tests {
             "mqtt://",
             "mqtt://h:0",
             "mqtt://h:x",
-            "mqtts://h",
+            "http://h",
             "mqtt://u@h",
         ] {
             assert!(BrokerUrl::parse(bad).is_err(), "{bad}");
         }
+        let tls = ok("mqtts://h");
+        assert!(tls.tls && tls.port == 8883);
+        assert_eq!(tls.to_string(), "mqtts://h:8883");
+        assert!(ok("ssl://h:1883").tls);
+        assert!(!ok("mqtt://h").tls);
     }
 }

@@ -108,6 +108,9 @@ pub struct Health {
     pub interval: Duration,
     pub timeout: Duration,
     pub failures: u32,
+    /// An `https://` check takes any certificate (a self-signed one, as
+    /// many devices have); the connection is still encrypted.
+    pub tls_skip_verify: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,9 +135,18 @@ impl Health {
             return Err(invalid(format!("`health` must be an object, got {v}")));
         };
         for key in obj.keys() {
-            if !["http", "tcp", "interval", "timeout", "failures"].contains(&key.as_str()) {
+            let known = [
+                "http",
+                "tcp",
+                "interval",
+                "timeout",
+                "failures",
+                "tls_skip_verify",
+            ];
+            if !known.contains(&key.as_str()) {
                 return Err(invalid(format!(
-                    "`health` has unknown key `{key}`; expected http, tcp, interval, timeout, failures"
+                    "`health` has unknown key `{key}`; expected {}",
+                    known.join(", ")
                 )));
             }
         }
@@ -196,8 +208,24 @@ impl Health {
                 humantime::format_duration(interval)
             )));
         }
+        let tls_skip_verify = match obj.get("tls_skip_verify") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                return Err(invalid(format!(
+                    "`health.tls_skip_verify` must be true or false, got {other}"
+                )));
+            }
+        };
+        let https = matches!(&check, HealthCheck::Http(u) if u.starts_with("https://"));
+        if tls_skip_verify && !https {
+            return Err(invalid(
+                "`health.tls_skip_verify` is for an https:// URL in `health.http`",
+            ));
+        }
         Ok(Health {
             check,
+            tls_skip_verify,
             interval,
             timeout: duration("timeout", Self::DEFAULT_TIMEOUT)?,
             failures,

@@ -371,3 +371,83 @@ async fn a_health_check_aimed_elsewhere_or_too_often_is_refused_and_nothing_prob
     assert!(admin.hits().is_empty(), "{} probes", admin.hits().len());
     assert!(s.log().contains("refused"));
 }
+
+/// An HTTPS server on a free port with a certificate from a CA nobody
+/// trusts (as a device's self-signed one): answers 200 and counts GETs.
+async fn https_server(dir: &std::path::Path) -> (u16, Arc<Mutex<Vec<Instant>>>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (_, cert, key) = make_certs(dir);
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(&key).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hits = Arc::new(Mutex::new(Vec::new()));
+    let seen = hits.clone();
+    tokio::spawn(async move {
+        loop {
+            let (sock, _) = listener.accept().await.unwrap();
+            let (acceptor, seen) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(sock).await else {
+                    return;
+                };
+                let mut buf = [0u8; 2048];
+                if tls.read(&mut buf).await.unwrap_or(0) > 0 {
+                    seen.lock().unwrap().push(Instant::now());
+                    let body = r#"{"name":"secure"}"#;
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = tls.write_all(reply.as_bytes()).await;
+                    let _ = tls.shutdown().await;
+                }
+            });
+        }
+    });
+    (port, hits)
+}
+
+/// `https://` health checks speak TLS: a certificate the system does not
+/// trust fails the check with the reason, unless the record says
+/// `tls_skip_verify`; then the GET is made and the check passes.
+#[tokio::test]
+async fn https_checks_verify_the_certificate_unless_told_not_to() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (port, hits) = https_server(tmp.path()).await;
+    let s = Serve::start().await;
+    let mut c = Client::connect(&s.url).await;
+    c.subscribe("homicro/health/+").await;
+    let health = |extra: &str| {
+        format!(
+            r#"{{"host":"127.0.0.1","port":{port},"health":{{"http":"https://127.0.0.1:{port}/health","interval":"1s","failures":100{extra}}}}}"#
+        )
+    };
+    c.register("strict", &health("")).await;
+    let st = c
+        .expect("homicro/health/strict", |v| v["status"] == "failing")
+        .await;
+    let detail = st["detail"].as_str().unwrap();
+    assert!(detail.contains("invalid peer certificate"), "{st}");
+    assert!(
+        hits.lock().unwrap().is_empty(),
+        "no GET without a trusted certificate"
+    );
+    c.register("secure", &health(r#","tls_skip_verify":true"#))
+        .await;
+    c.expect("homicro/health/secure", |v| v["status"] == "passing")
+        .await;
+    assert!(!hits.lock().unwrap().is_empty());
+}

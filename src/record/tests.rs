@@ -176,6 +176,14 @@ fn invalid_records_say_what_is_wrong() {
             r#"{"host":"h","health":{"http":"http://h:0/x"}}"#,
             "bad port",
         ),
+        (
+            r#"{"host":"h","health":{"http":"http://h/x","tls_skip_verify":true}}"#,
+            "`health.tls_skip_verify` is for an https:// URL",
+        ),
+        (
+            r#"{"host":"h","health":{"http":"https://h/x","tls_skip_verify":1}}"#,
+            "`health.tls_skip_verify` must be true or false, got 1",
+        ),
     ];
     for (json, want) in cases {
         let got = err(json);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::record::{Endpoint, Health, HealthCheck, Name, Record, url_authority};
+use crate::record::{Endpoint, Health, HealthCheck, Name, Record};
 
 /// Probes are never more frequent than this (a record asking for more is
 /// refused; this guards the schedule itself).
@@ -23,6 +23,8 @@ pub struct Probe {
     pub generation: u64,
     pub target: Target,
     pub timeout: Duration,
+    /// An https:// check takes any certificate.
+    pub tls_skip_verify: bool,
     /// The record's host is this machine's own: the probe may reach
     /// loopback. Otherwise an address that resolves to loopback (or
     /// 0.0.0.0) is not probed.
@@ -49,17 +51,9 @@ impl Target {
                 host: ep.host.clone(),
                 port: ep.port.unwrap_or(80),
             },
-            // TLS is not spoken: an https URL is checked by a TCP connect to
-            // its host and port (docs/PROTOCOL.md).
-            HealthCheck::Http(url) if url.starts_with("https://") => {
-                // A record's URL was checked when it was parsed.
-                let (host, port) = url_authority(url).unwrap_or((ep.host.clone(), None));
-                Target::Tcp {
-                    host,
-                    port: port.unwrap_or(443),
-                }
+            HealthCheck::Http(url) if url.starts_with("http://") || url.starts_with("https://") => {
+                Target::Http(url.clone())
             }
-            HealthCheck::Http(url) if url.starts_with("http://") => Target::Http(url.clone()),
             HealthCheck::Http(path) => {
                 let port = ep.port.map_or(String::new(), |p| format!(":{p}"));
                 Target::Http(format!("http://{host}{port}{path}"))
@@ -196,6 +190,7 @@ impl Schedule {
                     target: t.target.clone(),
                     timeout: timeout_of(&t.health),
                     loopback: t.loopback,
+                    tls_skip_verify: t.health.tls_skip_verify,
                 });
             }
         }
@@ -308,17 +303,7 @@ mod tests {
         );
         assert_eq!(
             Target::of(&HealthCheck::Http("https://nas:5001/x".into()), &ep),
-            Target::Tcp {
-                host: "nas".into(),
-                port: 5001
-            }
-        );
-        assert_eq!(
-            Target::of(&HealthCheck::Http("https://[::1]/x".into()), &ep),
-            Target::Tcp {
-                host: "::1".into(),
-                port: 443
-            }
+            Target::Http("https://nas:5001/x".into())
         );
         assert_eq!(
             Target::of(&HealthCheck::Http("http://other/x".into()), &ep),

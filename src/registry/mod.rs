@@ -5,6 +5,7 @@ mod actor;
 mod echoes;
 pub mod health;
 mod probe;
+mod probe_tls;
 mod shared;
 pub mod state;
 mod writer;

@@ -11,10 +11,15 @@ use serde_json::Value;
 use tokio::net::TcpStream;
 
 use super::health::{Outcome, Probe, Target};
+use super::probe_tls as tls;
 use crate::record::is_local;
 
 /// The most of a health response body that is read (for its `name`).
 const MAX_BODY: usize = 64 * 1024;
+
+/// A byte stream, plain or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
 
 /// Runs one probe to completion within its timeout.
 pub async fn run(probe: &Probe) -> Outcome {
@@ -24,7 +29,7 @@ pub async fn run(probe: &Probe) -> Outcome {
                 Ok(_) => Outcome::Pass,
                 Err(e) => Outcome::Fail(e),
             },
-            Target::Http(url) => http(url, probe.name.as_str(), probe.loopback).await,
+            Target::Http(url) => http(url, probe).await,
         }
     };
     match tokio::time::timeout(probe.timeout, work).await {
@@ -65,7 +70,8 @@ async fn connect(host: &str, port: u16, loopback: bool) -> Result<TcpStream, Str
     Err(format!("connect: {}", last.expect("one address tried")))
 }
 
-async fn http(url: &str, name: &str, loopback: bool) -> Outcome {
+async fn http(url: &str, probe: &Probe) -> Outcome {
+    let (name, loopback) = (probe.name.as_str(), probe.loopback);
     let uri: hyper::Uri = match url.parse() {
         Ok(u) => u,
         Err(e) => return Outcome::Fail(format!("bad URL {url}: {e}")),
@@ -74,14 +80,22 @@ async fn http(url: &str, name: &str, loopback: bool) -> Outcome {
         return Outcome::Fail(format!("no host in {url}"));
     };
     let host = host.trim_matches(['[', ']']);
-    let port = uri.port_u16().unwrap_or(80);
+    let https = uri.scheme_str() == Some("https");
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     let stream = match connect(host, port, loopback).await {
         Ok(s) => s,
         Err(e) => return Outcome::Fail(e),
     };
     let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-    {
+    let io: Box<dyn Io> = if https {
+        match tls::connect(host, stream, probe.tls_skip_verify).await {
+            Ok(s) => Box::new(s),
+            Err(e) => return Outcome::Fail(e),
+        }
+    } else {
+        Box::new(stream)
+    };
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(io)).await {
         Ok(x) => x,
         Err(e) => return Outcome::Fail(format!("http: {e}")),
     };
@@ -140,6 +154,7 @@ mod tests {
             },
             timeout: Duration::from_secs(5),
             loopback,
+            tls_skip_verify: false,
         }
     }
 
