@@ -165,6 +165,13 @@ impl Auth {
         self.config.acl_file.is_some()
     }
 
+    /// A client whose TLS certificate (from `[tls] client_ca`) names
+    /// `name`: that user, as if it had given its password.
+    pub fn certified(&self, name: Arc<str>) -> Verdict {
+        let admin = self.admins.contains(&*name);
+        Verdict::User { name, admin }
+    }
+
     /// Checks a client's credentials. A failure is logged (never the
     /// password) and answered late when its address keeps failing.
     pub async fn check(&self, ip: IpAddr, user: Option<&str>, password: Option<&[u8]>) -> Verdict {

@@ -57,6 +57,7 @@ pub async fn handshake(
     peer: SocketAddr,
     deadline: Instant,
     full: bool,
+    cert: Option<std::sync::Arc<str>>,
 ) -> Option<Conn> {
     let mut rbuf = BytesMut::with_capacity(256);
     let connect = loop {
@@ -107,14 +108,19 @@ pub async fn handshake(
         refuse(&mut writer, v, reason::BAD_AUTH_METHOD).await;
         return None;
     }
-    let verdict = bus
-        .auth
-        .check(
-            peer.ip(),
-            connect.username.as_deref(),
-            connect.password.as_deref(),
-        )
-        .await;
+    let verdict = match cert {
+        // The certificate proved who it is: no password asked.
+        Some(name) => bus.auth.certified(name),
+        None => {
+            bus.auth
+                .check(
+                    peer.ip(),
+                    connect.username.as_deref(),
+                    connect.password.as_deref(),
+                )
+                .await
+        }
+    };
     // Wrong or missing credentials: 5 in 3.1.1 (as Mosquitto 2), 0x86 in
     // MQTT 5 (Mosquitto 2.0.11 says 0x87 "not authorized", which homicro
     // keeps for what an ACL refuses a known client).

@@ -108,7 +108,7 @@ async fn handle(
                 Box::new(r) as connect::Reader,
                 Box::new(w) as connect::Writer,
             );
-            start_mqtt(&bus, io, peer, deadline, full, Some(permit)).await;
+            start_mqtt(&bus, io, peer, deadline, full, Some(permit), None).await;
             None
         }
         // Monitoring still sees an overloaded server.
@@ -164,6 +164,8 @@ async fn serve_tls(
         }
     };
     first.truncate(n);
+    // A verified client certificate names its user (`[tls] client_ca`).
+    let cert = super::tls::client_name(&tls);
     let kind = classify::classify(&first);
     let io = Prefixed::new(bytes::Bytes::from(first.clone()), tls);
     match kind {
@@ -173,11 +175,11 @@ async fn serve_tls(
                 Box::new(r) as connect::Reader,
                 Box::new(w) as connect::Writer,
             );
-            start_mqtt(&bus, io, peer, deadline, full, Some(permit)).await;
+            start_mqtt(&bus, io, peer, deadline, full, Some(permit), cert).await;
             None
         }
         Kind::Http => {
-            crate::http::serve(bus, io, peer).await;
+            crate::http::serve_as(bus, io, peer, cert).await;
             drop(permit);
             None
         }
@@ -202,6 +204,7 @@ where
         deadline,
         false,
         None,
+        None,
     )
     .await;
 }
@@ -213,8 +216,9 @@ async fn start_mqtt(
     deadline: Instant,
     full: bool,
     permit: Option<OwnedSemaphorePermit>,
+    cert: Option<Arc<str>>,
 ) {
-    if let Some(mut conn) = connect::handshake(bus, r, w, peer, deadline, full).await {
+    if let Some(mut conn) = connect::handshake(bus, r, w, peer, deadline, full, cert).await {
         conn.permit = permit;
         sessions::dispatch(bus, conn);
     }

@@ -29,6 +29,10 @@ pub struct TlsConfig {
     pub key: PathBuf,
     /// Plaintext connections are refused, except from loopback.
     pub require: bool,
+    /// Certificate authorities whose client certificates are taken (PEM):
+    /// a client that presents one is the user its certificate's common
+    /// name (CN) names, without a password.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// Why the certificate or key cannot be used.
@@ -90,16 +94,48 @@ fn acceptor(config: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
     let key = PrivateKeyDer::from_pem_slice(&pem(&config.key)?)
         .map_err(|e| err(&config.key, format!("holds no usable private key: {e}")))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let server = ServerConfig::builder_with_provider(provider)
+    let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| err(&config.cert, e.to_string()))?
-        .with_no_client_auth()
+        .map_err(|e| err(&config.cert, e.to_string()))?;
+    let builder = match &config.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem(ca)?)
+                .collect::<Result<_, _>>()
+                .map_err(|e| err(ca, format!("not a PEM certificate file: {e}")))?;
+            let (added, _) = roots.add_parsable_certificates(cas);
+            if added == 0 {
+                return Err(err(ca, "holds no usable CA certificate".into()));
+            }
+            // A client without a certificate may still log in with a
+            // password (or as anonymous, when allowed).
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| err(ca, e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let server = builder
         .with_single_cert(certs, key)
         .map_err(|e| err(&config.key, format!("does not fit the certificate: {e}")))?;
     let mut server = server;
     // HTTP/1.1 only; MQTT clients offer no ALPN or "mqtt".
     server.alpn_protocols = Vec::new();
     Ok(TlsAcceptor::from(Arc::new(server)))
+}
+
+/// The common name (CN) of a verified client certificate, if the client
+/// presented one and it names one.
+pub fn client_name<S>(tls: &tokio_rustls::server::TlsStream<S>) -> Option<Arc<str>> {
+    let cert = tls.get_ref().1.peer_certificates()?.first()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let cn = parsed.subject().iter_common_name().next()?.as_str().ok()?;
+    (!cn.is_empty()).then(|| Arc::from(cn))
 }
 
 /// A stream whose first bytes were already read: they are read again
@@ -173,6 +209,7 @@ mod tests {
             cert: cert.clone(),
             key: key.clone(),
             require: false,
+            client_ca: None,
         };
         let e = Tls::load(config.clone()).err().unwrap().to_string();
         assert!(

@@ -5,7 +5,7 @@ use toml::Value;
 use super::{ConfigError, file_path, section, shown};
 use crate::bus::tls::TlsConfig;
 
-pub(super) const KEYS: [&str; 3] = ["cert", "key", "require"];
+pub(super) const KEYS: [&str; 4] = ["cert", "key", "require", "client_ca"];
 
 /// Reads `[tls]`; `None` when no certificate is set.
 pub(super) fn parse(src: &str, t: Option<&Value>) -> Result<Option<TlsConfig>, ConfigError> {
@@ -18,6 +18,7 @@ pub(super) fn parse(src: &str, t: Option<&Value>) -> Result<Option<TlsConfig>, C
     let get = |key: &str| t.and_then(|t| t.get(key));
     let cert = file_path(src, "tls.cert", get("cert"))?;
     let key = file_path(src, "tls.key", get("key"))?;
+    let client_ca = file_path(src, "tls.client_ca", get("client_ca"))?;
     let require = match get("require") {
         None => false,
         Some(Value::Boolean(b)) => *b,
@@ -29,12 +30,21 @@ pub(super) fn parse(src: &str, t: Option<&Value>) -> Result<Option<TlsConfig>, C
         }
     };
     match (cert, key) {
+        (None, None) if client_ca.is_some() => Err(err(
+            "client_ca",
+            "needs a cert and key: client certificates come with TLS".into(),
+        )),
         (None, None) if require => Err(err(
             "require",
             "true needs a cert and key: without them nobody could connect but loopback".into(),
         )),
         (None, None) => Ok(None),
-        (Some(cert), Some(key)) => Ok(Some(TlsConfig { cert, key, require })),
+        (Some(cert), Some(key)) => Ok(Some(TlsConfig {
+            cert,
+            key,
+            require,
+            client_ca,
+        })),
         (Some(_), None) => Err(err("key", "is needed with cert".into())),
         (None, Some(_)) => Err(err("cert", "is needed with key".into())),
     }

@@ -47,12 +47,21 @@ pub async fn serve<S>(shared: Arc<Bus>, stream: S, peer: SocketAddr)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    serve_as(shared, stream, peer, None).await
+}
+
+/// [`serve`], for a client whose TLS certificate names `cert` (its user,
+/// without Basic credentials).
+pub async fn serve_as<S>(shared: Arc<Bus>, stream: S, peer: SocketAddr, cert: Option<Arc<str>>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let _open = shared.metrics.http.enter();
     let svc = {
         let shared = shared.clone();
         service_fn(move |req| {
-            let shared = shared.clone();
-            async move { Ok::<_, Infallible>(handle(shared, req, peer).await) }
+            let (shared, cert) = (shared.clone(), cert.clone());
+            async move { Ok::<_, Infallible>(handle(shared, req, peer, cert).await) }
         })
     };
     let conn = http1::Builder::new()
@@ -129,7 +138,12 @@ fn route(method: &Method, path: &str) -> Result<Route, NoRoute> {
     }
 }
 
-async fn handle(shared: Arc<Bus>, req: Request<Incoming>, peer: SocketAddr) -> Resp {
+async fn handle(
+    shared: Arc<Bus>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    cert: Option<Arc<str>>,
+) -> Resp {
     let route = match route(req.method(), req.uri().path()) {
         Ok(r) => r,
         Err(NoRoute::NotFound) => {
@@ -153,9 +167,12 @@ async fn handle(shared: Arc<Bus>, req: Request<Incoming>, peer: SocketAddr) -> R
     let who = match route {
         Route::Mqtt => return websocket::upgrade(shared.clone(), req, peer),
         Route::Health => Verdict::Anonymous,
-        _ => match authenticate(&shared, &req, peer).await {
-            Ok(who) => who,
-            Err(resp) => return resp,
+        _ => match cert {
+            Some(name) => shared.auth.certified(name),
+            None => match authenticate(&shared, &req, peer).await {
+                Ok(who) => who,
+                Err(resp) => return resp,
+            },
         },
     };
     let api = api::Api {

@@ -49,3 +49,15 @@ def server(d, ca_dir, name="server", ips=("127.0.0.1",), expired=False, self_sig
              "-out", cert, "-startdate", "20200101000000Z", "-enddate", "20200201000000Z",
              "-notext", cwd=d)
     return os.path.join(d, cert), os.path.join(d, key)
+
+
+def client(d, ca_dir, cn):
+    """A client certificate for common name `cn`: (cert path, key path)."""
+    key, csr, cert = f"client-{cn}.key", f"client-{cn}.csr", f"client-{cn}.pem"
+    _run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", key, "-out", csr, "-subj", f"/CN={cn}",
+         "-addext", "extendedKeyUsage=clientAuth", cwd=d)
+    _run("x509", "-req", "-in", csr, "-CA", os.path.join(ca_dir, "ca.pem"), "-CAkey",
+         os.path.join(ca_dir, "ca.key"), "-CAcreateserial", "-out", cert, "-days", "30",
+         "-copy_extensions", "copy", cwd=d)
+    return os.path.join(d, cert), os.path.join(d, key)

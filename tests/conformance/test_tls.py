@@ -209,3 +209,53 @@ def test_sighup_reloads_the_certificate(tmp_path, pki):
         assert tls_client(b, pki["ca"], name="after").connected()
     finally:
         b.stop()
+
+
+def test_a_client_certificate_names_its_user(tmp_path, pki):
+    d = pki["dir"]
+    other_ca_dir = os.path.join(d, "other-ca")
+    certs.ca(other_ca_dir, name="stranger-ca")
+    kitchen = certs.client(d, os.path.join(d, "ca"), "kitchen-1")
+    forged = certs.client(d, other_ca_dir, "alice")
+    pw = os.path.join(d, "passwd")
+    subprocess.run(["mosquitto_passwd", "-c", "-b", pw, "alice", "a-pw"], check=True)
+    extra = f'client_ca = "{pki["ca"]}"\n[auth]\npassword_file = "{pw}"\n'
+    b = harness.start_homicro(
+        str(tmp_path),
+        f'[tls]\ncert = "{pki["good"][0]}"\nkey = "{pki["good"][1]}"\n{extra}',
+        user="alice", password="a-pw")
+    try:
+        base = ["--cafile", pki["ca"], "-h", "127.0.0.1", "-p", str(b.port), "-V", "mqttv5"]
+        rec = json.dumps({"host": "10.0.0.21", "port": 80})
+        ok = subprocess.run(["mosquitto_pub", *base, "--cert", kitchen[0], "--key", kitchen[1],
+                             "-t", "homicro/services/kitchen-light", "-r", "-q", "1", "-m", rec],
+                            capture_output=True, text=True, timeout=TIMEOUT)
+        assert ok.returncode == 0, ok  # no password: the certificate is kitchen-1
+        # The record is kitchen-1's: alice (no admin) may not change it.
+        c = harness.Client(b.port, client_id="alice2", version=V5)
+        c.c.tls_set(ca_certs=pki["ca"])
+        c.c.username_pw_set("alice", "a-pw")
+        b.clients.append(c)
+        c.connect()
+        c.subscribe("homicro/errors/kitchen-light", 1)
+        c.publish("homicro/services/kitchen-light", "", qos=1, retain=True)
+        err = c.get().json()
+        assert err["error"] == "not_owner" and "user kitchen-1" in err["detail"], err
+        # No certificate and no password: refused (no anonymous clients).
+        bare = subprocess.run(["mosquitto_pub", *base, "-t", "x", "-m", "x"],
+                              capture_output=True, text=True, timeout=TIMEOUT)
+        assert bare.returncode != 0
+        # A certificate from a CA the server does not take: no handshake.
+        bad = subprocess.run(["mosquitto_pub", *base, "--cert", forged[0], "--key", forged[1],
+                              "-t", "x", "-m", "x"], capture_output=True, text=True,
+                             timeout=TIMEOUT)
+        assert bad.returncode != 0
+        # HTTPS with the certificate, no Basic credentials.
+        got = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", "--cacert", pki["ca"],
+                              "--cert", kitchen[0], "--key", kitchen[1],
+                              f"https://127.0.0.1:{b.port}/discover"],
+                             capture_output=True, text=True, timeout=TIMEOUT, check=True)
+        body, status = got.stdout.rsplit("\n", 1)
+        assert status == "200" and "kitchen-light" in json.loads(body), got.stdout
+    finally:
+        b.stop()
