@@ -3,7 +3,6 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -26,7 +25,7 @@ pub fn record(i: usize, extra: &str) -> String {
 
 /// Publishers that wrote everything and are draining their PUBACKs: keep
 /// them until the records were seen (dropping closes the connections).
-pub struct Publishers(Vec<(OwnedWriteHalf, JoinHandle<usize>)>);
+pub struct Publishers(Vec<(wire::Wr, JoinHandle<usize>)>);
 
 impl Drop for Publishers {
     fn drop(&mut self) {

@@ -16,7 +16,8 @@
 //!
 //! Items: 1 registrations/s, 2 propagation at 1,000 msg/s, 3 connection
 //! storm, 4 memory with 100,000 records, 5 snapshot, 6 expiry lateness,
-//! 7 memory growth after short-lived connections (with 4), 8 churn.
+//! 7 memory growth after short-lived connections (with 4), 8 churn, 9
+//! trust on (password file, ACL and TLS, for both brokers).
 //! Each figure is the median of `--runs` runs (default 3), the subjects
 //! taking turns within each run. Targets are printed as met / not met;
 //! nothing here asserts.
@@ -31,6 +32,7 @@ mod snapshot;
 mod storm;
 mod subject;
 mod throughput;
+mod trust;
 mod wire;
 
 pub struct Opts {
@@ -106,6 +108,9 @@ async fn main() {
     }
     if o.wants(8) {
         churn::run(&o, &mut report).await;
+    }
+    if o.wants(9) {
+        trust::run(&o, &mut report).await;
     }
     report.print();
     println!(

@@ -2,6 +2,9 @@
 //! port and ended when dropped: homicro (`serve`, the registry as the gate),
 //! the bus alone (`serve --no-registry`) and a plain Mosquitto.
 
+#[path = "../../tests/common/certs.rs"]
+mod certs;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -67,13 +70,58 @@ pub struct Subject {
     _dir: tempfile::TempDir,
 }
 
+/// Files for a broker with trust on: a CA and the server's certificate
+/// (for 127.0.0.1), a password file (made by mosquitto_passwd: the same
+/// hashes for both brokers) and an ACL file.
+pub struct TrustFiles {
+    pub ca: std::path::PathBuf,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    passwd: std::path::PathBuf,
+    acl: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TrustFiles {
+    pub fn make(user: &str, password: &str, acl: &str) -> TrustFiles {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, cert, key) = certs::make_certs(dir.path());
+        let out = Command::new("mosquitto_passwd")
+            .args(["-c", "-b", "passwd", user, password])
+            .current_dir(dir.path())
+            .output()
+            .expect("mosquitto_passwd (apt-get install mosquitto)");
+        assert!(out.status.success(), "mosquitto_passwd: {out:?}");
+        std::fs::write(dir.path().join("acl"), acl).unwrap();
+        let p = |f: &str| dir.path().join(f);
+        TrustFiles {
+            ca,
+            cert,
+            key,
+            passwd: p("passwd"),
+            acl: p("acl"),
+            _dir: dir,
+        }
+    }
+}
+
 impl Subject {
     pub fn start(kind: Kind) -> Subject {
+        Subject::start_with(kind, None)
+    }
+
+    /// The broker with a password file, an ACL file and TLS (only) on its
+    /// port: Mosquitto configured the same way homicro is.
+    pub fn start_secured(kind: Kind, files: &TrustFiles) -> Subject {
+        Subject::start_with(kind, Some(files))
+    }
+
+    fn start_with(kind: Kind, trust: Option<&TrustFiles>) -> Subject {
         let dir = tempfile::tempdir().unwrap();
         let log = Arc::new(Mutex::new(Log::default()));
         let (child, addr) = match kind {
-            Kind::Mosquitto => start_mosquitto(&dir),
-            _ => start_serve(kind, &dir, log.clone()),
+            Kind::Mosquitto => start_mosquitto(&dir, trust),
+            _ => start_serve(kind, &dir, log.clone(), trust),
         };
         let pid = match std::env::var("HOMICRO_BENCH_WRAP") {
             Ok(_) if kind != Kind::Mosquitto => {
@@ -193,16 +241,24 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start_mosquitto(dir: &tempfile::TempDir) -> (Child, SocketAddr) {
+fn start_mosquitto(dir: &tempfile::TempDir, trust: Option<&TrustFiles>) -> (Child, SocketAddr) {
     let port = free_port();
     let conf = dir.path().join("m.conf");
     // A user's mosquitto: defaults, plus TCP_NODELAY as its documentation
     // recommends for latency.
-    std::fs::write(
-        &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"),
-    )
-    .unwrap();
+    let mut text = format!("listener {port} 127.0.0.1\nset_tcp_nodelay true\n");
+    match trust {
+        None => text.push_str("allow_anonymous true\n"),
+        Some(t) => text.push_str(&format!(
+            "certfile {}\nkeyfile {}\npassword_file {}\nacl_file {}\nallow_anonymous false\n\
+             user root\n",
+            t.cert.display(),
+            t.key.display(),
+            t.passwd.display(),
+            t.acl.display()
+        )),
+    }
+    std::fs::write(&conf, text).unwrap();
     let bin = if std::path::Path::new("/usr/sbin/mosquitto").exists() {
         "/usr/sbin/mosquitto"
     } else {
@@ -221,7 +277,12 @@ fn start_mosquitto(dir: &tempfile::TempDir) -> (Child, SocketAddr) {
     (child, SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
-fn start_serve(kind: Kind, dir: &tempfile::TempDir, log: Arc<Mutex<Log>>) -> (Child, SocketAddr) {
+fn start_serve(
+    kind: Kind,
+    dir: &tempfile::TempDir,
+    log: Arc<Mutex<Log>>,
+    trust: Option<&TrustFiles>,
+) -> (Child, SocketAddr) {
     let wrap = std::env::var("HOMICRO_BENCH_WRAP")
         .unwrap_or_default()
         .replace("{kind}", &kind.label().replace(' ', "-"));
@@ -254,7 +315,15 @@ fn start_serve(kind: Kind, dir: &tempfile::TempDir, log: Arc<Mutex<Log>>) -> (Ch
     if kind == Kind::Bus {
         cmd.arg("--no-registry");
     }
-    if let Ok(conf) = std::env::var("HOMICRO_BENCH_CONFIG") {
+    if let Some(t) = trust {
+        let conf = dir.path().join("homicro.toml");
+        let text = format!(
+            "[auth]\npassword_file = {:?}\nacl_file = {:?}\n[tls]\ncert = {:?}\nkey = {:?}\nrequire = true\n",
+            t.passwd, t.acl, t.cert, t.key
+        );
+        std::fs::write(&conf, text).unwrap();
+        cmd.arg("--config").arg(conf);
+    } else if let Ok(conf) = std::env::var("HOMICRO_BENCH_CONFIG") {
         cmd.args(["--config", &conf]);
     }
     let mut child = cmd.spawn().expect("homicro");

@@ -7,10 +7,23 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+/// A connection's halves, plain or TLS.
+pub type Rd = Box<dyn AsyncRead + Send + Unpin>;
+pub type Wr = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// How to reach a broker with trust on: TLS with this client config (the
+/// bench's own CA), and a user.
+pub struct Secure {
+    pub tls: Arc<rustls::ClientConfig>,
+    pub user: String,
+    pub password: String,
+}
 
 pub const CONNACK: u8 = 2;
 pub const PUBLISH: u8 = 3;
@@ -39,9 +52,19 @@ fn put_str(out: &mut Vec<u8>, s: &[u8]) {
 
 /// A clean-session 3.1.1 CONNECT (keepalive 0: none).
 pub fn connect_packet(id: &str, keepalive: u16) -> Vec<u8> {
-    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02];
+    connect_packet_as(id, keepalive, None)
+}
+
+/// [`connect_packet`] with a user name and password.
+pub fn connect_packet_as(id: &str, keepalive: u16, login: Option<(&str, &str)>) -> Vec<u8> {
+    let flags = if login.is_some() { 0x02 | 0xC0 } else { 0x02 };
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, flags];
     body.extend(keepalive.to_be_bytes());
     put_str(&mut body, id.as_bytes());
+    if let Some((user, password)) = login {
+        put_str(&mut body, user.as_bytes());
+        put_str(&mut body, password.as_bytes());
+    }
     let mut p = vec![0x10];
     put_len(&mut p, body.len());
     p.extend(body);
@@ -107,7 +130,7 @@ impl Packet {
 
 /// The read half, with its buffer.
 pub struct Reader {
-    half: OwnedReadHalf,
+    half: Rd,
     buf: BytesMut,
 }
 
@@ -162,16 +185,39 @@ impl Reader {
 /// A connected client.
 pub struct Client {
     pub rd: Reader,
-    pub wr: OwnedWriteHalf,
+    pub wr: Wr,
 }
 
 impl Client {
     /// Connects, sends CONNECT and waits for a successful CONNACK.
     pub async fn connect(addr: SocketAddr, id: &str) -> io::Result<Client> {
+        Client::connect_as(addr, id, None).await
+    }
+
+    /// [`Client::connect`], over TLS and as a user with `secure`.
+    pub async fn connect_as(
+        addr: SocketAddr,
+        id: &str,
+        secure: Option<&Secure>,
+    ) -> io::Result<Client> {
         let s = TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
-        let (r, mut wr) = s.into_split();
-        wr.write_all(&connect_packet(id, 0)).await?;
+        let (r, mut wr): (Rd, Wr) = match secure {
+            None => {
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            Some(sec) => {
+                let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+                let tls = tokio_rustls::TlsConnector::from(sec.tls.clone())
+                    .connect(name, s)
+                    .await?;
+                let (r, w) = tokio::io::split(tls);
+                (Box::new(r), Box::new(w))
+            }
+        };
+        let login = secure.map(|s| (s.user.as_str(), s.password.as_str()));
+        wr.write_all(&connect_packet_as(id, 0, login)).await?;
         let mut rd = Reader {
             half: r,
             buf: BytesMut::with_capacity(8 * 1024),
@@ -196,7 +242,7 @@ impl Client {
 
     /// Splits off the reader into a task that reads and counts PUBACKs
     /// until the connection ends (the handle gives the count).
-    pub fn drain_acks(self) -> (OwnedWriteHalf, tokio::task::JoinHandle<usize>) {
+    pub fn drain_acks(self) -> (Wr, tokio::task::JoinHandle<usize>) {
         let mut rd = self.rd;
         let task = tokio::spawn(async move {
             let mut acks = 0;
@@ -211,10 +257,25 @@ impl Client {
 
 /// Connects `k` clients `TAG-i` at once.
 pub async fn connect_many(addr: SocketAddr, tag: &str, k: usize) -> Vec<Client> {
+    connect_many_as(addr, tag, k, None).await
+}
+
+/// [`connect_many`] with trust on.
+pub async fn connect_many_as(
+    addr: SocketAddr,
+    tag: &str,
+    k: usize,
+    secure: Option<Arc<Secure>>,
+) -> Vec<Client> {
     let tasks: Vec<_> = (0..k)
         .map(|i| {
             let id = format!("{tag}-{i}");
-            tokio::spawn(async move { Client::connect(addr, &id).await.unwrap() })
+            let secure = secure.clone();
+            tokio::spawn(async move {
+                Client::connect_as(addr, &id, secure.as_deref())
+                    .await
+                    .unwrap()
+            })
         })
         .collect();
     let mut out = Vec::with_capacity(k);
