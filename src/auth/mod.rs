@@ -34,6 +34,8 @@ pub struct AuthConfig {
     pub admins: Vec<String>,
     /// Mosquitto's ACL format (see [`acl`]).
     pub acl_file: Option<PathBuf>,
+    /// Reverse proxies whose `X-Forwarded-For` is believed (HTTP).
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 /// What a client proved.
@@ -165,6 +167,30 @@ impl Auth {
         self.config.acl_file.is_some()
     }
 
+    /// The address an HTTP request comes from: `peer`, or, when `peer` is
+    /// a trusted proxy, the nearest address in `X-Forwarded-For` that is
+    /// not one (headers from anyone else are never believed).
+    pub fn client_address(&self, peer: IpAddr, forwarded_for: Option<&str>) -> IpAddr {
+        let trusted = |ip: &IpAddr| self.config.trusted_proxies.contains(&ip.to_canonical());
+        if !trusted(&peer) {
+            return peer;
+        }
+        let Some(list) = forwarded_for else {
+            return peer;
+        };
+        let mut hops = list.split(',').rev().map(|h| h.trim().parse::<IpAddr>());
+        let mut nearest = peer;
+        for hop in hops.by_ref() {
+            match hop {
+                Ok(ip) if trusted(&ip) => nearest = ip,
+                Ok(ip) => return ip.to_canonical(),
+                // A hop that is no address: stop at the last one known.
+                Err(_) => return nearest,
+            }
+        }
+        nearest
+    }
+
     /// A client whose TLS certificate (from `[tls] client_ca`) names
     /// `name`: that user, as if it had given its password.
     pub fn certified(&self, name: Arc<str>) -> Verdict {
@@ -265,6 +291,7 @@ mod tests {
             allow_anonymous: anonymous,
             admins: admins.iter().map(|s| s.to_string()).collect(),
             acl_file: None,
+            trusted_proxies: Vec::new(),
         };
         (Auth::load(config).unwrap(), dir)
     }
@@ -318,6 +345,37 @@ mod tests {
         let v = a.check(ip(), Some("alice"), Some(b"x")).await;
         assert_eq!(v, Verdict::Anonymous);
         assert_eq!(v.author(ip()), Author::new(Identity::address(ip())));
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_a_trusted_proxy() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let plain = Auth::load(AuthConfig::default()).unwrap();
+        assert_eq!(
+            plain.client_address(ip("127.0.0.1"), Some("10.9.9.9")),
+            ip("127.0.0.1")
+        );
+        let proxied = Auth::load(AuthConfig {
+            trusted_proxies: vec![ip("127.0.0.1"), ip("10.0.0.1")],
+            ..Default::default()
+        })
+        .unwrap();
+        let peer = ip("127.0.0.1");
+        assert_eq!(
+            proxied.client_address(peer, Some("10.9.9.9")),
+            ip("10.9.9.9")
+        );
+        // A client's own forged hops before the proxies' are not taken.
+        assert_eq!(
+            proxied.client_address(peer, Some("127.0.0.1, 6.6.6.6, 10.0.0.1")),
+            ip("6.6.6.6")
+        );
+        assert_eq!(proxied.client_address(peer, Some("junk")), peer);
+        assert_eq!(proxied.client_address(peer, None), peer);
+        assert_eq!(
+            proxied.client_address(ip("6.6.6.6"), Some("127.0.0.1")),
+            ip("6.6.6.6")
+        );
     }
 
     #[tokio::test]

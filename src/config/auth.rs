@@ -5,7 +5,13 @@ use toml::Value;
 use super::{ConfigError, file_path, section, shown};
 use crate::auth::{AuthConfig, passwd};
 
-pub(super) const KEYS: [&str; 4] = ["password_file", "allow_anonymous", "admins", "acl_file"];
+pub(super) const KEYS: [&str; 5] = [
+    "password_file",
+    "allow_anonymous",
+    "admins",
+    "acl_file",
+    "trusted_proxies",
+];
 
 /// Reads `[auth]` (`t`: the merged table, defaults included).
 pub(super) fn parse(src: &str, t: Option<&Value>) -> Result<AuthConfig, ConfigError> {
@@ -58,11 +64,36 @@ pub(super) fn parse(src: &str, t: Option<&Value>) -> Result<AuthConfig, ConfigEr
         ));
     }
     let acl_file = file_path(src, "auth.acl_file", get("acl_file"))?;
+    let trusted_proxies = match get("trusted_proxies") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .and_then(|s| s.parse::<std::net::IpAddr>().ok())
+                    .map(|ip| ip.to_canonical())
+                    .ok_or_else(|| format!("{v} is not an IP address"))
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|m| {
+                err(
+                    "trusted_proxies",
+                    format!("must be a list of IP addresses: {m}"),
+                )
+            })?,
+        other => {
+            return Err(err(
+                "trusted_proxies",
+                format!("must be a list of IP addresses, got {}", shown(other)),
+            ));
+        }
+    };
     Ok(AuthConfig {
         password_file,
         allow_anonymous,
         admins,
         acl_file,
+        trusted_proxies,
     })
 }
 
@@ -124,6 +155,10 @@ mod tests {
                 "auth.admins: needs a password_file",
             ),
             ("auth = 1", "auth: must be a table"),
+            (
+                "[auth]\ntrusted_proxies = [\"proxy\"]",
+                "auth.trusted_proxies: must be a list of IP addresses: \"proxy\"",
+            ),
         ];
         for (text, want) in cases {
             let e = auth(text).unwrap_err();

@@ -144,6 +144,15 @@ async fn handle(
     peer: SocketAddr,
     cert: Option<Arc<str>>,
 ) -> Resp {
+    // Behind a trusted reverse proxy, the client is who it forwarded.
+    let forwarded = req
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    let peer = SocketAddr::new(
+        shared.auth.client_address(peer.ip(), forwarded),
+        peer.port(),
+    );
     let route = match route(req.method(), req.uri().path()) {
         Ok(r) => r,
         Err(NoRoute::NotFound) => {

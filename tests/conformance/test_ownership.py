@@ -135,3 +135,37 @@ def test_a_record_with_a_duplicate_key_is_refused_over_http(homicro):
     assert (int(status), body["error"]) == (400, "invalid"), body
     assert "duplicate key `host`" in body["detail"], body
     assert retained(homicro, "web") == RECORD
+
+
+def test_x_forwarded_for_is_never_believed_from_an_untrusted_peer(homicro):
+    owned_record(homicro)
+    # A stranger claiming to be forwarded for the owner (or for loopback).
+    for claim in (OWNER, "127.0.0.1"):
+        args = ["curl", "-s", "-w", "\n%{http_code}", "--interface", STRANGER, "-X", "PUT",
+                "-H", f"X-Forwarded-For: {claim}", f"http://127.0.0.1:{homicro.port}/self-register",
+                "--data", json.dumps({"name": "web", "port": 8080})]
+        out = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT, check=True)
+        text, status = out.stdout.rsplit("\n", 1)
+        assert (int(status), json.loads(text)["error"]) == (403, "not_owner"), out.stdout
+    assert retained(homicro, "web") == RECORD
+
+
+def test_behind_a_trusted_proxy_the_forwarded_client_is_no_admin(tmp_path):
+    import harness
+    b = harness.start_homicro(str(tmp_path), '[auth]\ntrusted_proxies = ["127.0.0.1"]\n')
+    try:
+        owned_record(b)
+        forwarded = ["-H", "X-Forwarded-For: 10.9.9.9"]
+        out = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", "-X", "DELETE", *forwarded,
+                              f"http://127.0.0.1:{b.port}/register/web"],
+                             capture_output=True, text=True, timeout=TIMEOUT, check=True)
+        text, status = out.stdout.rsplit("\n", 1)
+        body = json.loads(text)
+        assert (int(status), body["error"]) == (403, "forbidden"), body
+        assert "10.9.9.9" in body["detail"]
+        assert retained(b, "web") == RECORD
+        # The proxy's own requests (no header) are still loopback's.
+        status, body = http(b, "DELETE", "/register/web")
+        assert status == 200, body
+    finally:
+        b.stop()
