@@ -69,9 +69,17 @@ struct ServeArgs {
     /// Where the embedded broker listens, IP:PORT [default: 0.0.0.0:1883].
     #[arg(long)]
     listen: Option<String>,
-    /// Use an existing broker, mqtt://HOST:PORT, instead of the embedded one.
+    /// Use an existing broker, mqtt://HOST:PORT (mqtts:// for TLS), instead
+    /// of the embedded one.
     #[arg(long)]
     broker: Option<String>,
+    /// With --broker: log in to it as this user, with the password in
+    /// HOMICRO_PASSWORD.
+    #[arg(long, env = "HOMICRO_USERNAME")]
+    username: Option<String>,
+    /// With an mqtts:// --broker: trust the CAs in this PEM file.
+    #[arg(long, env = "HOMICRO_CAFILE")]
+    cafile: Option<PathBuf>,
     /// The registry's state file [default: homicro-state.json].
     #[arg(long)]
     state_file: Option<PathBuf>,
@@ -285,7 +293,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         log_level: args.log_level,
         no_registry: args.no_registry,
     };
-    let config =
+    let mut config =
         match ServeConfig::load(file.as_ref().map(|(p, t)| (p.as_str(), t.as_str())), &flags) {
             Ok(c) => c,
             Err(e) => {
@@ -293,6 +301,23 @@ fn serve(args: ServeArgs) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+    if let Some(broker) = config.broker.take() {
+        let conn = Conn {
+            broker,
+            prefix: config.prefix.clone(),
+            username: args.username,
+            cafile: args.cafile,
+        };
+        match conn.broker() {
+            Ok(b) => config.broker = Some(b),
+            Err(CliError { message, .. }) => {
+                eprintln!("homicro: --broker: {message}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    // Without --broker, --username and --cafile (or their HOMICRO_*
+    // variables, set for the CLI) mean nothing: the bus has [auth], [tls].
     init_logging(&config.log_level);
     if config.huge_code_pages {
         // Before the runtime starts its threads (see `hugetext`).

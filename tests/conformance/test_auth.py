@@ -97,9 +97,10 @@ def test_connack_for_each_credential(secured, case, version):
 
 
 def test_the_same_answers_from_both_brokers_side_by_side(tmp_path, password_file):
+    for k in ("mosquitto", "homicro"):
+        (tmp_path / k).mkdir()
     brokers = [start(k, tmp_path / k, password_file, anonymous=False)
-               for k in ("mosquitto", "homicro")
-               if os.makedirs(tmp_path / k, exist_ok=True) is None]
+               for k in ("mosquitto", "homicro")]
     try:
         for version in (R.V5, R.V311):
             for case, (creds, _) in CASES.items():
@@ -221,3 +222,36 @@ def test_an_admin_user_changes_anyones_record_over_mqtt(tmp_path, password_file)
         assert [m for m in got if m.topic == "homicro/services/web"] == [], got
     finally:
         b.stop()
+
+
+def test_the_registry_logs_in_to_an_external_mosquitto(tmp_path, password_file):
+    """`serve --broker` against a Mosquitto that refuses anonymous clients:
+    the registry logs in with --username and HOMICRO_PASSWORD."""
+    (tmp_path / "m").mkdir()
+    m = start("mosquitto", tmp_path / "m", password_file, anonymous=False)
+    log = open(tmp_path / "serve.log", "w")
+    env = {**os.environ, "NO_COLOR": "1", "HOMICRO_PASSWORD": USERS["alice"]}
+    serve = subprocess.Popen([homicro_bin(), "serve", "--broker", f"mqtt://127.0.0.1:{m.port}",
+                              "--username", "alice", "--state-file", str(tmp_path / "s.json")],
+                             stdout=subprocess.DEVNULL, stderr=log, env=env)
+    try:
+        bob = harness.Client(m.port, client_id="bob", version=V311)
+        bob.c.username_pw_set("bob", USERS["bob"])
+        m.clients.append(bob)
+        bob.connect()
+        bob.subscribe("homicro/registry", 1)
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            msg = bob.get()
+            if msg.topic == "homicro/registry" and msg.json()["state"] == "online":
+                break
+            assert time.monotonic() < deadline
+        bob.subscribe("homicro/events/+", 1)
+        rec = json.dumps({"host": "10.0.0.4", "port": 80})
+        assert bob.publish("homicro/services/nas", rec, qos=1, retain=True) == 0
+        assert bob.get_until("homicro/events/nas")[-1].json()["event"] == "registered"
+    finally:
+        serve.terminate()
+        serve.wait(TIMEOUT)
+        m.stop()
+    assert USERS["alice"] not in open(tmp_path / "serve.log").read()
