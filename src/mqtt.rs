@@ -67,8 +67,22 @@ pub fn options(client_id: &str, broker: &BrokerUrl) -> MqttOptions {
                     rumqttc::TlsConfiguration::Rustls(c),
                 ));
             }
-            // The connection then fails; callers check `tls_config` first.
-            Err(e) => warn!(broker = %broker, error = %e, "TLS not set up"),
+            // Never plaintext instead: TLS that trusts no one, so the
+            // connection fails (callers check `tls_config` first).
+            Err(e) => {
+                warn!(broker = %broker, error = %e, "TLS not set up");
+                let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+                if let Ok(b) = rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                {
+                    let none = b
+                        .with_root_certificates(rustls::RootCertStore::empty())
+                        .with_no_client_auth();
+                    o.set_transport(rumqttc::Transport::tls_with_config(
+                        rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(none)),
+                    ));
+                }
+            }
         }
     }
     o

@@ -157,6 +157,14 @@ impl Acl {
     /// Whether `filter` may match some topic the client may read: a
     /// subscription that can never deliver anything is refused.
     pub fn may_subscribe(&self, user: Option<&str>, client_id: &str, filter: &str) -> bool {
+        // A shared subscription's filter is what follows `$share/GROUP/`.
+        let filter = match filter
+            .strip_prefix("$share/")
+            .and_then(|r| r.split_once('/'))
+        {
+            Some((_, f)) => f,
+            None => filter,
+        };
         let own = match user {
             Some(u) => self.users.get(u).map_or(&[][..], Vec::as_slice),
             None => &self.anonymous,
@@ -340,6 +348,8 @@ pattern write clients/%c
             "write only"
         );
         assert!(!a.may_subscribe(None, "c", "devices/#"));
+        assert!(a.may_subscribe(k, "c", "$share/g/homicro/services/+"));
+        assert!(!a.may_subscribe(k, "c", "$share/g/other/#"));
     }
 
     #[test]

@@ -77,6 +77,8 @@ impl Verdict {
 pub struct Auth {
     config: AuthConfig,
     users: RwLock<Arc<Users>>,
+    /// Checked for an unknown user, so that refusing it takes as long.
+    decoy: RwLock<Hash>,
     acl: RwLock<Arc<Acl>>,
     admins: HashSet<String>,
     throttle: Mutex<Throttle>,
@@ -96,6 +98,7 @@ impl Auth {
         Ok(Auth {
             admins: config.admins.iter().cloned().collect(),
             config,
+            decoy: RwLock::new(Hash::decoy(&users)),
             users: RwLock::new(Arc::new(users)),
             acl: RwLock::new(Arc::new(acl)),
             throttle: Mutex::default(),
@@ -131,6 +134,7 @@ impl Auth {
             Some(path) => {
                 let users = read(path)?;
                 let n = users.len();
+                *self.decoy.write().unwrap() = Hash::decoy(&users);
                 *self.users.write().unwrap() = Arc::new(users);
                 info!(path = %path.display(), users = n, "password file reloaded");
                 n
@@ -169,7 +173,10 @@ impl Auth {
 
     /// The address an HTTP request comes from: `peer`, or, when `peer` is
     /// a trusted proxy, the nearest address in `X-Forwarded-For` that is
-    /// not one (headers from anyone else are never believed).
+    /// not one (headers from anyone else are never believed). A header
+    /// whose hops run out, or reach one that is no address, before an
+    /// untrusted address gives the unspecified address: never loopback,
+    /// never anyone's identity.
     pub fn client_address(&self, peer: IpAddr, forwarded_for: Option<&str>) -> IpAddr {
         let trusted = |ip: &IpAddr| self.config.trusted_proxies.contains(&ip.to_canonical());
         if !trusted(&peer) {
@@ -178,17 +185,15 @@ impl Auth {
         let Some(list) = forwarded_for else {
             return peer;
         };
-        let mut hops = list.split(',').rev().map(|h| h.trim().parse::<IpAddr>());
-        let mut nearest = peer;
-        for hop in hops.by_ref() {
+        let unknown = IpAddr::from([0, 0, 0, 0]);
+        for hop in list.split(',').rev().map(|h| h.trim().parse::<IpAddr>()) {
             match hop {
-                Ok(ip) if trusted(&ip) => nearest = ip,
+                Ok(ip) if trusted(&ip) => {}
                 Ok(ip) => return ip.to_canonical(),
-                // A hop that is no address: stop at the last one known.
-                Err(_) => return nearest,
+                Err(_) => return unknown,
             }
         }
-        nearest
+        unknown
     }
 
     /// A client whose TLS certificate (from `[tls] client_ca`) names
@@ -201,12 +206,15 @@ impl Auth {
     /// Checks a client's credentials. A failure is logged (never the
     /// password) and answered late when its address keeps failing.
     pub async fn check(&self, ip: IpAddr, user: Option<&str>, password: Option<&[u8]>) -> Verdict {
-        let verdict = self.judge(user, password).await;
         let ip = ip.to_canonical();
+        // An address that kept failing waits before it is checked at all:
+        // many attempts at once cannot keep PBKDF2 busy for free.
+        let earned = self.throttle.lock().unwrap().earned(ip, Instant::now());
+        if user.is_some() && !earned.is_zero() {
+            tokio::time::sleep(earned).await;
+        }
+        let verdict = self.judge(user, password).await;
         if verdict.admitted() {
-            if matches!(verdict, Verdict::User { .. }) {
-                self.throttle.lock().unwrap().succeeded(ip);
-            }
             return verdict;
         }
         let delay = self.throttle.lock().unwrap().failed(ip, Instant::now());
@@ -233,15 +241,17 @@ impl Auth {
                 Verdict::AnonymousRefused
             };
         };
-        let hash = self.users.read().unwrap().get(user).cloned();
-        let (Some(hash), Some(password)) = (hash, password) else {
-            return Verdict::BadCredentials;
-        };
+        let known = self.users.read().unwrap().get(user).cloned();
+        // An unknown user, or no password, is checked against the decoy,
+        // so that its refusal takes as long as a wrong password's.
+        let real = known.is_some() && password.is_some();
+        let hash = known.unwrap_or_else(|| self.decoy.read().unwrap().clone());
+        let password = password.unwrap_or_default().to_vec();
         // PBKDF2 takes milliseconds: off the runtime's worker threads.
-        let password = password.to_vec();
         let ok = tokio::task::spawn_blocking(move || hash.verify(&password))
             .await
-            .unwrap_or(false);
+            .unwrap_or(false)
+            && real;
         if ok {
             Verdict::User {
                 name: user.into(),
@@ -370,7 +380,24 @@ mod tests {
             proxied.client_address(peer, Some("127.0.0.1, 6.6.6.6, 10.0.0.1")),
             ip("6.6.6.6")
         );
-        assert_eq!(proxied.client_address(peer, Some("junk")), peer);
+        // Fails closed: never the proxy's own loopback.
+        let unknown = ip("0.0.0.0");
+        assert_eq!(proxied.client_address(peer, Some("junk")), unknown);
+        assert_eq!(
+            proxied.client_address(peer, Some("\u{e9}, 10.0.0.1")),
+            unknown
+        );
+        assert_eq!(proxied.client_address(peer, Some("127.0.0.1")), unknown);
+        assert_eq!(
+            proxied.client_address(peer, Some("\u{e9}, 6.6.6.6")),
+            ip("6.6.6.6")
+        );
+        // Two header lines, a client's then the proxy's: the proxy's wins.
+        assert_eq!(
+            proxied.client_address(peer, Some("127.0.0.1,6.6.6.6")),
+            ip("6.6.6.6")
+        );
+        // The proxy's own requests carry no header: they are its own.
         assert_eq!(proxied.client_address(peer, None), peer);
         assert_eq!(
             proxied.client_address(ip("6.6.6.6"), Some("127.0.0.1")),

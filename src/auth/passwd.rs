@@ -54,6 +54,27 @@ impl Hash {
         Hash::pbkdf2(password, salt, ITERATIONS)
     }
 
+    /// A hash no password matches, as costly to check as the file's users'
+    /// (the first `$7$` user's iterations): an unknown user then takes as
+    /// long to refuse as a known one with a wrong password.
+    pub fn decoy(users: &Users) -> Hash {
+        let iterations = users
+            .users
+            .values()
+            .find_map(|h| match h {
+                Hash::Pbkdf2 { iterations, .. } => Some(*iterations),
+                Hash::Sha512 { .. } => None,
+            })
+            .unwrap_or(ITERATIONS);
+        let mut salt = vec![0u8; 12];
+        getrandom::fill(&mut salt).expect("the system's random source");
+        let mut h = Hash::pbkdf2(&salt, salt.clone(), iterations);
+        if let Hash::Pbkdf2 { hash, .. } = &mut h {
+            hash.iter_mut().for_each(|b| *b = !*b);
+        }
+        h
+    }
+
     fn pbkdf2(password: &[u8], salt: Vec<u8>, iterations: u32) -> Hash {
         let mut hash = vec![0u8; 64];
         pbkdf2::pbkdf2_hmac::<Sha512>(password, &salt, iterations, &mut hash);
@@ -307,6 +328,32 @@ mod tests {
             let e = Users::parse("pw", text).unwrap_err().to_string();
             assert!(e.contains(want), "{text:?}: {e}");
         }
+    }
+
+    #[test]
+    fn the_decoy_matches_no_password_and_costs_what_the_users_cost() {
+        let users = Users::parse("pw", MOSQ7).unwrap();
+        let decoy = Hash::decoy(&users);
+        assert!(matches!(
+            decoy,
+            Hash::Pbkdf2 {
+                iterations: 101,
+                ..
+            }
+        ));
+        let Hash::Pbkdf2 { salt, .. } = &decoy else {
+            unreachable!()
+        };
+        for guess in [&b""[..], b"secret", salt] {
+            assert!(!decoy.verify(guess));
+        }
+        assert!(matches!(
+            Hash::decoy(&Users::default()),
+            Hash::Pbkdf2 {
+                iterations: ITERATIONS,
+                ..
+            }
+        ));
     }
 
     #[test]

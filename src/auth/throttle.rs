@@ -38,15 +38,26 @@ impl Throttle {
         }
         *count += 1;
         *at = now;
-        match count.checked_sub(FREE + 1) {
-            None => Duration::ZERO,
-            Some(n) => FIRST.saturating_mul(1u32 << n.min(16)).min(MAX),
-        }
+        delay(*count)
     }
 
-    /// A success from `ip` forgets its failures.
-    pub fn succeeded(&mut self, ip: IpAddr) {
-        self.failures.remove(&ip);
+    /// The delay `ip`'s recent failures have earned, before it is even
+    /// checked again (so that many attempts at once wait too). A success
+    /// does not forget them: one known password must not reset the count
+    /// for guesses at others.
+    pub fn earned(&self, ip: IpAddr, now: Instant) -> Duration {
+        match self.failures.get(&ip) {
+            Some((count, at)) if now - *at < FORGET => delay(*count),
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+/// The delay after `count` failures in a row.
+fn delay(count: u32) -> Duration {
+    match count.checked_sub(FREE + 1) {
+        None => Duration::ZERO,
+        Some(n) => FIRST.saturating_mul(1u32 << n.min(16)).min(MAX),
     }
 }
 
@@ -72,8 +83,9 @@ mod tests {
         for _ in 0..5 {
             t.failed(b, Instant::now());
         }
-        t.succeeded(b);
-        assert_eq!(t.failed(b, Instant::now()), Duration::ZERO);
+        assert_eq!(t.earned(b, Instant::now()), Duration::from_millis(400));
+        tokio::time::advance(FORGET).await;
+        assert_eq!(t.earned(b, Instant::now()), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]

@@ -62,16 +62,27 @@ pub fn update(file: &Path, user: &str, hash: Option<Hash>) -> Result<Done, CliEr
     Ok(done)
 }
 
+/// Writes `text` to `file` in one rename, through a new temporary file that
+/// only its owner can read (an old one left behind is never reused), and
+/// keeps an existing file's owner and group, so that the broker reading it
+/// still can.
 fn write(file: &Path, text: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let old = std::fs::metadata(file).ok();
     let mut tmp = file.as_os_str().to_owned();
-    tmp.push(".tmp");
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&tmp)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    if let Some(m) = &old {
+        // Only root may give a file away; anyone else keeps their own.
+        let _ = std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid()));
+    }
     f.write_all(text)?;
     f.sync_all()?;
     std::fs::rename(&tmp, file)

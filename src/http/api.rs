@@ -245,6 +245,12 @@ fn named_record(body: &[u8]) -> Result<(String, Map<String, Value>), String> {
 /// body must be that address.
 fn with_peer_host(mut record: Map<String, Value>, peer: IpAddr) -> Result<Bytes, String> {
     let peer = peer.to_canonical();
+    if peer.is_unspecified() {
+        return Err(
+            "cannot tell this client's address: the trusted proxy's X-Forwarded-For names none"
+                .into(),
+        );
+    }
     match record.get("host") {
         None => {}
         Some(Value::String(h))

@@ -145,12 +145,17 @@ async fn handle(
     cert: Option<Arc<str>>,
 ) -> Resp {
     // Behind a trusted reverse proxy, the client is who it forwarded.
-    let forwarded = req
+    // Every header line, in order (a proxy may add its own line), read as
+    // bytes: a client's non-ASCII hop must not make the header unreadable.
+    let lines: Vec<String> = req
         .headers()
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok());
+        .get_all("x-forwarded-for")
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect();
+    let forwarded = (!lines.is_empty()).then(|| lines.join(","));
     let peer = SocketAddr::new(
-        shared.auth.client_address(peer.ip(), forwarded),
+        shared.auth.client_address(peer.ip(), forwarded.as_deref()),
         peer.port(),
     );
     let route = match route(req.method(), req.uri().path()) {

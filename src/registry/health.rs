@@ -124,14 +124,24 @@ impl Schedule {
     /// their schedule and failure count; new ones start over, first probed
     /// at an offset within the interval spread by name (jitter).
     /// Returns whether a published status was dropped (to be cleared).
-    pub fn track(&mut self, now: Instant, name: &Name, record: &Record) -> bool {
+    /// `local_writer`: the record was written from this machine (loopback);
+    /// only then may a record whose host is loopback be probed there.
+    pub fn track(
+        &mut self,
+        now: Instant,
+        name: &Name,
+        record: &Record,
+        local_writer: bool,
+    ) -> bool {
         let Some(health) = &record.health else {
             return self.untrack(name);
         };
         let target = Target::of(&health.check, &record.endpoint);
+        let loopback = local_writer && record.endpoint.is_loopback();
         if let Some(t) = self.tracked.get(name)
             && t.health == *health
             && t.target == target
+            && t.loopback == loopback
         {
             return false;
         }
@@ -146,7 +156,7 @@ impl Schedule {
                 generation: self.generations,
                 health: health.clone(),
                 target,
-                loopback: record.endpoint.is_loopback(),
+                loopback,
                 failures: 0,
                 in_flight: false,
                 due: Some(at),
@@ -325,7 +335,7 @@ mod tests {
             r#"{"host":"h","port":1,"health":{"tcp":true,"interval":"10s","failures":3}}"#,
         );
         let mut s = Schedule::default();
-        s.track(Instant::now(), &n, &r);
+        s.track(Instant::now(), &n, &r, false);
         let first = s.next_due().unwrap();
         assert!(
             first < Instant::now() + Duration::from_secs(10),
@@ -379,7 +389,7 @@ mod tests {
             r#"{"host":"h","port":1,"health":{"tcp":true,"interval":"1s"}}"#,
         );
         let mut s = Schedule::default();
-        s.track(Instant::now(), &n, &r);
+        s.track(Instant::now(), &n, &r, false);
         tokio::time::advance(Duration::from_secs(1)).await;
         let p = s.take_due(Instant::now()).pop().unwrap();
         // The record changes its check while the probe is in flight.
@@ -387,7 +397,7 @@ mod tests {
             "a",
             r#"{"host":"h","port":1,"health":{"http":"/h","interval":"1s"}}"#,
         );
-        s.track(Instant::now(), &n, &r2);
+        s.track(Instant::now(), &n, &r2, false);
         assert_eq!(
             s.result(Instant::now(), &n, p.generation, Outcome::Fail("x".into())),
             Verdict::Ignore
@@ -396,7 +406,7 @@ mod tests {
         let p2 = s.take_due(Instant::now()).pop().unwrap();
         assert_eq!(p2.target, Target::Http("http://h:1/h".into()));
         // The same settings again keep the schedule.
-        s.track(Instant::now(), &n, &r2);
+        s.track(Instant::now(), &n, &r2, false);
         assert_eq!(
             s.result(Instant::now(), &n, p2.generation, Outcome::Pass)
                 .clone(),
@@ -413,7 +423,7 @@ mod tests {
         );
         // Health removed from the record: no more probes, at once.
         let (_, plain) = rec("a", r#"{"host":"h","port":1}"#);
-        s.track(Instant::now(), &n, &plain);
+        s.track(Instant::now(), &n, &plain, false);
         assert!(s.is_empty() && s.next_due().is_none());
     }
 
@@ -426,7 +436,7 @@ mod tests {
                 &format!("s{i}"),
                 r#"{"host":"h","port":1,"health":{"tcp":true,"interval":"30s"}}"#,
             );
-            s.track(now, &n, &r);
+            s.track(now, &n, &r, false);
         }
         let mut per_second = [0u32; 30];
         for (at, _) in &s.due {

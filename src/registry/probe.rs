@@ -57,7 +57,8 @@ async fn connect(host: &str, port: u16, loopback: bool) -> Result<TcpStream, Str
     if allowed.is_empty() {
         let first = addrs.first().map_or(String::new(), |a| a.ip().to_string());
         return Err(format!(
-            "not probed: {host} is this machine ({first}), and the record's host is not loopback"
+            "not probed: {host} is this machine ({first}); loopback is probed only for a record \
+             whose host is loopback and that was written from this machine"
         ));
     }
     let mut last = None;

@@ -193,6 +193,13 @@ impl Registry {
     pub fn load(&mut self, now: Instant, records: Vec<(Name, Record, Option<Identity>)>) {
         for (name, record, owner) in records {
             self.restored.push(name.clone());
+            // Written before owners were kept: its host's address (when it
+            // is one) owns it, not whoever publishes first after the
+            // restart.
+            let owner = owner.or_else(|| {
+                let ip = record.endpoint.host.parse::<std::net::IpAddr>().ok()?;
+                Some(Identity::address(ip))
+            });
             self.insert(now, name, record, owner);
         }
     }
@@ -446,7 +453,11 @@ impl Registry {
         {
             self.deadlines.remove(&(t, name.clone()));
         }
-        if self.health.track(now, &name, &record) {
+        // A record may have loopback probed only when written from
+        // loopback: a remote client naming host 127.0.0.1 must not reach
+        // this machine's loopback-only services through the registry.
+        let local = matches!(&owner, Some(Identity::Address(ip)) if ip.is_loopback());
+        if self.health.track(now, &name, &record, local) {
             self.extra.push(self.health_clear(name.as_str()));
         }
         let deadline = record.ttl.map(|ttl| now + ttl);

@@ -255,3 +255,34 @@ def test_the_registry_logs_in_to_an_external_mosquitto(tmp_path, password_file):
         serve.wait(TIMEOUT)
         m.stop()
     assert USERS["alice"] not in open(tmp_path / "serve.log").read()
+
+
+def test_another_users_client_id_gets_a_fresh_session_and_fires_the_will(tmp_path,
+                                                                         password_file):
+    b = start("homicro", tmp_path, password_file, anonymous=False)
+    try:
+        def client(user, **kw):
+            c = harness.Client(b.port, client_id="shared-id", version=V311, clean=False, **kw)
+            c.c.username_pw_set(user, USERS[user])
+            b.clients.append(c)
+            return c
+        watcher = harness.Client(b.port, client_id="watcher", version=V311)
+        watcher.c.username_pw_set("alice", USERS["alice"])
+        b.clients.append(watcher)
+        watcher.connect()
+        watcher.subscribe("wills/#", 1)
+        bob = client("bob", will=dict(topic="wills/bob", payload="gone", qos=1))
+        assert bob.connect()[0] is False
+        bob.subscribe("private/#", 1)
+        # carol takes the client id while bob is connected.
+        carol = client("carol")
+        present, _, _ = carol.connect()
+        assert present is False, "no resume of bob's session"
+        assert watcher.get().payload == b"gone", "bob's will went out"
+        # bob's subscription is not carol's.
+        watcher.publish("private/x", "for bob", qos=1)
+        watcher.publish("wills/marker", "m", qos=1)
+        assert watcher.get().topic == "wills/marker"
+        assert carol.messages.empty()
+    finally:
+        b.stop()

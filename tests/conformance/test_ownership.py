@@ -169,3 +169,51 @@ def test_behind_a_trusted_proxy_the_forwarded_client_is_no_admin(tmp_path):
         assert status == 200, body
     finally:
         b.stop()
+
+
+def test_a_remote_record_naming_loopback_is_never_probed_there(tmp_path):
+    """A client that is not on this machine registers host 127.0.0.1 with
+    a health check aimed at a loopback-only admin endpoint: the record is
+    kept, but the registry never connects to it. The same record written
+    from this machine is probed."""
+    import http.server
+    import socket
+    import threading
+    import harness
+    from test_tls import this_machines_address
+    ip = this_machines_address()
+    if ip is None:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    hits = []
+
+    class Admin(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    admin = http.server.HTTPServer(("127.0.0.1", 0), Admin)
+    threading.Thread(target=admin.serve_forever, daemon=True).start()
+    port = admin.server_address[1]
+    b = harness.start_homicro(str(tmp_path), listen="0.0.0.0:0")
+    try:
+        check = {"http": "/admin/delete?all=1", "interval": "1s", "failures": 100}
+        rec = json.dumps({"host": "127.0.0.1", "port": port, "health": check})
+        remote = harness.Client(b.port, client_id="remote", version=V5, host=ip)
+        b.clients.append(remote)
+        remote.connect()
+        remote.subscribe("homicro/health/+", 1)
+        assert remote.publish("homicro/services/sneaky", rec, qos=1, retain=True) == 0
+        status = remote.get_until("homicro/health/sneaky")[-1].json()
+        assert status["status"] == "failing" and "not probed" in status["detail"], status
+        assert hits == []
+        local = b.client("local", version=V5)
+        assert local.publish("homicro/services/local", rec, qos=1, retain=True) == 0
+        assert remote.get_until("homicro/health/local")[-1].json()["status"] == "passing"
+        assert hits, "the local record is probed"
+    finally:
+        b.stop()
+        admin.shutdown()

@@ -288,18 +288,25 @@ impl Session {
     /// A connection for this session: takes over from the one it has,
     /// resumes or starts the session afresh, and answers CONNACK.
     async fn attach(&mut self, conn: Conn) {
+        // Another user (or a user where there was none, or none where
+        // there was one) gets no one else's session: neither its queued
+        // messages nor its subscriptions, and the old will goes out.
+        let stranger = self.has_state && self.user != conn.user;
+        if stranger {
+            debug!(client_id = %self.client_id, "client id taken by another user: a fresh session");
+        }
         if let Some(old) = &mut self.conn {
             debug!(client_id = %self.client_id, peer = %conn.peer, "session taken over");
             // As Mosquitto: the old will goes out only when the old session
             // ends with it (a clean start, or a session without expiry).
-            if !conn.connect.clean_start && self.expiry > 0 {
+            if !conn.connect.clean_start && self.expiry > 0 && !stranger {
                 old.will = None;
             }
             self.close(End::Abnormal(Some(reason::SESSION_TAKEN_OVER)))
                 .await;
         }
         let c = &conn.connect;
-        let resume = !c.clean_start && self.has_state && !self.over;
+        let resume = !c.clean_start && self.has_state && !self.over && !stranger;
         if !resume {
             self.reset().await;
         } else if self.pending_will.take().is_some() {

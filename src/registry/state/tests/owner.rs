@@ -4,6 +4,9 @@ use super::*;
 use crate::protocol::ErrorCode;
 use crate::registry::state::GateKind;
 
+/// A record whose host is a name, not an address.
+const NAS: &str = r#"{"host":"nas.local","port":5000}"#;
+
 fn at(ip: &str) -> Author {
     Author::new(Identity::address(ip.parse().unwrap()))
 }
@@ -132,9 +135,12 @@ async fn a_restored_record_keeps_its_owner_and_an_unowned_one_is_claimed() {
         Instant::now(),
         vec![
             (name("web"), parsed("web", A), Some(alice.clone())),
-            (name("nas"), parsed("nas", B), None),
+            (name("nas"), parsed("nas", NAS), None),
+            (name("web2"), parsed("web2", B), None),
         ],
     );
+    // Unowned with an IP host: that address owns it.
+    assert_eq!(r.owner(&name("web2")), at("10.0.0.6").identity.as_ref());
     assert_eq!(
         record(&mut r, "web", A2, &at("10.0.0.5")),
         Err(ErrorCode::NotOwner)
@@ -143,7 +149,7 @@ async fn a_restored_record_keeps_its_owner_and_an_unowned_one_is_claimed() {
     // and the state file learns that.
     r.take_changes();
     let claimant = at("10.0.0.6");
-    assert_eq!(record(&mut r, "nas", B, &claimant), Ok(()));
+    assert_eq!(record(&mut r, "nas", NAS, &claimant), Ok(()));
     assert_eq!(r.owner(&name("nas")), claimant.identity.as_ref());
     let super::super::Changes::Since(log) = r.take_changes() else {
         panic!("no overflow")
