@@ -424,3 +424,48 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Any text as a password file or an ACL file: an answer or an
+        /// error naming a line of it, never a panic.
+        #[test]
+        fn files_of_any_text_never_panic(text in "[ -~\n\t:$#+/%]{0,300}") {
+            match Users::parse("f", &text) {
+                Ok(_) => {}
+                Err(e) => prop_assert!(e.line >= 1 && e.line <= text.lines().count().max(1)),
+            }
+            match Acl::parse("f", &text) {
+                Ok(acl) => {
+                    let _ = acl.allows(Some("u"), "c", "a/b", Access::Read);
+                    let _ = acl.may_subscribe(None, "c", "#");
+                }
+                Err(e) => prop_assert!(e.line >= 1 && e.line <= text.lines().count().max(1)),
+            }
+        }
+
+        /// Any X-Forwarded-For from a trusted proxy: an address, never a
+        /// panic, and never the proxy's own loopback when a header is there.
+        #[test]
+        fn any_forwarded_for_is_an_address(header in "[0-9a-f.:, \\[\\]x]{0,80}") {
+            // One Auth for every case: loading one hashes a decoy password.
+            static AUTH: std::sync::OnceLock<Auth> = std::sync::OnceLock::new();
+            let auth = AUTH.get_or_init(|| {
+                Auth::load(AuthConfig {
+                    trusted_proxies: vec!["127.0.0.1".parse().unwrap()],
+                    ..Default::default()
+                })
+                .unwrap()
+            });
+            let got = auth.client_address("127.0.0.1".parse().unwrap(), Some(&header));
+            prop_assert!(!got.is_loopback());
+        }
+    }
+}

@@ -379,3 +379,34 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::basic_credentials;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Any Authorization header value: credentials or none, never a panic.
+        #[test]
+        fn any_authorization_header(bytes in proptest::collection::vec(any::<u8>(), 0..120)) {
+            let _ = basic_credentials(&bytes);
+            let mut basic = b"Basic ".to_vec();
+            basic.extend(&bytes);
+            let _ = basic_credentials(&basic);
+        }
+    }
+
+    #[test]
+    fn basic_credentials_are_read() {
+        assert_eq!(
+            basic_credentials(b"Basic YWxpY2U6czNjcjp0"),
+            Some(("alice".into(), "s3cr:t".into()))
+        );
+        assert_eq!(basic_credentials(b"Bearer abc"), None);
+        assert_eq!(basic_credentials(b"Basic !!!"), None);
+        assert_eq!(basic_credentials(b"Basic YWxpY2U="), None, "no colon");
+    }
+}
