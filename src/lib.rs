@@ -60,6 +60,7 @@ pub mod config;
 pub mod http;
 pub mod hugetext;
 pub mod identity;
+pub mod journal;
 pub mod mqtt;
 pub mod protocol;
 pub mod record;
