@@ -105,37 +105,11 @@ impl BrokerUrl {
 
     /// The TLS client settings for `mqtts://` (and the HTTP admin path).
     pub fn tls_config(&self) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
-        use rustls::pki_types::CertificateDer;
-        use rustls::pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
         match &self.cafile {
-            Some(path) => {
-                let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-                    .and_then(|i| i.collect::<Result<_, _>>())
-                    .map_err(|e| format!("{}: not a PEM certificate file: {e}", path.display()))?;
-                let (added, _) = roots.add_parsable_certificates(certs);
-                if added == 0 {
-                    return Err(format!(
-                        "{}: holds no usable CA certificate",
-                        path.display()
-                    ));
-                }
-            }
-            None => {
-                let found = rustls_native_certs::load_native_certs();
-                roots.add_parsable_certificates(found.certs);
-                if roots.is_empty() {
-                    return Err("no system CA certificates found: give --cafile".into());
-                }
-            }
+            Some(path) => crate::tls_client::from_cafile(path),
+            None => crate::tls_client::system()
+                .ok_or_else(|| "no system CA certificates found: give --cafile".into()),
         }
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        Ok(std::sync::Arc::new(config))
     }
 
     /// The same broker, connected to as `user` with `password`.

@@ -67,4 +67,5 @@ pub mod record;
 pub mod registry;
 pub mod serve;
 pub mod statefile;
+pub mod tls_client;
 pub mod topics;

@@ -50,8 +50,27 @@ pub fn client_id(prefix: &str) -> String {
     format!("{prefix}-{n:016x}")
 }
 
-/// Options for a homicro client of `broker`.
+/// Options for a homicro client of `broker`. TLS settings that cannot be
+/// made (see [`BrokerUrl::tls_config`]) give TLS that trusts no server, so
+/// the connection fails: never plaintext instead.
 pub fn options(client_id: &str, broker: &BrokerUrl) -> MqttOptions {
+    options_checked(client_id, broker).unwrap_or_else(|e| {
+        warn!(broker = %broker, error = %e, "TLS not set up");
+        let none = crate::tls_client::trusting(rustls::RootCertStore::empty());
+        with_tls(plain(client_id, broker), none)
+    })
+}
+
+/// [`options`], or why its TLS settings cannot be made.
+pub fn options_checked(client_id: &str, broker: &BrokerUrl) -> Result<MqttOptions, String> {
+    let o = plain(client_id, broker);
+    match broker.tls {
+        true => Ok(with_tls(o, broker.tls_config()?)),
+        false => Ok(o),
+    }
+}
+
+fn plain(client_id: &str, broker: &BrokerUrl) -> MqttOptions {
     let mut o = MqttOptions::new(client_id, broker.host.clone(), broker.port);
     o.set_keep_alive(Duration::from_secs(30));
     o.set_max_packet_size(MAX_PACKET, MAX_PACKET);
@@ -60,31 +79,13 @@ pub fn options(client_id: &str, broker: &BrokerUrl) -> MqttOptions {
     if let Some(login) = &broker.login {
         o.set_credentials(login.user.clone(), login.password.clone());
     }
-    if broker.tls {
-        match broker.tls_config() {
-            Ok(c) => {
-                o.set_transport(rumqttc::Transport::tls_with_config(
-                    rumqttc::TlsConfiguration::Rustls(c),
-                ));
-            }
-            // Never plaintext instead: TLS that trusts no one, so the
-            // connection fails (callers check `tls_config` first).
-            Err(e) => {
-                warn!(broker = %broker, error = %e, "TLS not set up");
-                let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-                if let Ok(b) = rustls::ClientConfig::builder_with_provider(provider)
-                    .with_safe_default_protocol_versions()
-                {
-                    let none = b
-                        .with_root_certificates(rustls::RootCertStore::empty())
-                        .with_no_client_auth();
-                    o.set_transport(rumqttc::Transport::tls_with_config(
-                        rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(none)),
-                    ));
-                }
-            }
-        }
-    }
+    o
+}
+
+fn with_tls(mut o: MqttOptions, config: std::sync::Arc<rustls::ClientConfig>) -> MqttOptions {
+    o.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(config),
+    ));
     o
 }
 

@@ -11,10 +11,7 @@ use tokio::net::TcpStream;
 use super::{ANSWER_TIMEOUT, Broker, RegisterError};
 use crate::protocol::ErrorPayload;
 use crate::record::Name;
-
-/// A byte stream, plain or TLS.
-trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+use crate::tls_client::Io;
 
 /// Removes NAME's record whoever wrote it; `false`: it was not registered.
 pub async fn deregister_as_admin(broker: &Broker, name: &Name) -> Result<bool, RegisterError> {

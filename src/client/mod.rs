@@ -86,15 +86,13 @@ impl Connection {
         client_prefix: &str,
         will: Option<LastWill>,
     ) -> Result<Connection, ConnectionError> {
-        if broker.tls {
-            broker
-                .tls_config()
-                .map_err(|reason| ConnectionError::Connect {
+        let mut opts =
+            mqtt::options_checked(&mqtt::client_id(client_prefix), broker).map_err(|reason| {
+                ConnectionError::Connect {
                     broker: broker.to_string(),
                     reason,
-                })?;
-        }
-        let mut opts = mqtt::options(&mqtt::client_id(client_prefix), broker);
+                }
+            })?;
         if let Some(w) = will {
             opts.set_last_will(w);
         }

@@ -13,13 +13,10 @@ use tokio::net::TcpStream;
 use super::health::{Outcome, Probe, Target};
 use super::probe_tls as tls;
 use crate::record::is_local;
+use crate::tls_client::Io;
 
 /// The most of a health response body that is read (for its `name`).
 const MAX_BODY: usize = 64 * 1024;
-
-/// A byte stream, plain or TLS.
-trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
 
 /// Runs one probe to completion within its timeout.
 pub async fn run(probe: &Probe) -> Outcome {
