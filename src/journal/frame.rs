@@ -17,10 +17,15 @@ use bytes::Bytes;
 /// What a key belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Space {
-    /// Registry records, by name (the value: the record's bytes and owner).
+    /// The snapshot's own facts (which journals it covers).
+    Meta = 0,
+    /// Registry records, by name (the value: the record as published).
     Records = 1,
-    /// Retained messages on the bus, by topic.
+    /// Retained messages on the bus, by topic (the value: see
+    /// `bus::router::message::stored`).
     Retained = 2,
+    /// Who wrote each record, by name (the value: `Identity::to_stored`).
+    Owners = 3,
 }
 
 /// One change.
@@ -131,8 +136,10 @@ fn body_op(body: &[u8]) -> Option<Op> {
     let (&code, rest) = body.split_first()?;
     let (&space, rest) = rest.split_first()?;
     let space = match space {
+        0 => Space::Meta,
         1 => Space::Records,
         2 => Space::Retained,
+        3 => Space::Owners,
         _ => return None,
     };
     let klen = u16::from_le_bytes(rest.get(..2)?.try_into().ok()?) as usize;

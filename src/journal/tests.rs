@@ -22,28 +22,47 @@ fn get<'a>(s: &'a State, space: Space, key: &str) -> Option<&'a [u8]> {
     s.get(&(space, key.to_string())).map(|b| &b[..])
 }
 
+fn open(dir: &Path) -> (Journal, Recovered) {
+    Journal::open(dir, Options::default()).unwrap()
+}
+
+fn files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Waits (bounded) for `f` to hold.
+async fn until(mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(10), "timed out");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test]
 async fn what_was_acknowledged_is_recovered() {
     let dir = tempfile::tempdir().unwrap();
-    let (j, rec) = Journal::open(dir.path()).unwrap();
+    let (j, rec) = open(dir.path());
     assert_eq!(rec, Recovered::default());
-    j.append(vec![put("web", "1"), retained("ha/config", "x")])
-        .await
-        .unwrap()
-        .unwrap();
-    j.append(vec![put("web", "2"), put("nas", "3")])
-        .await
-        .unwrap()
-        .unwrap();
+    let a = j.append(vec![put("web", "1"), retained("ha/config", "x")]);
+    let b = j.append(vec![put("web", "2"), put("nas", "3")]);
+    assert!(b > a);
     let del = Op::Delete {
         space: Space::Records,
         key: "nas".into(),
     };
-    j.append(vec![del]).await.unwrap().unwrap();
-    // As a kill -9 would: no clean close (the writer thread is simply gone
-    // with the process); what was acknowledged is on disk already.
+    let c = j.append(vec![del]);
+    j.synced(c).await.unwrap();
+    assert_eq!(j.appended(), c);
+    // As a kill -9 would: no clean close (the threads are simply gone with
+    // the process); what was acknowledged is on disk already.
     std::mem::forget(j);
-    let (_j, rec) = Journal::open(dir.path()).unwrap();
+    let (_j, rec) = open(dir.path());
     assert_eq!(get(&rec.state, Space::Records, "web"), Some(&b"2"[..]));
     assert_eq!(get(&rec.state, Space::Records, "nas"), None);
     assert_eq!(
@@ -56,116 +75,176 @@ async fn what_was_acknowledged_is_recovered() {
 #[tokio::test]
 async fn changes_that_arrive_together_share_one_fsync() {
     let dir = tempfile::tempdir().unwrap();
-    let (j, _) = Journal::open(dir.path()).unwrap();
-    let waits: Vec<_> = (0..2000)
+    let (j, _) = open(dir.path());
+    let seqs: Vec<u64> = (0..2000)
         .map(|i| j.append(vec![put(&format!("n{i}"), "{}")]))
         .collect();
-    for w in waits {
-        w.await.unwrap().unwrap();
+    for s in seqs {
+        j.synced(s).await.unwrap();
     }
     let fsyncs = j.fsyncs();
     assert!(fsyncs < 2000, "{fsyncs} fsyncs for 2,000 changes");
-    drop(j);
-    let (_j, rec) = Journal::open(dir.path()).unwrap();
+    j.close().unwrap();
+    let (_j, rec) = open(dir.path());
     assert_eq!(rec.state.len(), 2000);
 }
 
 #[tokio::test]
-async fn a_torn_tail_loses_only_its_entries_and_new_ones_follow_the_rest() {
+async fn a_torn_tail_loses_only_its_entries_and_new_ones_are_not_behind_it() {
     let dir = tempfile::tempdir().unwrap();
-    let (j, _) = Journal::open(dir.path()).unwrap();
+    let (j, _) = open(dir.path());
     for i in 0..10 {
-        j.append(vec![put(&format!("n{i}"), "{}")])
-            .await
-            .unwrap()
-            .unwrap();
+        let s = j.append(vec![put(&format!("n{i}"), "{}")]);
+        j.synced(s).await.unwrap();
     }
-    drop(j);
-    let path = dir.path().join("journal");
+    std::mem::forget(j);
+    let path = dir.path().join("journal.1");
     let len = std::fs::metadata(&path).unwrap().len();
     let f = OpenOptions::new().write(true).open(&path).unwrap();
     f.set_len(len - 3).unwrap();
     drop(f);
-    let (j, rec) = Journal::open(dir.path()).unwrap();
+    let (j, rec) = open(dir.path());
     assert_eq!(rec.state.len(), 9);
     assert_eq!((rec.lost_entries, rec.lost_bytes > 0), (1, true));
-    j.append(vec![put("after", "{}")]).await.unwrap().unwrap();
-    drop(j);
-    let (_j, rec) = Journal::open(dir.path()).unwrap();
-    assert_eq!(
-        rec.state.len(),
-        10,
+    let s = j.append(vec![put("after", "{}")]);
+    j.synced(s).await.unwrap();
+    std::mem::forget(j);
+    let (_j, rec) = open(dir.path());
+    assert!(
+        get(&rec.state, Space::Records, "after").is_some(),
         "the new entry was not lost behind the torn one"
     );
-    assert_eq!(rec.lost_entries, 0);
+    assert_eq!(rec.state.len(), 10);
 }
 
 #[tokio::test]
-async fn compaction_keeps_the_state_and_empties_the_journal() {
+async fn a_long_journal_is_compacted_in_the_background_and_nothing_is_lost() {
     let dir = tempfile::tempdir().unwrap();
-    let (j, _) = Journal::open(dir.path()).unwrap();
-    let mut state = State::new();
-    for i in 0..100 {
-        let op = put(&format!("n{i}"), &i.to_string());
-        j.append(vec![op.clone()]).await.unwrap().unwrap();
-        apply(&mut state, vec![op]);
+    let opts = Options {
+        compact_after: 4096,
+        ..Options::default()
+    };
+    let (j, _) = Journal::open(dir.path(), opts).unwrap();
+    let mut last = 0;
+    for round in 0..20 {
+        for i in 0..50 {
+            last = j.append(vec![put(&format!("n{i}"), &format!("{round}-{i}"))]);
+        }
+        j.synced(last).await.unwrap();
     }
-    j.compact(state.clone()).await.unwrap().unwrap();
-    assert_eq!(
-        std::fs::metadata(dir.path().join("journal")).unwrap().len(),
-        0
-    );
-    j.append(vec![put("n0", "changed")]).await.unwrap().unwrap();
-    drop(j);
-    let (_j, rec) = Journal::open(dir.path()).unwrap();
-    assert_eq!(rec.state.len(), 100);
-    assert_eq!(get(&rec.state, Space::Records, "n0"), Some(&b"changed"[..]));
+    let del = Op::Delete {
+        space: Space::Records,
+        key: "n0".into(),
+    };
+    j.synced(j.append(vec![del])).await.unwrap();
+    until(|| dir.path().join("snapshot").exists()).await;
+    // Old journals go once a snapshot covers them.
+    until(|| {
+        files(dir.path())
+            .iter()
+            .filter(|f| f.starts_with("journal."))
+            .count()
+            <= 2
+    })
+    .await;
+    std::mem::forget(j);
+    let (_j, rec) = open(dir.path());
+    assert_eq!(rec.state.len(), 49);
+    assert_eq!(get(&rec.state, Space::Records, "n1"), Some(&b"19-1"[..]));
+    assert_eq!(get(&rec.state, Space::Records, "n0"), None);
+}
+
+#[tokio::test]
+async fn a_restart_snapshots_what_it_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (j, _) = open(dir.path());
+    j.synced(j.append(vec![put("web", "1")])).await.unwrap();
+    j.close().unwrap();
+    let (j, rec) = open(dir.path());
     assert_eq!(rec.replayed, 1);
+    until(|| !dir.path().join("journal.1").exists()).await;
+    j.close().unwrap();
+    assert_eq!(files(dir.path()), ["journal.2", "snapshot"]);
+    let (_j, rec) = open(dir.path());
+    assert_eq!((rec.replayed, rec.state.len()), (0, 1), "from the snapshot");
 }
 
 #[tokio::test]
 async fn a_damaged_snapshot_is_moved_aside_and_what_can_be_read_is_kept() {
     let dir = tempfile::tempdir().unwrap();
-    let (j, _) = Journal::open(dir.path()).unwrap();
-    let state: State = (0..10)
-        .map(|i| ((Space::Records, format!("n{i}")), Bytes::from_static(b"{}")))
-        .collect();
-    j.compact(state).await.unwrap().unwrap();
-    drop(j);
+    let (j, _) = open(dir.path());
+    for i in 0..10 {
+        j.append(vec![put(&format!("n{i}"), "{}")]);
+    }
+    j.synced_all().await.unwrap();
+    j.close().unwrap();
+    let (j, _) = open(dir.path());
+    until(|| !dir.path().join("journal.1").exists()).await;
+    j.close().unwrap();
     let snap = dir.path().join("snapshot");
     let mut bytes = std::fs::read(&snap).unwrap();
     let n = bytes.len();
     bytes.truncate(n - 2);
     std::fs::write(&snap, bytes).unwrap();
-    let (_j, rec) = Journal::open(dir.path()).unwrap();
+    let (_j, rec) = open(dir.path());
     assert_eq!(rec.state.len(), 9);
     let aside = rec.snapshot_moved_to.expect("moved aside");
     assert!(aside.exists() && !snap.exists());
 }
 
-#[cfg(target_os = "linux")]
+/// A full disk: every waiter hears the error (never an acknowledgement),
+/// and once the disk works again everything, the changes made meanwhile
+/// included, is written by itself.
 #[tokio::test]
-async fn a_full_disk_is_answered_with_its_error_never_an_acknowledgement() {
-    // /dev/full: every write fails with ENOSPC, as a full disk.
-    let Ok(full) = OpenOptions::new().append(true).open("/dev/full") else {
-        return;
-    };
+async fn a_failing_disk_is_answered_with_its_error_and_recovery_writes_it_all() {
     let dir = tempfile::tempdir().unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let fsyncs = Arc::new(AtomicU64::new(0));
-    let writer = Writer {
-        dir: dir.path().to_path_buf(),
-        file: full,
-        len: 0,
-        fsyncs,
+    let opts = Options {
+        retry_every: Duration::from_millis(50),
+        ..Options::default()
     };
-    let thread = std::thread::spawn(move || writer.run(rx));
-    let (done, answer) = oneshot::channel();
-    tx.send(Job::Append(vec![put("web", "{}")], done))
-        .ok()
-        .unwrap();
-    let e = answer.await.unwrap().unwrap_err();
+    let (j, _) = Journal::open(dir.path(), opts).unwrap();
+    j.synced(j.append(vec![put("before", "1")])).await.unwrap();
+    j.inner.fault.store(true, Ordering::Relaxed);
+    let s = j.append(vec![put("during", "2")]);
+    let e = j.synced(s).await.unwrap_err();
     assert!(e.contains("No space left on device"), "{e}");
-    drop(tx);
-    thread.join().unwrap();
+    let failure = j.status().failure.expect("failing");
+    assert_eq!(failure.from, s);
+    // Later changes are refused too, at once.
+    let e = j
+        .synced(j.append(vec![put("later", "3")]))
+        .await
+        .unwrap_err();
+    assert!(e.contains("No space left"), "{e}");
+    j.inner.fault.store(false, Ordering::Relaxed);
+    until(|| j.status().failure.is_none()).await;
+    j.synced(j.append(vec![put("after", "4")])).await.unwrap();
+    std::mem::forget(j);
+    let (_j, rec) = open(dir.path());
+    for k in ["before", "during", "later", "after"] {
+        assert!(get(&rec.state, Space::Records, k).is_some(), "{k}");
+    }
+}
+
+#[tokio::test]
+async fn closing_on_a_failed_disk_says_what_was_not_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (j, _) = open(dir.path());
+    j.inner.fault.store(true, Ordering::Relaxed);
+    let s = j.append(vec![put("web", "1"), retained("a/b", "x")]);
+    assert!(j.synced(s).await.is_err());
+    let e = tokio::task::spawn_blocking(move || j.close())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e, "2 change(s) not written (to web, a/b)");
+}
+
+#[tokio::test]
+async fn appends_after_close_are_never_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (j, _) = open(dir.path());
+    j.close().unwrap();
+    let e = j.synced(j.append(vec![put("web", "1")])).await.unwrap_err();
+    assert!(e.contains("closed"), "{e}");
 }
