@@ -156,8 +156,12 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     pub broker: Option<BrokerUrl>,
     pub prefix: String,
-    pub state_file: PathBuf,
-    pub state_flush: Duration,
+    /// The journal and snapshot (every change is written there before it
+    /// is acknowledged).
+    pub state_dir: PathBuf,
+    /// A state file from before the journal, read once and migrated into
+    /// `state_dir` when that holds nothing yet (`None`: none).
+    pub state_file: Option<PathBuf>,
     pub log_level: String,
     pub health_concurrency: usize,
     /// Move the executable's code onto huge pages at start (see
@@ -178,6 +182,7 @@ pub struct Overrides {
     pub listen: Option<String>,
     pub broker: Option<String>,
     pub prefix: Option<String>,
+    pub state_dir: Option<PathBuf>,
     pub state_file: Option<PathBuf>,
     pub log_level: Option<String>,
     /// `--no-registry`.
@@ -190,8 +195,8 @@ const TOP_KEYS: [&str; 11] = [
     "listen",
     "broker",
     "prefix",
+    "state_dir",
     "state_file",
-    "state_flush",
     "log_level",
     "health_concurrency",
     "huge_code_pages",
@@ -265,22 +270,21 @@ impl ServeConfig {
         let (s, prefix) = pick("prefix", &flags.prefix)?;
         Topics::validate_prefix(&prefix).map_err(|m| err(&s, "prefix", m))?;
 
-        let (s, state_file) = match &flags.state_file {
+        let (s, state_dir) = match &flags.state_dir {
             Some(p) => ("flag".to_string(), p.to_string_lossy().into_owned()),
-            None => (src.to_string(), get_str(src, t, "state_file")?),
+            None => (src.to_string(), get_str(src, t, "state_dir")?),
         };
-        if state_file.is_empty() {
+        if state_dir.is_empty() {
             return Err(err(
                 &s,
-                "state_file",
-                "must be a file path, got \"\"".into(),
+                "state_dir",
+                "must be a directory path, got \"\"".into(),
             ));
         }
-
-        let state_flush = get_duration(src, t, "state_flush")?;
-        if state_flush.is_zero() || state_flush > Duration::from_secs(3600) {
-            return Err(err(src, "state_flush", "must be from 1ms to 1h".into()));
-        }
+        let state_file = match &flags.state_file {
+            Some(p) => p.to_string_lossy().into_owned(),
+            None => get_str(src, t, "state_file")?,
+        };
 
         let (s, log_level) = pick("log_level", &flags.log_level)?;
         if !LOG_LEVELS.contains(&log_level.as_str()) {
@@ -363,8 +367,8 @@ impl ServeConfig {
             listen,
             broker,
             prefix,
-            state_file: PathBuf::from(state_file),
-            state_flush,
+            state_dir: PathBuf::from(state_dir),
+            state_file: (!state_file.is_empty()).then(|| PathBuf::from(state_file)),
             log_level,
             health_concurrency,
             huge_code_pages,
@@ -381,6 +385,15 @@ const RETIRED_KEYS: [&str; 3] = ["max_retained_delivery", "segment_size", "segme
 
 fn check_keys(src: &str, at: &str, t: &Table, accepted: &[&str]) -> Result<(), ConfigError> {
     for key in t.keys() {
+        if at.is_empty() && key == "state_flush" {
+            return Err(ConfigError {
+                source_name: src.to_string(),
+                key: key.clone(),
+                message: "no longer used: every change is written to the journal in \
+                          state_dir before it is acknowledged; remove the line"
+                    .into(),
+            });
+        }
         if at == "embedded." && RETIRED_KEYS.contains(&key.as_str()) {
             return Err(ConfigError {
                 source_name: src.to_string(),

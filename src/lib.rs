@@ -57,6 +57,7 @@ pub mod bus;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod durable;
 pub mod http;
 pub mod hugetext;
 pub mod identity;

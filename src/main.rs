@@ -80,7 +80,12 @@ struct ServeArgs {
     /// With an mqtts:// --broker: trust the CAs in this PEM file.
     #[arg(long, env = "HOMICRO_CAFILE")]
     cafile: Option<PathBuf>,
-    /// The registry's state file [default: homicro-state.json].
+    /// Where records and retained messages are kept, each change synced
+    /// before it is acknowledged [default: homicro-state].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// A state file of homicro before 0.2, migrated into --state-dir once
+    /// (when that is empty) [default: homicro-state.json].
     #[arg(long)]
     state_file: Option<PathBuf>,
     /// Topic prefix [default: homicro].
@@ -289,6 +294,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         listen: args.listen,
         broker: args.broker,
         prefix: args.prefix,
+        state_dir: args.state_dir,
         state_file: args.state_file,
         log_level: args.log_level,
         no_registry: args.no_registry,
@@ -333,6 +339,10 @@ fn serve(args: ServeArgs) -> ExitCode {
     let rt = runtime();
     match rt.block_on(homicro::serve::run(config, stop_signal())) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ homicro::serve::ServeError::NotWritten(_)) => {
+            eprintln!("homicro: {e}");
+            ExitCode::from(1)
+        }
         Err(e) => {
             eprintln!("homicro: {e}");
             ExitCode::from(2)

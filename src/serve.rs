@@ -14,6 +14,8 @@ use crate::auth::Auth;
 use crate::bus::tls::Tls;
 use crate::bus::{self, Bus, Limits, Router, listener};
 use crate::config::{BrokerUrl, ServeConfig};
+use crate::durable;
+use crate::journal::Journal;
 use crate::registry::{self, Handle};
 use crate::topics::Topics;
 
@@ -28,6 +30,11 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    StateDir(#[from] crate::durable::DirError),
+    /// The final write failed: what was not written.
+    #[error("stopped, but {0}: they may be lost")]
+    NotWritten(String),
 }
 
 /// A running `serve`: where clients connect, and the registry's handle.
@@ -38,6 +45,8 @@ pub struct Running {
     pub registry: Option<Handle>,
     /// The bus (embedded mode only).
     pub bus: Option<Arc<Bus>>,
+    /// Where every change is written.
+    pub journal: Journal,
     listener_task: Option<JoinHandle<()>>,
 }
 
@@ -62,9 +71,16 @@ pub async fn start(config: &ServeConfig) -> Result<Running, ServeError> {
             "[auth] is for the embedded bus: the external broker checks its own clients"
         );
     }
+    let opened = durable::open(&config.state_dir, config.state_file.as_deref()).await?;
+    let journal = opened.journal.clone();
     let registry = match config.registry {
         true => Some(
-            registry::Handle::spawn(options(config, registry::Bus::External(url.clone()))).await,
+            registry::Handle::spawn(options(
+                config,
+                registry::Bus::External(url.clone()),
+                opened,
+            ))
+            .await,
         ),
         false => None,
     };
@@ -73,6 +89,7 @@ pub async fn start(config: &ServeConfig) -> Result<Running, ServeError> {
         broker: url.clone(),
         registry,
         bus: None,
+        journal,
         listener_task: None,
     })
 }
@@ -99,10 +116,28 @@ async fn start_embedded(config: &ServeConfig) -> Result<Running, ServeError> {
         }
         None => None,
     };
+    let mut opened = durable::open(&config.state_dir, config.state_file.as_deref()).await?;
+    let journal = opened.journal.clone();
     let router = Router::new();
+    router.restore(std::mem::take(&mut opened.retained));
+    let topics = Topics::new(&config.prefix);
+    // The registry journals its own topics' state (its records) itself.
+    let own = topics.clone();
+    router.journal_retained(
+        journal.clone(),
+        Box::new(move |t| {
+            matches!(own.classify(t), crate::topics::Incoming::Other)
+                && !bus::gate::reserved(&own, t)
+        }),
+    );
     let registry = match config.registry {
         true => Some(
-            registry::Handle::spawn(options(config, registry::Bus::Embedded(router.clone()))).await,
+            registry::Handle::spawn(options(
+                config,
+                registry::Bus::Embedded(router.clone()),
+                opened,
+            ))
+            .await,
         ),
         false => {
             info!("registry off: the bus alone");
@@ -115,14 +150,9 @@ async fn start_embedded(config: &ServeConfig) -> Result<Running, ServeError> {
         max_connections = limits.max_connections,
         "limits from the file-descriptor limit"
     );
-    let mut bus = Bus::new(
-        limits,
-        router,
-        Topics::new(&config.prefix),
-        registry.clone(),
-        auth.clone(),
-    );
+    let mut bus = Bus::new(limits, router, topics, registry.clone(), auth.clone());
     bus.tls = tls.clone();
+    bus.journal = Some(journal.clone());
     let bus = Arc::new(bus);
     tokio::spawn(reload_on_hangup(auth, tls));
     info!(%listen, "listening (MQTT 3.1.1 and 5, WebSocket /mqtt, HTTP API)");
@@ -134,6 +164,7 @@ async fn start_embedded(config: &ServeConfig) -> Result<Running, ServeError> {
         broker: public,
         registry,
         bus: Some(bus),
+        journal,
         listener_task: Some(listener_task),
     })
 }
@@ -157,12 +188,12 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-fn options(config: &ServeConfig, bus: registry::Bus) -> registry::Options {
+fn options(config: &ServeConfig, bus: registry::Bus, opened: durable::Opened) -> registry::Options {
     registry::Options {
         bus,
         prefix: config.prefix.clone(),
-        state_file: config.state_file.clone(),
-        state_flush: config.state_flush,
+        journal: Some(opened.journal),
+        restored: opened.records,
         health_concurrency: config.health_concurrency,
     }
 }
@@ -192,8 +223,8 @@ fn limits(config: &ServeConfig) -> Limits {
     }
 }
 
-/// Serves until `shutdown` resolves, then announces `offline`, writes the
-/// state file and returns.
+/// Serves until `shutdown` resolves, then announces `offline`, writes
+/// what the journal holds and returns (`NotWritten`: what it could not).
 pub async fn run(
     config: ServeConfig,
     shutdown: impl Future<Output = ()>,
@@ -201,10 +232,31 @@ pub async fn run(
     let running = start(&config).await?;
     shutdown.await;
     info!("shutting down");
-    if let Some(r) = &running.registry {
-        r.shutdown().await;
+    running.stop().await
+}
+
+impl Running {
+    /// Announces `offline`, stops the registry, and closes the journal
+    /// once everything in it is written (`NotWritten`: what could not be).
+    pub async fn stop(&self) -> Result<(), ServeError> {
+        if let Some(r) = &self.registry {
+            r.shutdown().await;
+        }
+        let journal = self.journal.clone();
+        let closed = tokio::task::spawn_blocking(move || journal.close())
+            .await
+            .unwrap_or_else(|e| Err(format!("the journal's writer failed: {e}")));
+        match closed {
+            Ok(()) => {
+                info!("state written");
+                Ok(())
+            }
+            Err(what) => {
+                tracing::error!(error = %what, "the final write failed");
+                Err(ServeError::NotWritten(what))
+            }
+        }
     }
-    Ok(())
 }
 
 /// Reads the password and ACL files and the TLS certificate again on every

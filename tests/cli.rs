@@ -283,12 +283,12 @@ fn serve_refuses_a_bad_password_file_or_auth_config_with_exit_2() {
     let serve = |auth: &str| {
         let cfg = dir.path().join("homicro.toml");
         std::fs::write(&cfg, format!("listen = \"127.0.0.1:0\"\n[auth]\n{auth}\n")).unwrap();
-        let state = dir.path().join("state.json");
+        let state = dir.path().join("state");
         homicro_cmd(&[
             "serve",
             "--config",
             cfg.to_str().unwrap(),
-            "--state-file",
+            "--state-dir",
             state.to_str().unwrap(),
         ])
     };

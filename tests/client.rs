@@ -215,7 +215,7 @@ async fn pick_fails_over_to_another_instance() {
 async fn a_registry_restarted_with_empty_state_gets_the_registration_back() {
     let port = free_port();
     let dir_tmp = tempfile::tempdir().unwrap();
-    let state = dir_tmp.path().join("state.json");
+    let state = dir_tmp.path().join("state");
     let listen = format!("127.0.0.1:{port}");
     let mut s = Serve::start_with(&["--listen", &listen], &state).await;
     let reg = Registration::builder("nas")
@@ -293,7 +293,7 @@ async fn a_vanished_record_is_reasserted_but_a_new_owner_is_not_fought() {
 async fn a_broker_that_comes_back_leaves_the_directory_correct() {
     let port = free_port();
     let tmp = tempfile::tempdir().unwrap();
-    let state = tmp.path().join("state.json");
+    let state = tmp.path().join("state");
     let listen = format!("127.0.0.1:{port}");
     let mut s = Serve::start_with(&["--listen", &listen], &state).await;
     let mut c = Client::connect(&s.url).await;
@@ -307,12 +307,15 @@ async fn a_broker_that_comes_back_leaves_the_directory_correct() {
     // While the broker is away, "gone" leaves the state; "new" arrives.
     let (status, _) = s.terminate().await;
     assert!(status.success());
-    let text = std::fs::read_to_string(&state).unwrap();
-    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let recs = v["records"].as_object_mut().unwrap();
-    recs.remove("gone");
-    recs.insert("new".into(), r#"{"host":"10.0.0.3"}"#.into());
-    std::fs::write(&state, v.to_string()).unwrap();
+    {
+        use homicro::registry::state::{Kept, ops_for};
+        let (j, _) = homicro::journal::Journal::open(&state, Default::default()).unwrap();
+        let new = bytes::Bytes::from_static(br#"{"host":"10.0.0.3"}"#);
+        let mut ops = ops_for("gone", None).to_vec();
+        ops.extend(ops_for("new", Some(Kept::of(&new, None))));
+        j.synced(j.append(ops)).await.unwrap();
+        j.close().unwrap();
+    }
     let _s2 = Serve::start_with(&["--listen", &listen], &state).await;
 
     change(&mut rx, removed("gone")).await;
@@ -390,7 +393,7 @@ async fn the_helper_and_the_cli_log_in_and_users_own_their_records() {
     // Anonymous allowed, so that the test's readiness probe gets in.
     let text = format!("[auth]\npassword_file = {pw:?}\nallow_anonymous = true\n");
     std::fs::write(&cfg, text).unwrap();
-    let state = tmp.path().join("state.json");
+    let state = tmp.path().join("state");
     let args = ["--listen", "127.0.0.1:0", "--config", cfg.to_str().unwrap()];
     let s = Serve::start_with(&args, &state).await;
 
@@ -468,7 +471,7 @@ async fn the_helper_and_the_cli_speak_tls() {
         "[auth]\npassword_file = {pw:?}\nallow_anonymous = true\n[tls]\ncert = {cert:?}\nkey = {key:?}\n"
     );
     std::fs::write(&cfg, text).unwrap();
-    let state = tmp.path().join("state.json");
+    let state = tmp.path().join("state");
     let s = Serve::start_with(
         &["--listen", "127.0.0.1:0", "--config", cfg.to_str().unwrap()],
         &state,

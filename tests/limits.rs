@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use common::raw::{Hello, Raw};
-use common::{Serve, WAIT};
+use common::{Serve, WAIT, http_get, metric};
 use homicro::bus::listener::{FD_RESERVE, REFUSAL_ROOM};
 use homicro::config::{Overrides, ServeConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -395,31 +395,6 @@ fn raise_fd_limit(need: u64) {
         lim.rlim_cur = lim.rlim_max;
         assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
     }
-}
-
-/// `GET path` over HTTP/1.1 on a fresh connection: (status, body).
-async fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut resp = String::new();
-    let read = tokio::time::timeout(WAIT, s.read_to_string(&mut resp)).await;
-    read.unwrap_or_else(|_| panic!("no answer to GET {path} in {WAIT:?}"))
-        .unwrap();
-    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok());
-    let status = status.unwrap_or_else(|| panic!("not HTTP: {resp:?}"));
-    let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    (status, body.to_string())
-}
-
-/// The value of the unlabelled series `name` in `GET /metrics`.
-async fn metric(port: u16, name: &str) -> u64 {
-    let (status, body) = http_get(port, "/metrics").await;
-    assert_eq!(status, 200, "GET /metrics: {body}");
-    let value = |l: &str| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok();
-    body.lines()
-        .find_map(value)
-        .unwrap_or_else(|| panic!("no {name} in {body}"))
 }
 
 /// Polls `/metrics` until `name` is `want`.

@@ -29,7 +29,7 @@ async fn serve_with_timeout(timeout: &str) -> (Serve, tempfile::TempDir) {
             "--config",
             conf.to_str().unwrap(),
         ],
-        &tmp.path().join("state.json"),
+        &tmp.path().join("state"),
     )
     .await;
     (s, tmp)

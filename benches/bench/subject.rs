@@ -307,8 +307,8 @@ fn start_serve(
             "--log-level",
             &level,
         ])
-        .arg("--state-file")
-        .arg(dir.path().join("state.json"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());

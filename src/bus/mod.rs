@@ -93,6 +93,9 @@ pub struct Bus {
     pub auth: std::sync::Arc<crate::auth::Auth>,
     /// TLS on the port (`None`: plaintext only).
     pub tls: Option<std::sync::Arc<tls::Tls>>,
+    /// Where changes are written before they are acknowledged (`None`:
+    /// nowhere; nothing waits).
+    pub journal: Option<crate::journal::Journal>,
     pub started: Instant,
     pub(crate) sessions: Mutex<HashMap<String, sessions::Entry>>,
     next_session: AtomicU64,
@@ -113,6 +116,7 @@ impl Bus {
             gate,
             auth,
             tls: None,
+            journal: None,
             metrics: Metrics::default(),
             started: Instant::now(),
             sessions: Mutex::new(HashMap::new()),

@@ -12,7 +12,8 @@ fn defaults() {
     assert_eq!(c.listen, "0.0.0.0:1883".parse().unwrap());
     assert_eq!(c.broker, None);
     assert_eq!(c.prefix, "homicro");
-    assert_eq!(c.state_flush, Duration::from_secs(1));
+    assert_eq!(c.state_dir, PathBuf::from("homicro-state"));
+    assert_eq!(c.state_file, Some(PathBuf::from("homicro-state.json")));
     assert_eq!(c.embedded.max_queued_messages, 1_000);
 }
 
@@ -78,10 +79,10 @@ fn bad_values_name_key_and_accepted_values() {
             "embedded.segment_count: no longer used",
         ),
         (
-            "state_flush = \"soon\"",
-            "state_flush: \"soon\" is not a duration",
+            "state_flush = \"1s\"",
+            "state_flush: no longer used: every change is written to the journal",
         ),
-        ("state_file = \"\"", "state_file: must be a file path"),
+        ("state_dir = \"\"", "state_dir: must be a directory path"),
         ("listen = 5", "listen: must be a string, got 5"),
         (
             "health_concurrency = 0",

@@ -85,7 +85,25 @@ impl Api<'_> {
             None => None,
         };
         let uptime = self.shared.started.elapsed().as_secs();
-        let (code, body) = health(status, uptime);
+        let (code, mut body) = health(status, uptime);
+        if let Some(j) = &self.shared.journal {
+            let st = j.status();
+            body["storage"] = json!(if st.failure.is_some() {
+                "failing"
+            } else {
+                "ok"
+            });
+            if let Some(f) = st.failure {
+                // Serving goes on; changes are live but not acknowledged.
+                if body["state"] == "online" {
+                    body["state"] = json!("degraded");
+                }
+                body["storage_detail"] = json!(format!(
+                    "{}; changes are applied but not acknowledged until the disk is written again",
+                    f.reason
+                ));
+            }
+        }
         json_bytes(code, Bytes::from(body.to_string()))
     }
 
@@ -96,7 +114,7 @@ impl Api<'_> {
             None => None,
         };
         let uptime = self.shared.started.elapsed().as_secs_f64();
-        let text = metrics(
+        let mut text = metrics(
             status.as_ref(),
             &self.shared.metrics,
             self.shared.router.dropped(),
@@ -104,6 +122,23 @@ impl Api<'_> {
             self.shared.router.retained(),
             uptime,
         );
+        if let Some(j) = &self.shared.journal {
+            let failing = u64::from(j.status().failure.is_some());
+            series(
+                &mut text,
+                "homicro_journal_fsyncs_total",
+                "counter",
+                "fsyncs of the journal (one per group of changes written together).",
+                &[("", j.fsyncs())],
+            );
+            series(
+                &mut text,
+                "homicro_journal_failing",
+                "gauge",
+                "1 while the disk fails and changes are not acknowledged.",
+                &[("", failing)],
+            );
+        }
         let mut resp = json_bytes(StatusCode::OK, Bytes::from(text));
         resp.headers_mut().insert(
             CONTENT_TYPE,

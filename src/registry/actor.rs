@@ -1,9 +1,7 @@
 //! The registry actor: moves messages between the broker and the rules in
-//! `state.rs`, keeps the clock (ttl deadlines, health probes) and the state
-//! file. On the embedded bus, records are judged in the sessions' own tasks
+//! `state.rs` and keeps the clock (ttl deadlines, health probes). On the embedded bus, records are judged in the sessions' own tasks
 //! (`shared.rs`); the actor is woken when that moves a deadline.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +17,6 @@ use super::health::{Outcome, Probe};
 use super::probe;
 use super::shared::Shared;
 use super::state::{Delivery, Publish, Registry, Stats};
-use super::writer::Writer;
 use super::{Answer, Status};
 use crate::mqtt::Incoming;
 use crate::record::Name;
@@ -59,9 +56,6 @@ pub(super) struct Actor {
     pub probes_in_flight: Arc<Semaphore>,
     pub transport: Transport,
     pub requests: mpsc::Receiver<Request>,
-    pub state_file: PathBuf,
-    pub flush_every: Duration,
-    pub persist: bool,
     /// Whether the MQTT session with the broker is up.
     pub connected: bool,
 }
@@ -71,22 +65,14 @@ impl Actor {
         if matches!(self.transport, Transport::Router) {
             self.on_incoming(Incoming::Connected).await;
         }
-        let writer = Writer::spawn(self.state_file.clone(), self.persist);
         let (probe_tx, mut probe_rx) = mpsc::unbounded_channel::<(Probe, Outcome)>();
-        let mut flushed = self.shared.lock().reg.changes();
-        let mut flush_at: Option<Instant> = None;
         let shared = self.shared.clone();
         let shutdown = loop {
             let (deadline, probe_at) = {
                 let mut l = shared.lock();
-                if flush_at.is_none() && l.reg.changes() != flushed {
-                    flush_at = Some(Instant::now() + self.flush_every);
-                }
                 let (deadline, probe_at) = (l.reg.next_deadline(), l.reg.next_probe());
                 l.armed.deadline = deadline;
                 l.armed.probe_at = probe_at;
-                l.armed.flush_armed = flush_at.is_some();
-                l.armed.flushed = flushed;
                 (deadline, probe_at)
             };
             tokio::select! {
@@ -113,18 +99,9 @@ impl Actor {
                 Some((p, outcome)) = probe_rx.recv() => {
                     self.change(|r| r.on_probe(Instant::now(), &p, outcome)).await;
                 }
-                _ = sleep_until(flush_at.unwrap_or_else(far_future)), if flush_at.is_some() => {
-                    let (changes, count) = {
-                        let mut l = shared.lock();
-                        (l.reg.take_changes(), l.reg.changes())
-                    };
-                    writer.write(changes);
-                    flushed = count;
-                    flush_at = None;
-                }
             }
         };
-        self.stop(writer).await;
+        self.stop().await;
         if let Some(tx) = shutdown {
             let _ = tx.send(());
         }
@@ -138,9 +115,15 @@ impl Actor {
             let mut l = self.shared.lock();
             let out = f(&mut l.reg);
             self.shared.route(out, None);
+            self.shared.journal(&mut l);
             return;
         }
-        let out = f(&mut self.shared.lock().reg);
+        let out = {
+            let mut l = self.shared.lock();
+            let out = f(&mut l.reg);
+            self.shared.journal(&mut l);
+            out
+        };
         self.publish_mqtt(out).await;
     }
 
@@ -188,7 +171,9 @@ impl Actor {
                 }
             }
             Request::Records(tx) => {
-                let _ = tx.send(self.snapshot().0);
+                let l = self.shared.lock();
+                let records = l.reg.records().map(|(n, b)| (n.clone(), b.clone()));
+                let _ = tx.send(records.collect());
             }
             Request::Record(name, tx) => {
                 let _ = tx.send(self.shared.lock().reg.payload(&name).cloned());
@@ -265,17 +250,9 @@ impl Actor {
         }
     }
 
-    /// Every record (for the state file, encoded off the lock) and the
-    /// change count it holds.
-    fn snapshot(&self) -> (Vec<(Name, Bytes)>, u64) {
-        let l = self.shared.lock();
-        let records = l.reg.records().map(|(n, b)| (n.clone(), b.clone()));
-        (records.collect(), l.reg.changes())
-    }
-
-    /// Announces `offline`, waits (briefly) until the broker has it, writes
-    /// the final state and disconnects.
-    async fn stop(&mut self, writer: Writer) {
+    /// Announces `offline`, waits (briefly) until the broker has it and
+    /// disconnects.
+    async fn stop(&mut self) {
         // Sessions judge no more records from here on.
         self.shared
             .stopped
@@ -289,7 +266,7 @@ impl Actor {
                 // The router forwards at once; give the sessions a moment
                 // to write it before the process ends.
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                return self.write_last(writer).await;
+                return self.stopped();
             }
         };
         let seen = timeout(Duration::from_millis(800), async {
@@ -315,13 +292,10 @@ impl Actor {
             }
         })
         .await;
-        self.write_last(writer).await;
+        self.stopped();
     }
 
-    /// Writes the changes the state file has not seen yet, and waits for it.
-    async fn write_last(&self, writer: Writer) {
-        let last = self.shared.lock().reg.take_changes();
-        writer.finish(last).await;
+    fn stopped(&self) {
         info!(records = self.shared.lock().reg.len(), "registry stopped");
     }
 }

@@ -8,20 +8,20 @@ mod probe;
 mod probe_tls;
 mod shared;
 pub mod state;
-mod writer;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttc::{LastWill, QoS};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::config::BrokerUrl;
+use crate::identity::Identity;
+use crate::journal::Journal;
 use crate::record::Name;
-use crate::statefile::{self, Loaded};
+use crate::record::Record;
 use crate::topics::Topics;
 use actor::{Actor, Request, Transport};
 use shared::Shared;
@@ -42,8 +42,11 @@ pub enum Bus {
 pub struct Options {
     pub bus: Bus,
     pub prefix: String,
-    pub state_file: PathBuf,
-    pub state_flush: Duration,
+    /// Where every change is written before it is acknowledged (`None`:
+    /// nowhere, for tests).
+    pub journal: Option<Journal>,
+    /// The records recovered at start (their `ttl` starts afresh).
+    pub restored: Vec<(Name, Record, Option<Identity>)>,
     /// How many health probes may run at once.
     pub health_concurrency: usize,
 }
@@ -79,27 +82,13 @@ impl Handle {
     pub async fn spawn(opts: Options) -> Handle {
         let topics = Topics::new(&opts.prefix);
         let mut state = Registry::new(topics, env!("CARGO_PKG_VERSION"));
-        let persist = match statefile::load(&opts.state_file) {
-            Loaded::Missing => {
-                info!(path = %opts.state_file.display(), "no state file yet; starting empty");
-                true
-            }
-            Loaded::Records(records) => {
-                info!(path = %opts.state_file.display(), records = records.len(), "state loaded");
-                state.load(Instant::now(), records);
-                true
-            }
-            Loaded::Discarded { error, moved_to } => {
-                match &moved_to {
-                    Some(to) => error!(error = %error, moved_to = %to.display(),
-                        "state file unusable; moved aside, starting empty"),
-                    None => error!(error = %error,
-                        "state file unusable and cannot be moved aside; starting empty \
-                         and NOT writing state, so that it is not overwritten"),
-                }
-                moved_to.is_some()
-            }
-        };
+        if !opts.restored.is_empty() {
+            info!(records = opts.restored.len(), "records restored");
+            state.load(Instant::now(), opts.restored);
+        }
+        if opts.journal.is_some() {
+            state.set_journaled();
+        }
         let transport = match &opts.bus {
             Bus::External(broker) => {
                 let mut mqtt =
@@ -123,7 +112,7 @@ impl Handle {
             Bus::Embedded(router) => Some(router.clone()),
             Bus::External(_) => None,
         };
-        let shared = std::sync::Arc::new(Shared::new(state, router));
+        let shared = std::sync::Arc::new(Shared::new(state, router, opts.journal.clone()));
         let (tx, requests) = mpsc::channel(16);
         let actor = Actor {
             shared: shared.clone(),
@@ -132,9 +121,6 @@ impl Handle {
             )),
             transport,
             requests,
-            state_file: opts.state_file,
-            flush_every: opts.state_flush,
-            persist,
             connected: false,
         };
         tokio::spawn(actor.run());
@@ -163,20 +149,36 @@ impl Handle {
 
     /// Submits NAME's record (empty: removes it) through the same rules as
     /// a publish on `PREFIX/services/NAME`; the registry publishes the
-    /// outcome. See [`Registry::on_submit`].
+    /// outcome. See [`Registry::on_submit`]. An accepted change is
+    /// answered once it is on disk; when it cannot be written, the answer
+    /// is an `unavailable` error (the change is live, but not durable).
     pub async fn submit(
         &self,
         name: &str,
         payload: Bytes,
         by: crate::identity::Author,
     ) -> Result<Answer, Stopped> {
-        self.ask(|respond_to| Request::Submit {
-            name: name.to_string(),
-            payload,
-            by,
-            respond_to,
-        })
-        .await
+        let answer = self
+            .ask(|respond_to| Request::Submit {
+                name: name.to_string(),
+                payload,
+                by,
+                respond_to,
+            })
+            .await?;
+        if let (Ok(_), Some(j)) = (&answer, &self.shared.journal) {
+            // Appended before the answer came: whatever is last now
+            // includes it.
+            if let Err(e) = j.synced_all().await {
+                return Ok(Err(state::not_durable(name, &e)));
+            }
+        }
+        Ok(answer)
+    }
+
+    /// The journal the registry writes its changes to.
+    pub fn journal(&self) -> Option<&Journal> {
+        self.shared.journal.as_ref()
     }
 
     /// Judges a record or heartbeat published on the embedded bus, in the
@@ -208,7 +210,7 @@ impl Handle {
         rx.await.map_err(|_| Stopped)
     }
 
-    /// Announces `offline`, writes the state file and stops the actor.
+    /// Announces `offline` and stops the actor.
     pub async fn shutdown(&self) {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Request::Shutdown(tx)).await.is_err() {

@@ -3,8 +3,10 @@
 //! the publisher's own task, under one lock, and what the verdict
 //! publishes goes to the router under that same lock, so the router sees
 //! the registry's changes in the order the registry made them. The actor
-//! keeps the clock (ttl deadlines, health probes, the state file) and is
-//! woken only when a change moves one of its deadlines earlier.
+//! keeps the clock (ttl deadlines, health probes) and is woken only when a
+//! change moves one of its deadlines earlier. Whoever changes the registry
+//! appends the change to the journal before letting go of the lock, so the
+//! journal holds the changes in the order they were made.
 //!
 //! The lock combines: a session that finds it taken does not wait for it
 //! but leaves its submission in a queue, and whoever holds the lock judges
@@ -53,6 +55,8 @@ pub(super) struct Shared {
     /// Wakes the actor to look at its deadlines again.
     pub wake: Notify,
     pub stopped: AtomicBool,
+    /// Where changes are written (`None`: nowhere).
+    pub journal: Option<crate::journal::Journal>,
 }
 
 pub(super) struct Locked {
@@ -66,10 +70,6 @@ pub(super) struct Locked {
 pub(super) struct Armed {
     pub deadline: Option<Instant>,
     pub probe_at: Option<Instant>,
-    /// A state file write is scheduled.
-    pub flush_armed: bool,
-    /// The registry's change count at the last write.
-    pub flushed: u64,
 }
 
 impl Armed {
@@ -80,9 +80,7 @@ impl Armed {
             (Some(_), None) => true,
             (None, _) => false,
         };
-        sooner(reg.next_deadline(), self.deadline)
-            || sooner(reg.next_probe(), self.probe_at)
-            || (!self.flush_armed && reg.changes() != self.flushed)
+        sooner(reg.next_deadline(), self.deadline) || sooner(reg.next_probe(), self.probe_at)
     }
 }
 
@@ -96,7 +94,11 @@ pub(super) struct On<'a> {
 }
 
 impl Shared {
-    pub fn new(reg: Registry, router: Option<Router>) -> Shared {
+    pub fn new(
+        reg: Registry,
+        router: Option<Router>,
+        journal: Option<crate::journal::Journal>,
+    ) -> Shared {
         Shared {
             locked: Mutex::new(Locked {
                 reg,
@@ -109,6 +111,7 @@ impl Shared {
             router,
             wake: Notify::new(),
             stopped: AtomicBool::new(false),
+            journal,
         }
     }
 
@@ -237,6 +240,13 @@ impl Shared {
         Ok(rx)
     }
 
+    /// Appends the registry's changes not yet journaled (the lock held).
+    pub fn journal(&self, l: &mut Locked) {
+        if let Some(j) = &self.journal {
+            j.append(l.reg.take_changes());
+        }
+    }
+
     /// Judges one submission and publishes what it says; whether the actor
     /// must look at its deadlines again.
     fn judge(&self, l: &mut Locked, sub: Submission, tx: oneshot::Sender<Gated>) -> bool {
@@ -253,6 +263,7 @@ impl Shared {
             qos: sub.qos,
         };
         self.route_after(out, Some(on), sub.after.as_ref());
+        self.journal(l);
         let _ = tx.send(match verdict {
             Ok(()) => Gated::Accepted,
             Err(code) => Gated::Refused(code),
@@ -337,7 +348,7 @@ mod tests {
     async fn one_clients_records_in_a_row_are_judged_at_once() {
         let mut reg = Registry::new(Topics::new("homicro"), "test");
         reg.set_gated();
-        let shared = Shared::new(reg, Some(Router::new()));
+        let shared = Shared::new(reg, Some(Router::new()), None);
         // The first may count as a burst after another client's (the
         // start): whoever takes the lock next judges it.
         let mut first = shared.gate_later(record(1, 0)).unwrap();
@@ -360,7 +371,7 @@ mod tests {
         watch.subscribe("homicro/services/+", true);
         let mut reg = Registry::new(Topics::new("homicro"), "test");
         reg.set_gated();
-        let shared = Arc::new(Shared::new(reg, Some(router)));
+        let shared = Arc::new(Shared::new(reg, Some(router), None));
         // Stands in for the actor: judges the queue when woken.
         let actor = {
             let s = shared.clone();

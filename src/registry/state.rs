@@ -27,7 +27,21 @@ pub use gate::GateKind;
 pub use out::Publish;
 use out::to_bytes;
 use persist::ChangeLog;
-pub use persist::{Changes, Kept};
+pub use persist::{Kept, ops_for, recovered};
+
+/// The answer to an accepted change the journal could not write: the
+/// change is live, but it would not survive a restart.
+pub fn not_durable(raw: &str, why: &str) -> Bytes {
+    to_bytes(&crate::protocol::ErrorPayload {
+        detail: format!(
+            "applied but not written to disk, so it may not survive a restart ({why}); try again"
+        ),
+        endpoint: None,
+        error: ErrorCode::Unavailable,
+        name: raw.to_string(),
+        owner: None,
+    })
+}
 
 /// Counters for logs and metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -85,7 +99,7 @@ pub struct Registry {
     /// broker does and none of its publishes come back (no echoes).
     gated: bool,
     restored: Vec<Name>,
-    /// What the state file has not been told yet.
+    /// What the journal has not been told yet.
     changed: ChangeLog,
     stats: Stats,
     health: health::Schedule,
@@ -167,16 +181,15 @@ impl Registry {
         self.changed.count()
     }
 
-    /// The changes the state file has not been told yet: a swap, unless
-    /// the log overflowed (then a copy of every record).
-    pub fn take_changes(&mut self) -> Changes {
-        let records = &self.records;
-        self.changed.take(|| {
-            records
-                .iter()
-                .map(|(n, e)| (n.clone(), Kept::of(&e.payload, e.owner.as_ref())))
-                .collect()
-        })
+    /// Keeps a log of the changes for [`Self::take_changes`] (without
+    /// this, they are only counted).
+    pub fn set_journaled(&mut self) {
+        self.changed.turn_on();
+    }
+
+    /// The changes not taken yet, as journal entries.
+    pub fn take_changes(&mut self) -> Vec<crate::journal::Op> {
+        self.changed.take()
     }
 
     pub fn stats(&self) -> &Stats {
@@ -215,7 +228,7 @@ impl Registry {
             let Some(entry) = self.records.remove(&name) else {
                 continue;
             };
-            self.changed.note(&name, None, self.records.len());
+            self.changed.note(&name, None);
             self.stats.expiries += 1;
             info!(name = %name, owner = %entry.endpoint, "expired");
             if self.health.untrack(&name) {
@@ -472,7 +485,7 @@ impl Registry {
             deadline,
         };
         let kept = Kept::of(&entry.payload, entry.owner.as_ref());
-        self.changed.note(&name, Some(kept), self.records.len() + 1);
+        self.changed.note(&name, Some(kept));
         self.records.insert(name, entry);
     }
 
@@ -484,7 +497,7 @@ impl Registry {
         if self.health.untrack(name) {
             self.extra.push(self.health_clear(name.as_str()));
         }
-        self.changed.note(name, None, self.records.len());
+        self.changed.note(name, None);
         Some(entry)
     }
 

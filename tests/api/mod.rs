@@ -51,7 +51,7 @@ impl Api {
         .unwrap();
         let serve = Serve::start_with(
             &["--listen", "0.0.0.0:0", "--config", conf.to_str().unwrap()],
-            &tmp.path().join("state.json"),
+            &tmp.path().join("state"),
         )
         .await;
         Api {
@@ -72,8 +72,8 @@ impl Api {
         let registry = Handle::spawn(registry::Options {
             bus: registry::Bus::External(mosq.url.clone()),
             prefix: "homicro".into(),
-            state_file: tmp.path().join("state.json"),
-            state_flush: Duration::from_secs(1),
+            journal: None,
+            restored: Vec::new(),
             health_concurrency: 8,
         })
         .await;

@@ -33,22 +33,24 @@ pub struct Serve {
     pub child: Child,
     pub url: BrokerUrl,
     pub dir: PathBuf,
-    pub state_file: PathBuf,
+    /// `--state-dir`.
+    pub state: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
     _tmp: Option<tempfile::TempDir>,
 }
 
 impl Serve {
-    /// `serve` on 127.0.0.1 with a free port and a fresh state file.
+    /// `serve` on 127.0.0.1 with a free port and a fresh state directory.
     pub async fn start() -> Serve {
         let tmp = tempfile::tempdir().unwrap();
-        let state = tmp.path().join("state.json");
+        let state = tmp.path().join("state");
         let mut s = Serve::start_with(&["--listen", "127.0.0.1:0"], &state).await;
         s._tmp = Some(tmp);
         s
     }
 
-    /// `serve` with `args` and the state file `state`; waits until online.
+    /// `serve` with `args` and the state directory `state`; waits until
+    /// online.
     pub async fn start_with(args: &[&str], state: &Path) -> Serve {
         Serve::spawn(args, state, None).await
     }
@@ -58,7 +60,7 @@ impl Serve {
     /// `prlimit --nofile=N:N` would.
     pub async fn start_with_fd_limit(nofile: u64) -> Serve {
         let tmp = tempfile::tempdir().unwrap();
-        let state = tmp.path().join("state.json");
+        let state = tmp.path().join("state");
         let args = ["--listen", "127.0.0.1:0"];
         let mut s = Serve::spawn(&args, &state, Some(nofile)).await;
         s._tmp = Some(tmp);
@@ -69,7 +71,7 @@ impl Serve {
         let mut cmd = Command::new(bin());
         cmd.arg("serve")
             .args(args)
-            .arg("--state-file")
+            .arg("--state-dir")
             .arg(state)
             .env("RUST_LOG", log_filter(args))
             .stdout(Stdio::null())
@@ -117,7 +119,7 @@ impl Serve {
             child,
             url,
             dir: state.parent().unwrap().to_path_buf(),
-            state_file: state.to_path_buf(),
+            state: state.to_path_buf(),
             log,
             _tmp: None,
         };
@@ -349,6 +351,39 @@ pub async fn records(url: &BrokerUrl) -> std::collections::BTreeMap<String, Stri
         .iter()
         .map(|(k, v)| (k.clone(), v.to_string()))
         .collect()
+}
+
+/// `GET path` over HTTP/1.1 on a fresh connection: (status, body).
+pub async fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes())
+        .await
+        .unwrap();
+    let mut resp = String::new();
+    let read = tokio::time::timeout(
+        WAIT,
+        tokio::io::AsyncReadExt::read_to_string(&mut s, &mut resp),
+    )
+    .await;
+    read.unwrap_or_else(|_| panic!("no answer to GET {path} in {WAIT:?}"))
+        .unwrap();
+    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok());
+    let status = status.unwrap_or_else(|| panic!("not HTTP: {resp:?}"));
+    let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, body.to_string())
+}
+
+/// The value of the unlabelled series `name` in `GET /metrics`.
+pub async fn metric(port: u16, name: &str) -> u64 {
+    let (status, body) = http_get(port, "/metrics").await;
+    assert_eq!(status, 200, "GET /metrics: {body}");
+    let value = |l: &str| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok();
+    body.lines()
+        .find_map(value)
+        .unwrap_or_else(|| panic!("no {name} in {body}"))
 }
 
 /// Runs `homicro ARGS` to completion.

@@ -308,7 +308,7 @@ def start_homicro(tmp, config="", user=None, password=None, listen="127.0.0.1:0"
     and `password`: what the readiness probe connects with."""
     log = os.path.join(tmp, "homicro.log")
     args = [homicro_bin(), "serve", "--listen", listen,
-            "--state-file", os.path.join(tmp, "state.json")]
+            "--state-dir", os.path.join(tmp, "state")]
     if config:
         path = os.path.join(tmp, "homicro.toml")
         with open(path, "w") as f:

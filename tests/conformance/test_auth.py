@@ -232,7 +232,7 @@ def test_the_registry_logs_in_to_an_external_mosquitto(tmp_path, password_file):
     log = open(tmp_path / "serve.log", "w")
     env = {**os.environ, "NO_COLOR": "1", "HOMICRO_PASSWORD": USERS["alice"]}
     serve = subprocess.Popen([homicro_bin(), "serve", "--broker", f"mqtt://127.0.0.1:{m.port}",
-                              "--username", "alice", "--state-file", str(tmp_path / "s.json")],
+                              "--username", "alice", "--state-dir", str(tmp_path / "s")],
                              stdout=subprocess.DEVNULL, stderr=log, env=env)
     try:
         bob = harness.Client(m.port, client_id="bob", version=V311)

@@ -15,7 +15,21 @@ pub use write::{
     write_suback, write_unsuback,
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+
+/// A PUBLISH's properties as a property block (its length first), as
+/// the journal keeps a retained message's.
+pub fn write_publish_props(props: &Properties, out: &mut BytesMut) {
+    props.write(out);
+}
+
+/// Reads what [`write_publish_props`] wrote at the start of `bytes`; the
+/// properties and the bytes after them.
+pub fn read_publish_props(bytes: Bytes) -> Result<(Properties, Bytes), Error> {
+    let mut c = read::Cursor::over(bytes);
+    let props = Properties::read(&mut c, props::Allowed::Publish)?;
+    Ok((props, c.rest()))
+}
 
 /// The protocol level a client spoke in its CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

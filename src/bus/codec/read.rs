@@ -69,6 +69,10 @@ pub(super) struct Cursor {
 }
 
 impl Cursor {
+    pub(super) fn over(buf: Bytes) -> Cursor {
+        Cursor { buf }
+    }
+
     pub(super) fn is_empty(&self) -> bool {
         self.buf.is_empty()
     }
@@ -137,7 +141,7 @@ impl Cursor {
         })
     }
 
-    fn rest(&mut self) -> Bytes {
+    pub(super) fn rest(&mut self) -> Bytes {
         std::mem::take(&mut self.buf)
     }
 }

@@ -84,6 +84,47 @@ impl Message {
     }
 }
 
+/// A retained message as the journal keeps it:
+///
+/// ```text
+/// 1 | qos: u8 | at_ms: u64 LE | properties (MQTT 5 block, expiry included) | payload
+/// ```
+///
+/// The properties in the form MQTT itself gives them, read back by the
+/// same code that reads a client's PUBLISH; `at_ms` keeps the expiry
+/// interval counting across a restart.
+pub fn stored(m: &Message) -> Bytes {
+    let mut props = m.props.as_deref().cloned().unwrap_or_default();
+    props.message_expiry = m.expiry;
+    let mut out = bytes::BytesMut::with_capacity(16 + m.payload.len());
+    out.extend_from_slice(&[1, m.qos]);
+    out.extend_from_slice(&m.at_ms.to_le_bytes());
+    crate::bus::codec::write_publish_props(&props, &mut out);
+    out.extend_from_slice(&m.payload);
+    out.freeze()
+}
+
+/// A retained message from its [`stored`] form (`None`: not one).
+pub fn from_stored(topic: &str, b: Bytes) -> Option<Message> {
+    if b.len() < 10 || b[0] != 1 || b[1] > 2 {
+        return None;
+    }
+    let qos = b[1];
+    let at_ms = u64::from_le_bytes(b[2..10].try_into().ok()?);
+    let (mut props, payload) = crate::bus::codec::read_publish_props(b.slice(10..)).ok()?;
+    let expiry = props.message_expiry.take();
+    Some(Message {
+        topic: topic.into(),
+        payload,
+        qos,
+        retain: true,
+        origin: 0,
+        at_ms,
+        expiry,
+        props: (props != Properties::default()).then(|| Box::new(props)),
+    })
+}
+
 /// A message the router hands to a link.
 #[derive(Debug, Clone)]
 pub struct Forwarded {
@@ -144,6 +185,39 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retained_message_comes_back_from_the_journal_as_it_was() {
+        let mut p = Publish {
+            qos: 1,
+            retain: true,
+            topic: "ha/config".into(),
+            payload: Bytes::from_static(b"{\"name\":\"lamp\"}"),
+            ..Publish::default()
+        };
+        p.props.user = vec![("k".into(), "v".into())];
+        p.props.content_type = Some("application/json".into());
+        p.props.message_expiry = Some(30);
+        let m = Message::new(&p, 7);
+        let back = from_stored("ha/config", stored(&m)).unwrap();
+        assert_eq!(
+            (back.payload.clone(), back.qos, back.at_ms, back.expiry),
+            (m.payload.clone(), 1, m.at_ms, Some(30))
+        );
+        assert_eq!(back.props, m.props);
+        assert!(back.retain);
+        let plain = Message::new(
+            &Publish {
+                props: Default::default(),
+                ..p
+            },
+            1,
+        );
+        let back = from_stored("ha/config", stored(&plain)).unwrap();
+        assert_eq!((back.props, back.expiry), (None, None));
+        assert!(from_stored("t", Bytes::from_static(b"\x02xxxxxxxxxx")).is_none());
+        assert!(from_stored("t", Bytes::new()).is_none());
+    }
 
     #[test]
     fn properties_travel_and_expiry_counts_down() {

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::mpsc;
 
-pub use message::{After, Expired, Forwarded, Message, now_ms};
+pub use message::{After, Expired, Forwarded, Message, from_stored, now_ms, stored};
 use store::Store;
 use tree::Tree;
 
@@ -42,8 +42,14 @@ pub struct Router {
     inner: Arc<Inner>,
 }
 
+/// Which retained topics the journal keeps (not the registry's own: it
+/// journals its records itself).
+pub type Journaled = Box<dyn Fn(&str) -> bool + Send + Sync>;
+
 struct Inner {
     state: Mutex<State>,
+    /// Where retained messages are written, as they change.
+    journal: std::sync::OnceLock<(crate::journal::Journal, Journaled)>,
     next_link: AtomicU64,
     dropped: AtomicU64,
     link_queue: usize,
@@ -122,6 +128,7 @@ impl Router {
         Router {
             inner: Arc::new(Inner {
                 state: Mutex::default(),
+                journal: std::sync::OnceLock::new(),
                 next_link: AtomicU64::new(0),
                 dropped: AtomicU64::new(0),
                 link_queue: n,
@@ -149,6 +156,20 @@ impl Router {
         }
     }
 
+    /// Writes every change to a retained message whose topic `which`
+    /// takes to `journal`, in the order the changes are made.
+    pub fn journal_retained(&self, journal: crate::journal::Journal, which: Journaled) {
+        let _ = self.inner.journal.set((journal, which));
+    }
+
+    /// Retained messages recovered at start (not journaled again).
+    pub fn restore(&self, messages: Vec<Message>) {
+        let mut state = self.state();
+        for m in messages {
+            state.retained.set(&Arc::new(m));
+        }
+    }
+
     /// Messages dropped because a link's queue was full.
     pub fn dropped(&self) -> u64 {
         self.inner.dropped.load(Ordering::Relaxed)
@@ -173,6 +194,11 @@ impl Router {
         let mut state = self.state();
         if m.retain {
             state.retained.set(&m);
+            if let Some((j, which)) = self.inner.journal.get()
+                && which(&m.topic)
+            {
+                j.append(vec![retained_op(&m)]);
+            }
         }
         state.subs.for_each_match(&m.topic, |t| {
             let f = Forwarded {
@@ -188,6 +214,24 @@ impl Router {
         drop(state);
         if dropped > 0 {
             self.inner.dropped.fetch_add(dropped, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The journal's entry for a change to a retained message.
+fn retained_op(m: &Message) -> crate::journal::Op {
+    use crate::journal::{Op, Space};
+    let key = m.topic.to_string();
+    if m.payload.is_empty() {
+        Op::Delete {
+            space: Space::Retained,
+            key,
+        }
+    } else {
+        Op::Put {
+            space: Space::Retained,
+            key,
+            value: stored(m),
         }
     }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use tracing::debug;
 
-use super::{End, MAX_PENDING, Pending, Session, Sub};
+use super::{End, MAX_PENDING, Pending, Session, Sub, Verdict};
 use crate::auth::Access;
 use crate::bus::codec::{self, AckKind, Packet, Publish, Subscription, Version, reason};
 use crate::bus::gate::{self, Gated};
@@ -156,8 +156,10 @@ impl Session {
         }
         // QoS 2 goes on when the client releases it (PUBREL), as in
         // Mosquitto; what the registry judges is judged now, so that PUBREC
-        // carries the verdict.
-        let held = p.qos == 2 && !self.judged_at_once(&p.topic);
+        // carries the verdict, and a retained message is stored now, so
+        // that PUBREC can wait for the journal.
+        let journaled = self.journaled(&p);
+        let held = p.qos == 2 && !self.judged_at_once(&p.topic) && !journaled;
         let code = if p.props.payload_format == Some(1) && std::str::from_utf8(&p.payload).is_err()
         {
             reason::PAYLOAD_FORMAT_INVALID
@@ -166,6 +168,16 @@ impl Session {
         } else {
             self.route(&p, Some(peer)).await
         };
+        if journaled && p.qos > 0 {
+            // Acknowledged once it is on disk (see `settle`).
+            self.pending.push_back(Pending {
+                verdict: Verdict::Known(code),
+                qos: p.qos,
+                pkid: p.pkid,
+                durable: true,
+            });
+            return Ok(());
+        }
         let Some(live) = &mut self.conn else {
             return Ok(());
         };
@@ -256,9 +268,10 @@ impl Session {
         submission.after = after;
         let verdict = registry.gate_later(submission).ok();
         self.pending.push_back(Pending {
-            verdict,
+            verdict: Verdict::Gate(verdict),
             qos: p.qos,
             pkid: p.pkid,
+            durable: kind == gate::Kind::Record && self.bus.journal.is_some(),
         });
         if self.pending.len() >= MAX_PENDING {
             self.settle().await;
@@ -267,28 +280,80 @@ impl Session {
     }
 
     /// Waits for the verdicts of the publishes put to the gate, in order,
-    /// and acknowledges them.
+    /// and for the journal to have the changes they made on disk, and
+    /// acknowledges them. A change the journal could not write is not
+    /// acknowledged as a success: MQTT 5 hears 0x80, and a 3.1.1 client
+    /// hears nothing (it sends the publish again when it reconnects).
     pub(super) async fn settle(&mut self) {
-        while let Some(pending) = self.pending.pop_front() {
-            let verdict = match pending.verdict {
-                Some(rx) => rx.await.ok(),
-                None => None,
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut done = Vec::with_capacity(self.pending.len());
+        let mut wait = false;
+        while let Some(Pending {
+            verdict,
+            qos,
+            pkid,
+            durable,
+        }) = self.pending.pop_front()
+        {
+            let code = match verdict {
+                Verdict::Gate(Some(rx)) => {
+                    let v = rx.await.ok();
+                    self.code_for(v)
+                }
+                Verdict::Gate(None) => self.code_for(None),
+                Verdict::Known(code) => code,
             };
-            let code = self.code_for(verdict);
-            if pending.qos == 0 {
+            wait |= durable && code < 0x80;
+            done.push((qos, pkid, durable, code));
+        }
+        // Everything appended so far: these changes were appended before
+        // their verdicts came.
+        let journal = self.bus.journal.clone().filter(|_| wait);
+        let synced = match journal {
+            Some(j) => j.synced_all().await,
+            None => Ok(()),
+        };
+        if let Err(e) = &synced {
+            debug!(client_id = %self.client_id, error = %e, "not acknowledged: not on disk");
+        }
+        for (qos, pkid, durable, code) in done {
+            if qos == 0 {
                 continue;
             }
-            if let Some(live) = &mut self.conn {
-                let code = if live.version == Version::V4 { 0 } else { code };
-                codec::write_ack(
-                    &mut live.wbuf,
-                    live.version,
-                    AckKind::PubAck,
-                    pending.pkid,
-                    code,
-                );
-            }
+            let lost = durable && code < 0x80 && synced.is_err();
+            let Some(live) = &mut self.conn else {
+                continue;
+            };
+            let code = match (live.version, lost) {
+                (Version::V4, true) => continue,
+                (Version::V5, true) => reason::UNSPECIFIED,
+                // 3.1.1 hears of a refusal only on PREFIX/errors/NAME.
+                (Version::V4, false) => 0,
+                (Version::V5, false) => code,
+            };
+            let kind = if qos == 2 {
+                if code < 0x80 {
+                    self.unreleased.insert(pkid, None);
+                }
+                AckKind::PubRec
+            } else {
+                AckKind::PubAck
+            };
+            codec::write_ack(&mut live.wbuf, live.version, kind, pkid, code);
         }
+    }
+
+    /// Whether a publish changes what the journal keeps: a record, or a
+    /// retained message on a topic of the bus's own.
+    fn journaled(&self, p: &Publish) -> bool {
+        self.bus.journal.is_some()
+            && match self.bus.topics.classify(&p.topic) {
+                Incoming::Service(_) => self.bus.gate.is_some(),
+                Incoming::Other => p.retain && !gate::reserved(&self.bus.topics, &p.topic),
+                _ => false,
+            }
     }
 
     /// The reason code for a verdict (`None`: the registry has stopped).

@@ -43,10 +43,19 @@ const MAX_PENDING: usize = 256;
 
 /// A publish put to the gate whose verdict is still to come.
 struct Pending {
-    /// `None`: the registry had stopped.
-    verdict: Option<tokio::sync::oneshot::Receiver<super::gate::Gated>>,
+    verdict: Verdict,
     qos: u8,
     pkid: u16,
+    /// Its success is acknowledged only once the journal has it on disk.
+    durable: bool,
+}
+
+/// A publish's outcome, or where it comes from.
+enum Verdict {
+    /// The registry's (`None`: the registry had stopped).
+    Gate(Option<tokio::sync::oneshot::Receiver<super::gate::Gated>>),
+    /// Known: this reason code.
+    Known(u8),
 }
 
 /// One subscription's options.

@@ -1,16 +1,14 @@
-//! What the state file must learn: every change worth persisting is
-//! logged as it is made, and the state file's writer takes the log (a
-//! swap, under the registry's lock) and applies it to a copy of its own.
-//! A full copy of the records under the lock took 1 to 4 ms for 1,000
-//! records on a 2-core machine, once per second, and every publish on the
-//! bus waited for it.
-
-use std::collections::HashMap;
+//! What the journal must learn: every change worth persisting is logged
+//! as it is made, and whoever made it (under the registry's lock) takes
+//! the log as journal entries and appends them before it lets go, so the
+//! journal holds the registry's changes in the order they were made.
 
 use bytes::Bytes;
+use tracing::warn;
 
 use crate::identity::Identity;
-use crate::record::Name;
+use crate::journal::{Op, Space, State};
+use crate::record::{Name, Record};
 
 /// What the state file keeps of a record: its bytes and who wrote it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,38 +26,14 @@ impl Kept {
     }
 }
 
-/// The records' changes since the writer last took them, or all of the
-/// records when the log grew past what a full copy costs.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Changes {
-    /// In the order they were made; `None`: the record is gone.
-    Since(Vec<(Name, Option<Kept>)>),
-    All(Vec<(Name, Kept)>),
-}
-
-impl Changes {
-    /// Brings `copy` (the records as last taken) up to date.
-    pub fn apply(self, copy: &mut HashMap<Name, Kept>) {
-        match self {
-            Changes::Since(log) => {
-                for (name, payload) in log {
-                    match payload {
-                        Some(p) => copy.insert(name, p),
-                        None => copy.remove(&name),
-                    };
-                }
-            }
-            Changes::All(all) => *copy = all.into_iter().collect(),
-        }
-    }
-}
-
-/// The log the registry keeps (see [`Changes`]).
+/// The log the registry keeps: every change to a record's bytes or owner,
+/// or its removal (`None`), in the order made; not a `ttl` refresh.
 #[derive(Debug, Default)]
 pub(super) struct ChangeLog {
     since: Vec<(Name, Option<Kept>)>,
-    /// The log was dropped for its size: the next take is a full copy.
-    overflowed: bool,
+    /// Someone takes the log (a journal): without one, changes are only
+    /// counted.
+    on: bool,
     /// Every change ever logged.
     count: u64,
 }
@@ -69,30 +43,92 @@ impl ChangeLog {
         self.count
     }
 
-    /// Logs NAME's new bytes (`None`: removed); `records` is how many the
-    /// registry holds now.
-    pub fn note(&mut self, name: &Name, kept: Option<Kept>, records: usize) {
+    pub fn turn_on(&mut self) {
+        self.on = true;
+    }
+
+    /// Logs NAME's new bytes and owner (`None`: removed).
+    pub fn note(&mut self, name: &Name, kept: Option<Kept>) {
         self.count += 1;
-        if self.overflowed {
-            return;
-        }
-        self.since.push((name.clone(), kept));
-        // Unread for long (a long `state_flush`, a burst of churn): a full
-        // copy is cheaper than the log now.
-        if self.since.len() > 2 * records + 1024 {
-            self.since = Vec::new();
-            self.overflowed = true;
+        if self.on {
+            self.since.push((name.clone(), kept));
         }
     }
 
-    /// The log since the last take (or, after an overflow, `all()`).
-    pub fn take(&mut self, all: impl FnOnce() -> Vec<(Name, Kept)>) -> Changes {
-        if std::mem::take(&mut self.overflowed) {
-            Changes::All(all())
-        } else {
-            Changes::Since(std::mem::take(&mut self.since))
+    /// The log since the last take, as journal entries.
+    pub fn take(&mut self) -> Vec<Op> {
+        let mut ops = Vec::with_capacity(2 * self.since.len());
+        for (name, kept) in self.since.drain(..) {
+            ops.extend(ops_for(name.as_str(), kept));
+        }
+        ops
+    }
+}
+
+/// The journal's entries for NAME's new bytes and owner (`None`: removed).
+pub fn ops_for(name: &str, kept: Option<Kept>) -> [Op; 2] {
+    let key = || name.to_string();
+    match kept {
+        Some(k) => [
+            Op::Put {
+                space: Space::Records,
+                key: key(),
+                value: k.payload,
+            },
+            match k.owner {
+                Some(o) => Op::Put {
+                    space: Space::Owners,
+                    key: key(),
+                    value: Bytes::from(o.to_stored()),
+                },
+                None => Op::Delete {
+                    space: Space::Owners,
+                    key: key(),
+                },
+            },
+        ],
+        None => [
+            Op::Delete {
+                space: Space::Records,
+                key: key(),
+            },
+            Op::Delete {
+                space: Space::Owners,
+                key: key(),
+            },
+        ],
+    }
+}
+
+/// The records a journal recovered, with their owners; a record that no
+/// longer validates, or an owner that is not an identity, is skipped with
+/// a warning.
+pub fn recovered(state: &State) -> Vec<(Name, Record, Option<Identity>)> {
+    let mut out = Vec::new();
+    for ((space, name), payload) in state {
+        if *space != Space::Records {
+            continue;
+        }
+        let owner = state.get(&(Space::Owners, name.clone())).and_then(|o| {
+            let o = std::str::from_utf8(o).ok()?;
+            let id = Identity::from_stored(o);
+            if id.is_none() {
+                warn!(
+                    name,
+                    owner = o,
+                    "a stored owner is not an identity; the record's next writer owns it"
+                );
+            }
+            id
+        });
+        let parsed = Name::parse(name)
+            .and_then(|n| Record::parse(&n, payload.clone()).map(|r| (n, r, owner)));
+        match parsed {
+            Ok(nr) => out.push(nr),
+            Err(e) => warn!(name, error = %e, "skipped a stored record"),
         }
     }
+    out
 }
 
 #[cfg(test)]
@@ -103,44 +139,31 @@ mod tests {
         Name::parse(s).unwrap()
     }
 
-    fn kept(b: &'static [u8]) -> Kept {
-        Kept::of(&Bytes::from_static(b), None)
-    }
-
     #[test]
-    fn the_log_brings_a_copy_up_to_date_in_order() {
+    fn the_log_becomes_entries_that_recover_the_records_and_owners() {
         let mut log = ChangeLog::default();
-        let a = kept(b"a");
-        let b = Kept {
-            owner: Some(Identity::user("alice")),
-            ..kept(b"b")
-        };
-        log.note(&n("web"), Some(a.clone()), 1);
-        log.note(&n("nas"), Some(a), 2);
-        log.note(&n("web"), Some(b.clone()), 2);
-        log.note(&n("nas"), None, 1);
-        let mut copy = HashMap::new();
-        log.take(|| unreachable!("no overflow")).apply(&mut copy);
-        assert_eq!(copy, HashMap::from([(n("web"), b.clone())]));
-        assert_eq!(log.take(Vec::new), Changes::Since(vec![]), "taken");
-        assert_eq!(log.count(), 4);
-    }
-
-    #[test]
-    fn a_log_larger_than_a_copy_becomes_a_copy() {
-        let mut log = ChangeLog::default();
-        let p = kept(b"p");
-        for _ in 0..1026 {
-            log.note(&n("web"), Some(p.clone()), 1);
+        let p = |s: &'static str| Bytes::from_static(s.as_bytes());
+        log.note(&n("off"), Some(Kept::of(&p("{}"), None)));
+        assert!(log.take().is_empty(), "off: counted only");
+        log.turn_on();
+        let alice = Identity::user("alice");
+        log.note(&n("web"), Some(Kept::of(&p(r#"{"host":"a"}"#), None)));
+        log.note(&n("nas"), Some(Kept::of(&p(r#"{"host":"b"}"#), None)));
+        log.note(
+            &n("web"),
+            Some(Kept::of(&p(r#"{"host":"c"}"#), Some(&alice))),
+        );
+        log.note(&n("nas"), None);
+        let mut state = State::new();
+        for op in log.take() {
+            crate::journal::apply(&mut state, op);
         }
-        assert_eq!(log.since.len(), 1026, "up to 2 × records + 1024");
-        log.note(&n("web"), Some(p.clone()), 1);
-        assert!(log.since.is_empty() && log.overflowed);
-        let all = vec![(n("web"), p.clone())];
-        let mut copy = HashMap::from([(n("gone"), p.clone())]);
-        log.take(|| all.clone()).apply(&mut copy);
-        assert_eq!(copy, HashMap::from([(n("web"), p)]));
-        assert_eq!(log.take(Vec::new), Changes::Since(vec![]));
-        assert_eq!(log.count(), 1027);
+        assert!(log.take().is_empty(), "taken");
+        assert_eq!(log.count(), 5);
+        let got = recovered(&state);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, n("web"));
+        assert_eq!(got[0].1.payload(), &p(r#"{"host":"c"}"#));
+        assert_eq!(got[0].2, Some(alice));
     }
 }

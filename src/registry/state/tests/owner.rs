@@ -146,16 +146,23 @@ async fn a_restored_record_keeps_its_owner_and_an_unowned_one_is_claimed() {
         Err(ErrorCode::NotOwner)
     );
     // Written before owners were kept: its next accepted writer owns it,
-    // and the state file learns that.
+    // and the journal learns that.
+    r.set_journaled();
     r.take_changes();
     let claimant = at("10.0.0.6");
     assert_eq!(record(&mut r, "nas", NAS, &claimant), Ok(()));
     assert_eq!(r.owner(&name("nas")), claimant.identity.as_ref());
-    let super::super::Changes::Since(log) = r.take_changes() else {
-        panic!("no overflow")
-    };
-    assert_eq!(log.len(), 1);
-    assert_eq!(log[0].1.as_ref().unwrap().owner, claimant.identity);
+    let log = r.take_changes();
+    let owner = claimant.identity.as_ref().unwrap().to_stored();
+    assert_eq!(
+        log[1],
+        crate::journal::Op::Put {
+            space: crate::journal::Space::Owners,
+            key: "nas".into(),
+            value: bytes::Bytes::from(owner),
+        }
+    );
+    assert_eq!(log.len(), 2);
     assert_eq!(
         record(&mut r, "nas", "", &at("10.0.0.7")),
         Err(ErrorCode::NotOwner)
