@@ -157,8 +157,8 @@ pub struct ServeConfig {
     pub broker: Option<BrokerUrl>,
     pub prefix: String,
     /// The journal and snapshot (every change is written there before it
-    /// is acknowledged).
-    pub state_dir: PathBuf,
+    /// is acknowledged). `None` (`state_dir = ""`): nothing is kept.
+    pub state_dir: Option<PathBuf>,
     /// A state file from before the journal, read once and migrated into
     /// `state_dir` when that holds nothing yet (`None`: none).
     pub state_file: Option<PathBuf>,
@@ -270,17 +270,10 @@ impl ServeConfig {
         let (s, prefix) = pick("prefix", &flags.prefix)?;
         Topics::validate_prefix(&prefix).map_err(|m| err(&s, "prefix", m))?;
 
-        let (s, state_dir) = match &flags.state_dir {
-            Some(p) => ("flag".to_string(), p.to_string_lossy().into_owned()),
-            None => (src.to_string(), get_str(src, t, "state_dir")?),
+        let state_dir = match &flags.state_dir {
+            Some(p) => p.to_string_lossy().into_owned(),
+            None => get_str(src, t, "state_dir")?,
         };
-        if state_dir.is_empty() {
-            return Err(err(
-                &s,
-                "state_dir",
-                "must be a directory path, got \"\"".into(),
-            ));
-        }
         let state_file = match &flags.state_file {
             Some(p) => p.to_string_lossy().into_owned(),
             None => get_str(src, t, "state_file")?,
@@ -367,7 +360,7 @@ impl ServeConfig {
             listen,
             broker,
             prefix,
-            state_dir: PathBuf::from(state_dir),
+            state_dir: (!state_dir.is_empty()).then(|| PathBuf::from(state_dir)),
             state_file: (!state_file.is_empty()).then(|| PathBuf::from(state_file)),
             log_level,
             health_concurrency,

@@ -13,9 +13,10 @@ use crate::record::{Name, Record};
 use crate::registry::state::{Kept, ops_for, recovered};
 use crate::statefile::{self, Loaded};
 
-/// An open state directory.
+/// An open state directory (`journal: None`: none, nothing kept).
+#[derive(Default)]
 pub struct Opened {
-    pub journal: Journal,
+    pub journal: Option<Journal>,
     pub records: Vec<(Name, Record, Option<Identity>)>,
     pub retained: Vec<Message>,
 }
@@ -77,7 +78,7 @@ pub async fn open(dir: &Path, legacy: Option<&Path>) -> Result<Opened, DirError>
         }
     }
     Ok(Opened {
-        journal,
+        journal: Some(journal),
         records,
         retained,
     })

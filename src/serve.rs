@@ -45,8 +45,8 @@ pub struct Running {
     pub registry: Option<Handle>,
     /// The bus (embedded mode only).
     pub bus: Option<Arc<Bus>>,
-    /// Where every change is written.
-    pub journal: Journal,
+    /// Where every change is written (`None`: nowhere).
+    pub journal: Option<Journal>,
     listener_task: Option<JoinHandle<()>>,
 }
 
@@ -71,7 +71,7 @@ pub async fn start(config: &ServeConfig) -> Result<Running, ServeError> {
             "[auth] is for the embedded bus: the external broker checks its own clients"
         );
     }
-    let opened = durable::open(&config.state_dir, config.state_file.as_deref()).await?;
+    let opened = open_state(config).await?;
     let journal = opened.journal.clone();
     let registry = match config.registry {
         true => Some(
@@ -116,20 +116,22 @@ async fn start_embedded(config: &ServeConfig) -> Result<Running, ServeError> {
         }
         None => None,
     };
-    let mut opened = durable::open(&config.state_dir, config.state_file.as_deref()).await?;
+    let mut opened = open_state(config).await?;
     let journal = opened.journal.clone();
     let router = Router::new();
     router.restore(std::mem::take(&mut opened.retained));
     let topics = Topics::new(&config.prefix);
-    // The registry journals its own topics' state (its records) itself.
-    let own = topics.clone();
-    router.journal_retained(
-        journal.clone(),
-        Box::new(move |t| {
-            matches!(own.classify(t), crate::topics::Incoming::Other)
-                && !bus::gate::reserved(&own, t)
-        }),
-    );
+    if let Some(j) = &journal {
+        // The registry journals its own topics' state (its records) itself.
+        let own = topics.clone();
+        router.journal_retained(
+            j.clone(),
+            Box::new(move |t| {
+                matches!(own.classify(t), crate::topics::Incoming::Other)
+                    && !bus::gate::reserved(&own, t)
+            }),
+        );
+    }
     let registry = match config.registry {
         true => Some(
             registry::Handle::spawn(options(
@@ -152,7 +154,7 @@ async fn start_embedded(config: &ServeConfig) -> Result<Running, ServeError> {
     );
     let mut bus = Bus::new(limits, router, topics, registry.clone(), auth.clone());
     bus.tls = tls.clone();
-    bus.journal = Some(journal.clone());
+    bus.journal = journal.clone();
     let bus = Arc::new(bus);
     tokio::spawn(reload_on_hangup(auth, tls));
     info!(%listen, "listening (MQTT 3.1.1 and 5, WebSocket /mqtt, HTTP API)");
@@ -188,11 +190,25 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// The state directory, opened (or, with none, nothing kept).
+async fn open_state(config: &ServeConfig) -> Result<durable::Opened, ServeError> {
+    match &config.state_dir {
+        Some(dir) => Ok(durable::open(dir, config.state_file.as_deref()).await?),
+        None => {
+            tracing::warn!(
+                "state_dir is empty: nothing is kept, a restart starts empty, and \
+                 acknowledgements do not wait for a disk"
+            );
+            Ok(durable::Opened::default())
+        }
+    }
+}
+
 fn options(config: &ServeConfig, bus: registry::Bus, opened: durable::Opened) -> registry::Options {
     registry::Options {
         bus,
         prefix: config.prefix.clone(),
-        journal: Some(opened.journal),
+        journal: opened.journal,
         restored: opened.records,
         health_concurrency: config.health_concurrency,
     }
@@ -242,7 +258,9 @@ impl Running {
         if let Some(r) = &self.registry {
             r.shutdown().await;
         }
-        let journal = self.journal.clone();
+        let Some(journal) = self.journal.clone() else {
+            return Ok(());
+        };
         let closed = tokio::task::spawn_blocking(move || journal.close())
             .await
             .unwrap_or_else(|e| Err(format!("the journal's writer failed: {e}")));

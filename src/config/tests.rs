@@ -12,9 +12,19 @@ fn defaults() {
     assert_eq!(c.listen, "0.0.0.0:1883".parse().unwrap());
     assert_eq!(c.broker, None);
     assert_eq!(c.prefix, "homicro");
-    assert_eq!(c.state_dir, PathBuf::from("homicro-state"));
+    assert_eq!(c.state_dir, Some(PathBuf::from("homicro-state")));
     assert_eq!(c.state_file, Some(PathBuf::from("homicro-state.json")));
     assert_eq!(c.embedded.max_queued_messages, 1_000);
+}
+
+#[test]
+fn an_empty_state_dir_keeps_nothing_and_an_empty_state_file_migrates_nothing() {
+    let c = load(
+        "state_dir = \"\"\nstate_file = \"\"\n",
+        &Overrides::default(),
+    )
+    .unwrap();
+    assert_eq!((c.state_dir, c.state_file), (None, None));
 }
 
 #[test]
@@ -82,7 +92,6 @@ fn bad_values_name_key_and_accepted_values() {
             "state_flush = \"1s\"",
             "state_flush: no longer used: every change is written to the journal",
         ),
-        ("state_dir = \"\"", "state_dir: must be a directory path"),
         ("listen = 5", "listen: must be a string, got 5"),
         (
             "health_concurrency = 0",
