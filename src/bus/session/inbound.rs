@@ -322,13 +322,17 @@ impl Session {
             if qos == 0 {
                 continue;
             }
-            let lost = durable && code < 0x80 && synced.is_err();
+            // Not on disk, or not applied at all (the registry has
+            // stopped): never acknowledged as a success.
+            let lost =
+                (durable && code < 0x80 && synced.is_err()) || code == reason::SERVER_UNAVAILABLE;
             let Some(live) = &mut self.conn else {
                 continue;
             };
             let code = match (live.version, lost) {
                 (Version::V4, true) => continue,
-                (Version::V5, true) => reason::UNSPECIFIED,
+                (Version::V5, true) if code < 0x80 => reason::UNSPECIFIED,
+                (Version::V5, true) => code,
                 // 3.1.1 hears of a refusal only on PREFIX/errors/NAME.
                 (Version::V4, false) => 0,
                 (Version::V5, false) => code,
