@@ -5,7 +5,7 @@
 
 mod endpoint;
 mod health;
-mod strict;
+pub(crate) mod strict;
 
 use std::fmt;
 use std::time::Duration;

@@ -76,6 +76,14 @@ pub fn load(path: &Path) -> Loaded {
             return discard(path, error);
         }
     };
+    // The same name twice: JSON leaves it to the reader which one counts
+    // (this one keeps the last); say so rather than choose silently.
+    if let Err(e) = serde_json::from_slice::<crate::record::strict::Strict>(&text)
+        && e.to_string().starts_with(crate::record::strict::DUPLICATE)
+    {
+        warn!(path = %path.display(), error = %e,
+            "the state file names something twice; the last one is kept");
+    }
     let file: File = match serde_json::from_slice(&text) {
         Ok(f) => f,
         Err(e) => {

@@ -231,6 +231,31 @@ async fn an_old_state_file_is_migrated_once() {
 }
 
 #[tokio::test]
+async fn an_old_state_file_naming_a_record_twice_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old.json");
+    std::fs::write(
+        &old,
+        r#"{"version":1,"records":{"web":"{\"host\":\"10.0.0.5\"}","web":"{\"host\":\"10.0.0.6\"}"}}"#,
+    )
+    .unwrap();
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--state-file",
+        old.to_str().unwrap(),
+    ];
+    let s = Serve::start_with(&args, &dir.path().join("state")).await;
+    let log = s.log();
+    assert!(
+        log.contains("names something twice; the last one is kept")
+            && log.contains("duplicate key `web`"),
+        "{log}"
+    );
+    assert!(records(&s.url).await["web"].contains("10.0.0.6"));
+}
+
+#[tokio::test]
 async fn a_corrupt_old_state_file_is_moved_aside_and_serve_starts_empty() {
     let dir = tempfile::tempdir().unwrap();
     let old = dir.path().join("state.json");

@@ -15,11 +15,13 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import paho.mqtt.client as mqtt
 import pytest
 
+import mqtt_raw as R
 from harness import TIMEOUT, V5, V311, start_homicro
 
 SEED = int(os.environ.get("HOMICRO_CRASH_SEED", random.randrange(1 << 32)))
@@ -202,6 +204,18 @@ def health(port):
         return json.loads(r.read())
 
 
+def http(method, port, path, body):
+    """(status, JSON body) of a request from loopback (the admin)."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                 data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
 def until(pred, what):
     deadline = time.monotonic() + TIMEOUT
     while not pred():
@@ -261,10 +275,21 @@ def test_a_full_disk_gets_no_false_acknowledgement_and_recovers(tmp_path, small_
         assert v5.publish("disk/b", DURING, qos=1, retain=True) == 0x80
         assert v5.publish("homicro/services/disk-nas", b'{"host":"10.9.0.2"}',
                           qos=1, retain=True) == 0x80
+        # QoS 2: PUBREC 0x80 (read raw: paho releases it all the same).
+        raw = b.raw(R.V5)
+        raw.connect("full-raw")
+        raw.send(R.publish("disk/q2", b"two", qos=2, retain=True, packet_id=7, version=R.V5))
+        rec = raw.expect(R.PUBREC)
+        assert rec.fields["reason"] == 0x80, rec
+        # HTTP: 503 unavailable, never 2xx.
+        code, body = http("PUT", b.port, "/register", {"name": "disk-http", "host": "10.9.0.3"})
+        assert code == 503 and body["error"] == "unavailable", (code, body)
+        assert "not written to disk" in body["detail"], body
         # 3.1.1: no PUBACK at all (the client sends it again on reconnect).
         info = v4.publish_nowait("disk/c", b"during v4", qos=1, retain=True)
         assert not published(info, 1.0), "a 3.1.1 publish was acknowledged on a full disk"
-        got = {m.topic: m.payload for m in watcher.get_n(3)}
+        got = {m.topic: m.payload for m in watcher.get_n(4)}
+        assert got["disk/q2"] == b"two", got
         assert got["disk/b"] == DURING and got["disk/c"] == b"during v4", got
         h = health(b.port)
         assert h["storage"] == "failing" and h["state"] == "degraded", h
@@ -277,6 +302,8 @@ def test_a_full_disk_gets_no_false_acknowledgement_and_recovers(tmp_path, small_
         assert health(b.port)["state"] == "online"
         assert "the disk works again" in b.stderr()
         assert v5.publish("disk/d", b"after", qos=1, retain=True) == 0
+        code, _ = http("PUT", b.port, "/register", {"name": "disk-http2", "host": "10.9.0.4"})
+        assert code == 201
     finally:
         b.stop()  # kill -9
     b2 = start_homicro(str(tmp_path))
@@ -285,7 +312,9 @@ def test_a_full_disk_gets_no_false_acknowledgement_and_recovers(tmp_path, small_
         for topic, want in [("disk/a", b"before"), ("disk/b", DURING),
                             ("disk/c", b"during v4"), ("disk/d", b"after")]:
             assert got.get(topic) == want, (topic, got)
-        assert "homicro/services/disk-web" in got and "homicro/services/disk-nas" in got, got
+        for name in ["disk-web", "disk-nas", "disk-http", "disk-http2"]:
+            assert f"homicro/services/{name}" in got, (name, got)
+        assert got.get("disk/q2") == b"two"
     finally:
         b2.stop()
 
