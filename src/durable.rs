@@ -42,8 +42,12 @@ pub async fn open(dir: &Path, legacy: Option<&Path>) -> Result<Opened, DirError>
         source,
     })?;
     if let Some(aside) = &rec.snapshot_moved_to {
-        error!(moved_to = %aside.display(),
-            "the snapshot is damaged: moved aside; what could be read of it is kept");
+        error!(copied_to = %aside.display(),
+            "the snapshot is damaged: copied aside; what could be read of it is kept");
+    }
+    for aside in &rec.journals_moved_to {
+        error!(copied_to = %aside.display(),
+            "a journal is damaged before its end: copied aside; the entries before the damage are kept");
     }
     if rec.lost_entries > 0 {
         warn!(
@@ -55,11 +59,11 @@ pub async fn open(dir: &Path, legacy: Option<&Path>) -> Result<Opened, DirError>
     }
     let mut records = recovered(&rec.state);
     let mut retained = Vec::new();
-    for ((space, topic), value) in rec.state {
-        if space != Space::Retained {
+    for ((space, topic), value) in &rec.state {
+        if *space != Space::Retained {
             continue;
         }
-        match from_stored(&topic, value) {
+        match from_stored(topic, value.clone()) {
             Some(m) => retained.push(m),
             None => warn!(
                 topic,
@@ -69,7 +73,8 @@ pub async fn open(dir: &Path, legacy: Option<&Path>) -> Result<Opened, DirError>
     }
     info!(dir = %dir.display(), records = records.len(), retained = retained.len(),
         replayed = rec.replayed, "state recovered");
-    if let Some(file) = legacy.filter(|f| f.exists()) {
+    let migrated = rec.state.contains_key(&(Space::Meta, MIGRATED.to_string()));
+    if let Some(file) = legacy.filter(|f| f.exists() && !migrated) {
         if records.is_empty() && retained.is_empty() {
             records = migrate(&journal, file).await;
         } else {
@@ -84,6 +89,9 @@ pub async fn open(dir: &Path, legacy: Option<&Path>) -> Result<Opened, DirError>
     })
 }
 
+/// The journal's note that an old state file was migrated (never again).
+const MIGRATED: &str = "migrated";
+
 /// Reads a pre-journal state file into the journal, then renames it.
 async fn migrate(journal: &Journal, file: &Path) -> Vec<(Name, Record, Option<Identity>)> {
     let records = match statefile::load(file) {
@@ -94,7 +102,12 @@ async fn migrate(journal: &Journal, file: &Path) -> Vec<(Name, Record, Option<Id
             return Vec::new();
         }
     };
-    let mut ops = Vec::with_capacity(2 * records.len());
+    let mut ops = Vec::with_capacity(2 * records.len() + 1);
+    ops.push(journal::Op::Put {
+        space: Space::Meta,
+        key: MIGRATED.into(),
+        value: bytes::Bytes::from(file.display().to_string()),
+    });
     for (name, record, owner) in &records {
         ops.extend(ops_for(
             name.as_str(),
@@ -112,7 +125,7 @@ async fn migrate(journal: &Journal, file: &Path) -> Vec<(Name, Record, Option<Id
         Ok(()) => info!(records = records.len(), from = %file.display(), renamed = ?done,
             "old state file migrated into the journal"),
         Err(e) => warn!(error = %e, from = %file.display(),
-            "old state file migrated, but not renamed (it is ignored from now on)"),
+            "old state file migrated, but not renamed (the journal notes it is done: it is ignored from now on)"),
     }
     records
 }

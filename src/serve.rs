@@ -122,13 +122,16 @@ async fn start_embedded(config: &ServeConfig) -> Result<Running, ServeError> {
     router.restore(std::mem::take(&mut opened.retained));
     let topics = Topics::new(&config.prefix);
     if let Some(j) = &journal {
-        // The registry journals its own topics' state (its records) itself.
+        // The registry journals its own topics' state (its records) itself;
+        // without one, every retained topic is the bus's.
         let own = topics.clone();
+        let registry = config.registry;
         router.journal_retained(
             j.clone(),
             Box::new(move |t| {
-                matches!(own.classify(t), crate::topics::Incoming::Other)
-                    && !bus::gate::reserved(&own, t)
+                !registry
+                    || (matches!(own.classify(t), crate::topics::Incoming::Other)
+                        && !bus::gate::reserved(&own, t))
             }),
         );
     }

@@ -220,13 +220,40 @@ async fn an_old_state_file_is_migrated_once() {
     assert!(!old.exists());
     assert!(dir.path().join("homicro-state.json.migrated").exists());
     s.kill();
-    let s = Serve::start_with(&["--listen", "127.0.0.1:0"], &state).await;
+    let mut s = Serve::start_with(&["--listen", "127.0.0.1:0"], &state).await;
     assert!(records(&s.url).await["web"].contains("10.0.0.5"));
-    drop(s);
+    s.kill();
+    let saved = stored(&state);
+    assert!(saved.contains("Owners web user:alice"), "{saved}");
+    // Never twice: with the old file back (a rename that failed, say) and
+    // the record since deregistered, it does not come back.
+    let mut s = Serve::start_with(&["--listen", "127.0.0.1:0"], &state).await;
+    let out = homicro_cmd(&["deregister", "web", "--broker", &s.url.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    on_disk(&s).await;
+    s.kill();
+    std::fs::copy(dir.path().join("homicro-state.json.migrated"), &old).unwrap();
+    let s = Serve::start_with(&args, &state).await;
     assert!(
-        stored(&state).contains("Owners web user:alice"),
+        !s.log().contains("migrated into the journal"),
         "{}",
-        stored(&state)
+        s.log()
+    );
+    assert!(records(&s.url).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_second_serve_on_the_same_state_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let _s = Serve::start_with(&["--listen", "127.0.0.1:0"], &state).await;
+    let state = state.to_str().unwrap();
+    let out = homicro_cmd(&["serve", "--listen", "127.0.0.1:0", "--state-dir", state]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("another homicro serve is using this directory"),
+        "{}",
+        stderr(&out)
     );
 }
 

@@ -46,8 +46,9 @@ const PUT: u8 = 1;
 const DELETE: u8 = 2;
 const HEADER: usize = 8;
 
-/// The largest body read back (a larger length is damage, not an entry).
-pub const MAX_BODY: usize = 64 << 20;
+/// The largest body read back (a larger length is damage, not an entry):
+/// above the largest payload a client may publish (256 MiB).
+pub const MAX_BODY: usize = 320 << 20;
 
 /// Appends `op`'s frame to `out`.
 pub fn encode(op: &Op, out: &mut Vec<u8>) {

@@ -48,6 +48,9 @@ pub use frame::{Op, Space};
 /// The state: every key's value.
 pub type State = BTreeMap<(Space, String), Bytes>;
 
+/// How long an acknowledgement waits for the disk before it is refused.
+pub const PATIENCE: Duration = Duration::from_secs(5);
+
 /// When to compact and how often to retry a failed disk.
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
@@ -77,8 +80,11 @@ pub struct Recovered {
     /// least), not replayed.
     pub lost_bytes: usize,
     pub lost_entries: usize,
-    /// A damaged snapshot was moved here (what could be read is kept).
+    /// A damaged snapshot was copied here (what could be read is kept).
     pub snapshot_moved_to: Option<PathBuf>,
+    /// Journals damaged before their last entry, copied here (their
+    /// intact prefix is kept).
+    pub journals_moved_to: Vec<PathBuf>,
 }
 
 /// How far the journal is on disk.
@@ -109,6 +115,8 @@ struct Inner {
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// The writer's last word: what it could not write (set as it ends).
     last_word: Mutex<Option<String>>,
+    /// Held while the journal is open: one process per directory.
+    lock: Mutex<Option<File>>,
     /// Tests: every write fails as a full disk would.
     #[cfg(test)]
     fault: std::sync::atomic::AtomicBool,
@@ -131,6 +139,7 @@ impl Journal {
     /// recovers: the journal starts failed and retries.
     pub fn open(dir: &Path, opts: Options) -> io::Result<(Journal, Recovered)> {
         std::fs::create_dir_all(dir)?;
+        let lock = lock(dir)?;
         let mut rec = Recovered::default();
         let snap_path = dir.join("snapshot");
         let mut covers = 0;
@@ -151,9 +160,7 @@ impl Journal {
                 }
             }
             if read.lost_bytes > 0 {
-                let aside = dir.join(format!("snapshot.bad-{}", unix_now()));
-                std::fs::rename(&snap_path, &aside)?;
-                rec.snapshot_moved_to = Some(aside);
+                rec.snapshot_moved_to = aside(&snap_path);
             }
         }
         let mut last = covers;
@@ -171,11 +178,25 @@ impl Journal {
             rec.replayed += read.ops.len();
             rec.lost_bytes += read.lost_bytes;
             rec.lost_entries += read.lost_entries;
+            if read.lost_entries > 1 {
+                // More than the entry being written when the process
+                // stopped: damage. Kept for a look.
+                rec.journals_moved_to.extend(aside(&path));
+            }
             for op in read.ops {
                 apply(&mut rec.state, op);
             }
         }
         let _ = std::fs::remove_file(dir.join("snapshot.tmp"));
+        let damaged = rec.snapshot_moved_to.is_some() || !rec.journals_moved_to.is_empty();
+        if damaged {
+            // What could be read is on disk again before anything else
+            // (the damaged files' copies are aside; the originals go).
+            match write_snapshot(dir, &rec.state, last) {
+                Ok(len) => snapshot_len = len,
+                Err(e) => warn!(error = %e, "cannot write a snapshot of what was recovered"),
+            }
+        }
 
         let (synced, _) = watch::channel(Synced::default());
         let (tx, rx) = mpsc::channel();
@@ -188,6 +209,7 @@ impl Journal {
             fsyncs: AtomicU64::new(0),
             threads: Mutex::new(Vec::new()),
             last_word: Mutex::new(None),
+            lock: Mutex::new(lock),
             #[cfg(test)]
             fault: Default::default(),
         });
@@ -216,7 +238,7 @@ impl Journal {
             Ok(file) => {
                 writer.file = Some(file);
                 writer.number = last + 1;
-                if read_any {
+                if read_any && !damaged {
                     // What was read goes into a snapshot, in the background.
                     writer.rotated(last, None);
                 }
@@ -293,6 +315,15 @@ impl Journal {
         self.synced(self.appended()).await
     }
 
+    /// [`Self::synced_all`], giving up after `patience` (a disk that does
+    /// not answer: a dying SD card, a hung network filesystem).
+    pub async fn synced_all_within(&self, patience: Duration) -> Result<(), String> {
+        match tokio::time::timeout(patience, self.synced_all()).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("the disk did not answer within {patience:?}")),
+        }
+    }
+
     /// How far the journal is on disk.
     pub fn status(&self) -> Synced {
         self.inner.synced.borrow().clone()
@@ -318,10 +349,21 @@ impl Journal {
         for t in threads {
             let _ = t.join();
         }
+        drop(self.inner.lock.lock().unwrap().take());
         match self.inner.last_word.lock().unwrap().take() {
             Some(w) => Err(w),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+impl Journal {
+    /// As a kill -9 would leave it: the threads are simply gone (here:
+    /// left running, unseen), and so is the process's lock.
+    fn abandon(self) {
+        drop(self.inner.lock.lock().unwrap().take());
+        std::mem::forget(self);
     }
 }
 
@@ -511,7 +553,8 @@ impl Writer {
         self.unwritten = Unwritten::default();
         self.inner.synced.send_modify(|s| {
             s.upto = upto;
-            s.failure = None;
+            // An append made after close was never seen: it stays failed.
+            s.failure = s.failure.take().filter(|f| f.from > upto);
         });
     }
 
@@ -581,8 +624,6 @@ struct Compactor {
 
 impl Compactor {
     fn run(mut self, rx: mpsc::Receiver<ToCompactor>) {
-        // Preempted by any other thread (see `set_idle`).
-        set_idle(true);
         while let Ok(job) = rx.recv() {
             match job {
                 ToCompactor::Ops(ops) => {
@@ -591,9 +632,16 @@ impl Compactor {
                     }
                 }
                 ToCompactor::Snapshot { covers, reply } => {
-                    let result = self
-                        .snapshot(covers)
+                    // In the background, preempted by any other thread (see
+                    // `set_idle`); changes are taken in at normal priority,
+                    // so they do not pile up behind a busy CPU. A snapshot
+                    // the writer waits for (after a failure) runs at once.
+                    let idle = reply.is_none();
+                    set_idle(idle);
+                    let result = write_snapshot(&self.dir, &self.state, covers)
+                        .map(|len| self.snapshot_len.store(len, Ordering::Relaxed))
                         .map_err(|e| format!("snapshot not written: {e}"));
+                    set_idle(false);
                     match (&result, &reply) {
                         (Err(e), None) => warn!(error = %e, "compaction failed; the journals stay"),
                         (Ok(()), _) => tracing::debug!(covers, "snapshot written"),
@@ -606,59 +654,101 @@ impl Compactor {
             }
         }
     }
+}
 
-    fn snapshot(&self, covers: u64) -> io::Result<()> {
-        let tmp = self.dir.join("snapshot.tmp");
-        let written = (|| {
-            let mut f = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
-            let mut buf = Vec::new();
+/// Writes `state` as the snapshot covering journals up to `covers` (to a
+/// temporary file, synced, renamed), then deletes those journals; its
+/// length.
+fn write_snapshot(dir: &Path, state: &State, covers: u64) -> io::Result<u64> {
+    let tmp = dir.join("snapshot.tmp");
+    let written = (|| {
+        let mut f = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+        let mut buf = Vec::new();
+        frame::encode(
+            &Op::Put {
+                space: Space::Meta,
+                key: "covers".into(),
+                value: Bytes::copy_from_slice(&covers.to_le_bytes()),
+            },
+            &mut buf,
+        );
+        let mut len = 0;
+        for ((space, key), value) in state {
             frame::encode(
                 &Op::Put {
-                    space: Space::Meta,
-                    key: "covers".into(),
-                    value: Bytes::copy_from_slice(&covers.to_le_bytes()),
+                    space: *space,
+                    key: key.clone(),
+                    value: value.clone(),
                 },
                 &mut buf,
             );
-            let mut len = 0;
-            for ((space, key), value) in &self.state {
-                frame::encode(
-                    &Op::Put {
-                        space: *space,
-                        key: key.clone(),
-                        value: value.clone(),
-                    },
-                    &mut buf,
-                );
-                if buf.len() > 1 << 16 {
-                    f.write_all(&buf)?;
-                    len += buf.len();
-                    buf.clear();
-                }
-            }
-            f.write_all(&buf)?;
-            len += buf.len();
-            let f = f.into_inner().map_err(|e| e.into_error())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, self.dir.join("snapshot"))?;
-            sync_dir(&self.dir)?;
-            Ok(len)
-        })();
-        let len = match written {
-            Ok(len) => len,
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e);
-            }
-        };
-        self.snapshot_len.store(len as u64, Ordering::Relaxed);
-        for (n, path) in journals(&self.dir)? {
-            if n <= covers {
-                let _ = std::fs::remove_file(path);
+            if buf.len() > 1 << 16 {
+                f.write_all(&buf)?;
+                len += buf.len();
+                buf.clear();
             }
         }
-        Ok(())
+        f.write_all(&buf)?;
+        len += buf.len();
+        let f = f.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dir.join("snapshot"))?;
+        sync_dir(dir)?;
+        Ok(len as u64)
+    })();
+    let len = match written {
+        Ok(len) => len,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    for (n, path) in journals(dir)? {
+        if n <= covers {
+            let _ = std::fs::remove_file(path);
+        }
     }
+    Ok(len)
+}
+
+/// Copies a damaged file to `FILE.bad-UNIXTIME` (`None`: it could not be).
+fn aside(path: &Path) -> Option<PathBuf> {
+    let mut to = path.as_os_str().to_owned();
+    to.push(format!(".bad-{}", unix_now()));
+    let to = PathBuf::from(to);
+    std::fs::copy(path, &to).ok().map(|_| to)
+}
+
+/// Locks `dir` for this process (`DIR/lock`, `flock`): a second `serve` on
+/// the same directory would truncate and delete this one's journals. A
+/// directory where the lock file cannot even be made (read-only) is not
+/// locked.
+fn lock(dir: &Path) -> io::Result<Option<File>> {
+    let path = dir.join("lock");
+    let file = match OpenOptions::new().create(true).append(true).open(&path) {
+        Ok(f) => f,
+        Err(_) => match File::open(&path) {
+            Ok(f) => f,
+            Err(_) => return Ok(None),
+        },
+    };
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor this function owns.
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "another homicro serve is using this directory",
+                ));
+            }
+            return Err(e);
+        }
+    }
+    Ok(Some(file))
 }
 
 /// `journal.N` files in `dir`, by N.

@@ -61,7 +61,7 @@ async fn what_was_acknowledged_is_recovered() {
     assert_eq!(j.appended(), c);
     // As a kill -9 would: no clean close (the threads are simply gone with
     // the process); what was acknowledged is on disk already.
-    std::mem::forget(j);
+    j.abandon();
     let (_j, rec) = open(dir.path());
     assert_eq!(get(&rec.state, Space::Records, "web"), Some(&b"2"[..]));
     assert_eq!(get(&rec.state, Space::Records, "nas"), None);
@@ -97,7 +97,7 @@ async fn a_torn_tail_loses_only_its_entries_and_new_ones_are_not_behind_it() {
         let s = j.append(vec![put(&format!("n{i}"), "{}")]);
         j.synced(s).await.unwrap();
     }
-    std::mem::forget(j);
+    j.abandon();
     let path = dir.path().join("journal.1");
     let len = std::fs::metadata(&path).unwrap().len();
     let f = OpenOptions::new().write(true).open(&path).unwrap();
@@ -108,7 +108,7 @@ async fn a_torn_tail_loses_only_its_entries_and_new_ones_are_not_behind_it() {
     assert_eq!((rec.lost_entries, rec.lost_bytes > 0), (1, true));
     let s = j.append(vec![put("after", "{}")]);
     j.synced(s).await.unwrap();
-    std::mem::forget(j);
+    j.abandon();
     let (_j, rec) = open(dir.path());
     assert!(
         get(&rec.state, Space::Records, "after").is_some(),
@@ -147,7 +147,7 @@ async fn a_long_journal_is_compacted_in_the_background_and_nothing_is_lost() {
             <= 2
     })
     .await;
-    std::mem::forget(j);
+    j.abandon();
     let (_j, rec) = open(dir.path());
     assert_eq!(rec.state.len(), 49);
     assert_eq!(get(&rec.state, Space::Records, "n1"), Some(&b"19-1"[..]));
@@ -164,13 +164,13 @@ async fn a_restart_snapshots_what_it_read() {
     assert_eq!(rec.replayed, 1);
     until(|| !dir.path().join("journal.1").exists()).await;
     j.close().unwrap();
-    assert_eq!(files(dir.path()), ["journal.2", "snapshot"]);
+    assert_eq!(files(dir.path()), ["journal.2", "lock", "snapshot"]);
     let (_j, rec) = open(dir.path());
     assert_eq!((rec.replayed, rec.state.len()), (0, 1), "from the snapshot");
 }
 
 #[tokio::test]
-async fn a_damaged_snapshot_is_moved_aside_and_what_can_be_read_is_kept() {
+async fn a_damaged_snapshot_is_copied_aside_and_what_can_be_read_is_written_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let (j, _) = open(dir.path());
     for i in 0..10 {
@@ -185,11 +185,59 @@ async fn a_damaged_snapshot_is_moved_aside_and_what_can_be_read_is_kept() {
     let mut bytes = std::fs::read(&snap).unwrap();
     let n = bytes.len();
     bytes.truncate(n - 2);
-    std::fs::write(&snap, bytes).unwrap();
-    let (_j, rec) = open(dir.path());
+    std::fs::write(&snap, &bytes).unwrap();
+    let (j, rec) = open(dir.path());
     assert_eq!(rec.state.len(), 9);
-    let aside = rec.snapshot_moved_to.expect("moved aside");
-    assert!(aside.exists() && !snap.exists());
+    let aside = rec.snapshot_moved_to.expect("copied aside");
+    assert_eq!(
+        std::fs::read(&aside).unwrap(),
+        bytes,
+        "the damaged one, as it was"
+    );
+    // A kill now loses nothing that was read: the new snapshot is there.
+    j.abandon();
+    let (_j, rec) = open(dir.path());
+    assert_eq!((rec.state.len(), rec.snapshot_moved_to), (9, None));
+}
+
+/// Damage before a journal's end (not a torn last entry): what comes
+/// before it is kept and written at once, the journal is copied aside for
+/// a look, and nothing after the damage is mistaken for an entry.
+#[tokio::test]
+async fn damage_inside_a_journal_keeps_its_prefix_and_a_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (j, _) = open(dir.path());
+    for i in 0..10 {
+        j.synced(j.append(vec![put(&format!("n{i}"), "{}")]))
+            .await
+            .unwrap();
+    }
+    j.abandon();
+    let path = dir.path().join("journal.1");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let one = bytes.len() / 10;
+    bytes[one * 4 + 10] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let (j, rec) = open(dir.path());
+    assert_eq!((rec.state.len(), rec.lost_entries), (4, 6));
+    assert_eq!(rec.journals_moved_to.len(), 1);
+    assert!(!path.exists(), "covered by the snapshot written at once");
+    j.abandon();
+    let (_j, rec) = open(dir.path());
+    assert_eq!((rec.state.len(), rec.lost_entries), (4, 0));
+}
+
+#[tokio::test]
+async fn one_process_per_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (j, _) = open(dir.path());
+    let e = Journal::open(dir.path(), Options::default())
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("another homicro serve"), "{e}");
+    j.close().unwrap();
+    // Let go at close.
+    let (_j, _) = open(dir.path());
 }
 
 /// A full disk: every waiter hears the error (never an acknowledgement),
@@ -219,7 +267,7 @@ async fn a_failing_disk_is_answered_with_its_error_and_recovery_writes_it_all() 
     j.inner.fault.store(false, Ordering::Relaxed);
     until(|| j.status().failure.is_none()).await;
     j.synced(j.append(vec![put("after", "4")])).await.unwrap();
-    std::mem::forget(j);
+    j.abandon();
     let (_j, rec) = open(dir.path());
     for k in ["before", "during", "later", "after"] {
         assert!(get(&rec.state, Space::Records, k).is_some(), "{k}");

@@ -169,7 +169,7 @@ impl Handle {
         if let (Ok(_), Some(j)) = (&answer, &self.shared.journal) {
             // Appended before the answer came: whatever is last now
             // includes it.
-            if let Err(e) = j.synced_all().await {
+            if let Err(e) = j.synced_all_within(crate::journal::PATIENCE).await {
                 return Ok(Err(state::not_durable(name, &e)));
             }
         }

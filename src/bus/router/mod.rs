@@ -191,13 +191,17 @@ impl Router {
     pub fn publish_after(&self, m: Message, after: Option<&After>) {
         let m = Arc::new(m);
         let mut dropped = 0;
+        // Built before the lock: a put copies the payload.
+        let journal = self.inner.journal.get();
+        let op = match journal {
+            Some((_, which)) if m.retain && which(&m.topic) => Some(retained_op(&m)),
+            _ => None,
+        };
         let mut state = self.state();
         if m.retain {
             state.retained.set(&m);
-            if let Some((j, which)) = self.inner.journal.get()
-                && which(&m.topic)
-            {
-                j.append(vec![retained_op(&m)]);
+            if let (Some((j, _)), Some(op)) = (journal, op) {
+                j.append(vec![op]);
             }
         }
         state.subs.for_each_match(&m.topic, |t| {
@@ -283,6 +287,18 @@ impl Link {
             true => state.retained.matching(filter, now_ms()),
             false => Vec::new(),
         };
+        let expired = state.retained.take_expired();
+        if let Some((j, which)) = self.router.inner.journal.get() {
+            let ops: Vec<_> = expired
+                .iter()
+                .filter(|t| which(t))
+                .map(|t| crate::journal::Op::Delete {
+                    space: crate::journal::Space::Retained,
+                    key: t.to_string(),
+                })
+                .collect();
+            j.append(ops);
+        }
         drop(state);
         self.filters.insert(filter.to_string());
         self.backlog

@@ -12,6 +12,8 @@ use crate::bus::codec;
 #[derive(Default)]
 pub(super) struct Store {
     by_topic: BTreeMap<Arc<str>, Arc<Message>>,
+    /// Topics whose message expired and was dropped, for the journal.
+    expired: Vec<Arc<str>>,
 }
 
 impl Store {
@@ -56,8 +58,14 @@ impl Store {
         });
         for t in expired {
             self.by_topic.remove(&t);
+            self.expired.push(t);
         }
         found
+    }
+
+    /// The topics dropped for their expiry since the last call.
+    pub fn take_expired(&mut self) -> Vec<Arc<str>> {
+        std::mem::take(&mut self.expired)
     }
 
     pub fn len(&self) -> usize {

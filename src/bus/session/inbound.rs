@@ -271,7 +271,8 @@ impl Session {
             verdict: Verdict::Gate(verdict),
             qos: p.qos,
             pkid: p.pkid,
-            durable: kind == gate::Kind::Record && self.bus.journal.is_some(),
+            // QoS 0 is best effort: nothing waits for it.
+            durable: kind == gate::Kind::Record && p.qos > 0 && self.bus.journal.is_some(),
         });
         if self.pending.len() >= MAX_PENDING {
             self.settle().await;
@@ -312,7 +313,7 @@ impl Session {
         // their verdicts came.
         let journal = self.bus.journal.clone().filter(|_| wait);
         let synced = match journal {
-            Some(j) => j.synced_all().await,
+            Some(j) => j.synced_all_within(crate::journal::PATIENCE).await,
             None => Ok(()),
         };
         if let Err(e) = &synced {
@@ -352,12 +353,18 @@ impl Session {
     /// Whether a publish changes what the journal keeps: a record, or a
     /// retained message on a topic of the bus's own.
     fn journaled(&self, p: &Publish) -> bool {
-        self.bus.journal.is_some()
-            && match self.bus.topics.classify(&p.topic) {
-                Incoming::Service(_) => self.bus.gate.is_some(),
-                Incoming::Other => p.retain && !gate::reserved(&self.bus.topics, &p.topic),
-                _ => false,
-            }
+        if self.bus.journal.is_none() {
+            return false;
+        }
+        if self.bus.gate.is_none() {
+            // No registry: every retained message is the bus's.
+            return p.retain;
+        }
+        match self.bus.topics.classify(&p.topic) {
+            Incoming::Service(_) => true,
+            Incoming::Other => p.retain && !gate::reserved(&self.bus.topics, &p.topic),
+            _ => false,
+        }
     }
 
     /// The reason code for a verdict (`None`: the registry has stopped).
