@@ -318,7 +318,12 @@ impl Journal {
     /// [`Self::synced_all`], giving up after `patience` (a disk that does
     /// not answer: a dying SD card, a hung network filesystem).
     pub async fn synced_all_within(&self, patience: Duration) -> Result<(), String> {
-        match tokio::time::timeout(patience, self.synced_all()).await {
+        self.synced_within(self.appended(), patience).await
+    }
+
+    /// [`Self::synced`], giving up after `patience`.
+    pub async fn synced_within(&self, seq: u64, patience: Duration) -> Result<(), String> {
+        match tokio::time::timeout(patience, self.synced(seq)).await {
             Ok(r) => r,
             Err(_) => Err(format!("the disk did not answer within {patience:?}")),
         }

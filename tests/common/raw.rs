@@ -13,6 +13,9 @@ pub struct Raw {
     pub stream: TcpStream,
     pub v5: bool,
     buf: Vec<u8>,
+    /// Packets read while waiting for an acknowledgement, for the next
+    /// reads (a PUBLISH may come before the PUBACK it follows from).
+    stash: std::collections::VecDeque<(u8, Vec<u8>)>,
     next_id: u16,
 }
 
@@ -61,6 +64,7 @@ impl Raw {
             stream,
             v5: h.v5,
             buf: Vec::new(),
+            stash: Default::default(),
             next_id: 1,
         };
         let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', if h.v5 { 5 } else { 4 }];
@@ -116,11 +120,14 @@ impl Raw {
         let first = 0x30 | if qos1 { 0x02 } else { 0 } | u8::from(retain);
         self.send(&packet(first, &body)).await;
         if qos1 {
+            let mut other = Vec::new();
             loop {
                 let (f, b) = self.read_packet().await.expect("PUBACK");
                 if f >> 4 == 4 && b[..2] == id.to_be_bytes() {
+                    self.stash.extend(other);
                     return;
                 }
+                other.push((f, b));
             }
         }
     }
@@ -177,6 +184,9 @@ impl Raw {
 
     /// The next packet (first byte, body); `None` when the server closed.
     pub async fn read_packet(&mut self) -> Option<(u8, Vec<u8>)> {
+        if let Some(p) = self.stash.pop_front() {
+            return Some(p);
+        }
         tokio::time::timeout(WAIT, self.read_packet_no_wait())
             .await
             .expect("timed out reading a packet")

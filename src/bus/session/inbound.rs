@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use tracing::debug;
 
-use super::{End, MAX_PENDING, Pending, Session, Sub, Verdict};
+use super::{Ack, End, MAX_PENDING, Pending, Session, Sub, Unsynced, Verdict};
 use crate::auth::Access;
 use crate::bus::codec::{self, AckKind, Packet, Publish, Subscription, Version, reason};
 use crate::bus::gate::{self, Gated};
@@ -27,7 +27,7 @@ impl Session {
             let len = match codec::frame(&live.rbuf, self.bus.limits.max_packet) {
                 Ok(Some(len)) => len,
                 Ok(None) => {
-                    self.settle().await;
+                    self.settle_later().await;
                     return Ok(());
                 }
                 Err(e) => return Err(self.malformed(e)),
@@ -280,16 +280,10 @@ impl Session {
         Ok(())
     }
 
-    /// Waits for the verdicts of the publishes put to the gate, in order,
-    /// and for the journal to have the changes they made on disk, and
-    /// acknowledges them. A change the journal could not write is not
-    /// acknowledged as a success: MQTT 5 hears 0x80, and a 3.1.1 client
-    /// hears nothing (it sends the publish again when it reconnects).
-    pub(super) async fn settle(&mut self) {
-        if self.pending.is_empty() {
-            return;
-        }
-        let mut done = Vec::with_capacity(self.pending.len());
+    /// The verdicts of the publishes put to the gate, in order, as
+    /// acknowledgements; whether any waits for the journal.
+    async fn resolve(&mut self) -> (Vec<Ack>, bool) {
+        let mut acks = Vec::with_capacity(self.pending.len());
         let mut wait = false;
         while let Some(Pending {
             verdict,
@@ -307,22 +301,102 @@ impl Session {
                 Verdict::Known(code) => code,
             };
             wait |= durable && code < 0x80;
-            done.push((qos, pkid, durable, code));
+            if qos > 0 {
+                acks.push(Ack {
+                    qos,
+                    pkid,
+                    durable,
+                    code,
+                });
+            }
         }
-        // Everything appended so far: these changes were appended before
-        // their verdicts came.
-        let journal = self.bus.journal.clone().filter(|_| wait);
-        let synced = match journal {
-            Some(j) => j.synced_all_within(crate::journal::PATIENCE).await,
-            None => Ok(()),
+        (acks, wait)
+    }
+
+    /// Decides the acknowledgements of the publishes handled so far; those
+    /// that promise a change on disk are written once the journal has it
+    /// (`Event::Synced`), while the session goes on reading: a client's
+    /// publishes that arrive meanwhile share the next sync.
+    async fn settle_later(&mut self) {
+        let (acks, wait) = self.resolve().await;
+        if acks.is_empty() {
+            return;
+        }
+        if !wait && self.unsynced.is_empty() {
+            return self.write_acks(acks, &Ok(()));
+        }
+        // Appended before their verdicts came: whatever is last now
+        // includes them.
+        let seq = match (&self.bus.journal, wait) {
+            (Some(j), true) => j.appended(),
+            _ => 0,
         };
-        if let Err(e) = &synced {
+        self.unsynced.push_back(Unsynced { seq, acks });
+        let waiting: usize = self.unsynced.iter().map(|u| u.acks.len()).sum();
+        if waiting >= MAX_PENDING {
+            self.wait_unsynced().await;
+        }
+    }
+
+    /// Acknowledges everything handled so far, in order, waiting for the
+    /// journal where a success promises a change on disk: before any other
+    /// packet is answered.
+    pub(super) async fn settle(&mut self) {
+        self.settle_later().await;
+        self.wait_unsynced().await;
+    }
+
+    /// Waits for the journal for every acknowledgement waiting, and writes
+    /// them.
+    async fn wait_unsynced(&mut self) {
+        while let Some(u) = self.unsynced.front() {
+            let journal = self.bus.journal.clone().filter(|_| u.seq > 0);
+            let seq = u.seq;
+            let r = match journal {
+                Some(j) => j.synced_within(seq, crate::journal::PATIENCE).await,
+                None => Ok(()),
+            };
+            self.on_synced(r);
+        }
+    }
+
+    /// The journal answered for the first acknowledgements waiting: they
+    /// are written, and those behind them that wait for nothing more.
+    pub(super) fn on_synced(&mut self, r: Result<(), String>) {
+        let Some(u) = self.unsynced.pop_front() else {
+            return;
+        };
+        self.write_acks(u.acks, &r);
+        while let Some(next) = self.unsynced.front() {
+            let done = next.seq == 0
+                || self
+                    .bus
+                    .journal
+                    .as_ref()
+                    .is_some_and(|j| j.status().upto >= next.seq);
+            if !done {
+                break;
+            }
+            let next = self.unsynced.pop_front().expect("looked at");
+            self.write_acks(next.acks, &Ok(()));
+        }
+    }
+
+    /// Writes acknowledgements; `synced` says whether the journal has what
+    /// the durable ones promise. A change the journal could not write is
+    /// not acknowledged as a success: MQTT 5 hears 0x80, and a 3.1.1 client
+    /// hears nothing (it sends the publish again when it reconnects).
+    fn write_acks(&mut self, acks: Vec<Ack>, synced: &Result<(), String>) {
+        if let Err(e) = synced {
             debug!(client_id = %self.client_id, error = %e, "not acknowledged: not on disk");
         }
-        for (qos, pkid, durable, code) in done {
-            if qos == 0 {
-                continue;
-            }
+        for Ack {
+            qos,
+            pkid,
+            durable,
+            code,
+        } in acks
+        {
             // Not on disk, or not applied at all (the registry has
             // stopped): never acknowledged as a success.
             let lost =

@@ -50,6 +50,23 @@ struct Pending {
     durable: bool,
 }
 
+/// Acknowledgements decided, waiting for the journal to have the changes
+/// they promise on disk (`seq`: the journal's append to wait for; 0: none,
+/// they only wait their turn behind others).
+struct Unsynced {
+    seq: u64,
+    acks: Vec<Ack>,
+}
+
+/// One acknowledgement to write: PUBACK (QoS 1) or PUBREC (QoS 2).
+struct Ack {
+    qos: u8,
+    pkid: u16,
+    /// Its success promises the change is on disk.
+    durable: bool,
+    code: u8,
+}
+
 /// A publish's outcome, or where it comes from.
 enum Verdict {
     /// The registry's (`None`: the registry had stopped).
@@ -125,6 +142,9 @@ pub(super) struct Session {
     unreleased: HashMap<u16, Option<Box<Publish>>>,
     /// Publishes put to the gate, verdicts to come (in order).
     pending: std::collections::VecDeque<Pending>,
+    /// Acknowledgements waiting for the disk (in order, after `pending`'s
+    /// in time: written before any of those).
+    unsynced: std::collections::VecDeque<Unsynced>,
     /// Seconds the session outlives its connection.
     expiry: u32,
     conn: Option<Live>,
@@ -169,6 +189,7 @@ pub async fn run(
         out: Outbound::default(),
         unreleased: HashMap::new(),
         pending: Default::default(),
+        unsynced: Default::default(),
         expiry: 0,
         conn: None,
         pending_will: None,
@@ -201,6 +222,9 @@ enum Event {
     /// The subscribers the connection's writes waited for took their
     /// turns.
     Released,
+    /// The journal wrote what the first acknowledgements waiting for it
+    /// promise (or could not).
+    Synced(Result<(), String>),
 }
 
 impl Session {
@@ -251,6 +275,7 @@ impl Session {
                 }
                 Event::Expired => self.over = true,
                 Event::Released => self.hold = None,
+                Event::Synced(r) => self.on_synced(r),
             }
         }
     }
@@ -274,6 +299,10 @@ impl Session {
         self.link.turn(pull);
         let will_at = self.pending_will.as_ref().map(|(t, _)| *t);
         let expires_at = self.expires_at.filter(|_| self.conn.is_none());
+        let synced = self
+            .unsynced
+            .front()
+            .map(|u| (self.bus.journal.clone(), u.seq));
         let (read, write, keepalive) = match &mut self.conn {
             Some(c) => (
                 Some((&mut c.reader, &mut c.rbuf)),
@@ -287,6 +316,7 @@ impl Session {
             r = read_some(read) => Event::Read(r),
             w = write_some(write), if !held => Event::Wrote(w),
             _ = released(&mut self.hold) => Event::Released,
+            r = disk(synced) => Event::Synced(r),
             f = self.link.next(), if pull => Event::Forward(Box::new(f)),
             _ = fired(keepalive) => Event::KeepaliveDue,
             _ = sleep_at(will_at) => Event::WillDue,
@@ -485,6 +515,16 @@ async fn write_some(io: Option<(&mut Writer, &BytesMut)>) -> std::io::Result<usi
     match io {
         Some((w, buf)) if !buf.is_empty() => w.write(buf).await,
         _ => std::future::pending().await,
+    }
+}
+
+/// Resolves when the journal has append `seq` on disk (or cannot write it,
+/// or does not answer in time); never without one to wait for.
+async fn disk(wait: Option<(Option<crate::journal::Journal>, u64)>) -> Result<(), String> {
+    match wait {
+        Some((Some(j), seq)) if seq > 0 => j.synced_within(seq, crate::journal::PATIENCE).await,
+        Some(_) => Ok(()),
+        None => std::future::pending().await,
     }
 }
 
