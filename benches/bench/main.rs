@@ -17,12 +17,14 @@
 //! Items: 1 registrations/s, 2 propagation at 1,000 msg/s, 3 connection
 //! storm, 4 memory with 100,000 records, 5 snapshot, 6 expiry lateness,
 //! 7 memory growth after short-lived connections (with 4), 8 churn, 9
-//! trust on (password file, ACL and TLS, for both brokers).
+//! trust on (password file, ACL and TLS, for both brokers), 10 durability
+//! (the journal's cost against none and a persistent Mosquitto; restart).
 //! Each figure is the median of `--runs` runs (default 3), the subjects
 //! taking turns within each run. Targets are printed as met / not met;
 //! nothing here asserts.
 
 mod churn;
+mod durability;
 mod expiry;
 mod load;
 mod memory;
@@ -111,6 +113,9 @@ async fn main() {
     }
     if o.wants(9) {
         trust::run(&o, &mut report).await;
+    }
+    if o.wants(10) {
+        durability::run(&o, &mut report).await;
     }
     report.print();
     println!(

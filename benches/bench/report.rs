@@ -68,7 +68,9 @@ impl Report {
     }
 
     pub fn print(&mut self) {
-        self.rows.sort_by_key(|r| r.item);
+        // By number: 10 after 9. Stable: each item's rows in their order.
+        self.rows
+            .sort_by_key(|r| r.item.parse::<u32>().unwrap_or(u32::MAX));
         println!(
             "\n## Summary (medians)\n\n| # | figure | homicro | bus alone | mosquitto | homicro / mosquitto | target |"
         );

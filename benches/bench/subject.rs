@@ -52,11 +52,30 @@ impl Kind {
     }
 }
 
+/// Where a subject keeps its state (item 10).
+#[derive(Clone, Debug, Default)]
+pub enum Store {
+    /// homicro: a journal in `DIR/state` of the subject's own tempdir;
+    /// Mosquitto: a user's default (nothing persisted).
+    #[default]
+    Default,
+    /// homicro: `state_dir = ""` in its config file (nothing kept,
+    /// acknowledgements do not wait for a disk; `--state-dir ''` is refused
+    /// by the flag parser as a missing value); Mosquitto: as `Default`.
+    Off,
+    /// homicro: `--state-dir DIR` (outlives the subject: restart it on the
+    /// same directory); Mosquitto: `persistence true`,
+    /// `persistence_location DIR/` (autosave at its default).
+    At(std::path::PathBuf),
+}
+
 /// What the subject's log said that a reader of the figures should know.
 #[derive(Default)]
 struct Log {
     warnings: usize,
     first: Vec<String>,
+    /// serve's `state recovered` line (logged with item 10's filter).
+    recovered: Option<String>,
 }
 
 /// A broker under test; killed on drop.
@@ -116,12 +135,22 @@ impl Subject {
         Subject::start_with(kind, Some(files))
     }
 
+    /// The broker keeping its state as `store` says (item 10). homicro
+    /// logs its `state recovered` line (see [`Subject::recovered`]).
+    pub fn start_stored(kind: Kind, store: Store) -> Subject {
+        Subject::start_full(kind, None, &store)
+    }
+
     fn start_with(kind: Kind, trust: Option<&TrustFiles>) -> Subject {
+        Subject::start_full(kind, trust, &Store::Default)
+    }
+
+    fn start_full(kind: Kind, trust: Option<&TrustFiles>, store: &Store) -> Subject {
         let dir = tempfile::tempdir().unwrap();
         let log = Arc::new(Mutex::new(Log::default()));
         let (child, addr) = match kind {
-            Kind::Mosquitto => start_mosquitto(&dir, trust),
-            _ => start_serve(kind, &dir, log.clone(), trust),
+            Kind::Mosquitto => start_mosquitto(&dir, trust, store),
+            _ => start_serve(kind, &dir, log.clone(), trust, store),
         };
         let pid = match std::env::var("HOMICRO_BENCH_WRAP") {
             Ok(_) if kind != Kind::Mosquitto => {
@@ -161,6 +190,12 @@ impl Subject {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0);
         kb / 1024.0
+    }
+
+    /// serve's `state recovered` log line, once logged (only subjects
+    /// started by [`Subject::start_stored`] log it).
+    pub fn recovered(&self) -> Option<String> {
+        self.log.lock().unwrap().recovered.clone()
     }
 
     /// Resident memory in MiB.
@@ -241,7 +276,11 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start_mosquitto(dir: &tempfile::TempDir, trust: Option<&TrustFiles>) -> (Child, SocketAddr) {
+fn start_mosquitto(
+    dir: &tempfile::TempDir,
+    trust: Option<&TrustFiles>,
+    store: &Store,
+) -> (Child, SocketAddr) {
     let port = free_port();
     let conf = dir.path().join("m.conf");
     // A user's mosquitto: defaults, plus TCP_NODELAY as its documentation
@@ -257,6 +296,17 @@ fn start_mosquitto(dir: &tempfile::TempDir, trust: Option<&TrustFiles>) -> (Chil
             t.passwd.display(),
             t.acl.display()
         )),
+    }
+    if let Store::At(kept) = store {
+        // The directory is ours: as root, Mosquitto would otherwise switch
+        // to its own user, who may not write there.
+        text.push_str(&format!(
+            "persistence true\npersistence_location {}/\n",
+            kept.display()
+        ));
+        if trust.is_none() {
+            text.push_str("user root\n");
+        }
     }
     std::fs::write(&conf, text).unwrap();
     let bin = if std::path::Path::new("/usr/sbin/mosquitto").exists() {
@@ -282,6 +332,7 @@ fn start_serve(
     dir: &tempfile::TempDir,
     log: Arc<Mutex<Log>>,
     trust: Option<&TrustFiles>,
+    store: &Store,
 ) -> (Child, SocketAddr) {
     let wrap = std::env::var("HOMICRO_BENCH_WRAP")
         .unwrap_or_default()
@@ -307,11 +358,25 @@ fn start_serve(
             "--log-level",
             &level,
         ])
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+    match store {
+        Store::Default => {
+            cmd.arg("--state-dir").arg(dir.path().join("state"));
+        }
+        Store::At(kept) => {
+            cmd.arg("--state-dir").arg(kept);
+        }
+        Store::Off => {}
+    }
+    if !matches!(store, Store::Default) {
+        // The one info line of recovery, nothing else above `level`.
+        cmd.env(
+            "RUST_LOG",
+            format!("{level},homicro::durable=info,rustls=error"),
+        );
+    }
     if kind == Kind::Bus {
         cmd.arg("--no-registry");
     }
@@ -323,6 +388,15 @@ fn start_serve(
         );
         std::fs::write(&conf, text).unwrap();
         cmd.arg("--config").arg(conf);
+    } else if let Store::Off = store {
+        // A top-level key: before any table of HOMICRO_BENCH_CONFIG's.
+        let conf = dir.path().join("homicro.toml");
+        let mut text = "state_dir = \"\"\n".to_string();
+        if let Ok(extra) = std::env::var("HOMICRO_BENCH_CONFIG") {
+            text.push_str(&std::fs::read_to_string(extra).unwrap());
+        }
+        std::fs::write(&conf, text).unwrap();
+        cmd.arg("--config").arg(conf);
     } else if let Ok(conf) = std::env::var("HOMICRO_BENCH_CONFIG") {
         cmd.args(["--config", &conf]);
     }
@@ -331,7 +405,12 @@ fn start_serve(
     // Keep reading: a full pipe would block serve's logging.
     std::thread::spawn(move || {
         for line in lines.map_while(Result::ok) {
-            if line.contains("WARN") || line.contains("ERROR") {
+            if line.contains("state recovered") {
+                log.lock().unwrap().recovered = Some(line.clone());
+            }
+            // Item 10's journal-off subject warns so by design.
+            let chosen = line.contains("state_dir is empty");
+            if (line.contains("WARN") || line.contains("ERROR")) && !chosen {
                 let mut log = log.lock().unwrap();
                 log.warnings += 1;
                 if log.first.len() < 3 {
