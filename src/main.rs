@@ -81,9 +81,9 @@ struct ServeArgs {
     #[arg(long, env = "HOMICRO_CAFILE")]
     cafile: Option<PathBuf>,
     /// Where records and retained messages are kept, each change synced
-    /// before it is acknowledged [default: homicro-state].
+    /// before it is acknowledged [default: homicro-state]; '' keeps nothing.
     #[arg(long)]
-    state_dir: Option<PathBuf>,
+    state_dir: Option<String>,
     /// A state file of homicro before 0.2, migrated into --state-dir once
     /// (when that is empty) [default: homicro-state.json].
     #[arg(long)]
@@ -294,7 +294,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         listen: args.listen,
         broker: args.broker,
         prefix: args.prefix,
-        state_dir: args.state_dir,
+        state_dir: args.state_dir.map(PathBuf::from),
         state_file: args.state_file,
         log_level: args.log_level,
         no_registry: args.no_registry,

@@ -47,8 +47,14 @@ impl Session {
     }
 
     async fn on_packet(&mut self, packet: Packet) -> Result<(), End> {
-        // Verdicts still to come are answered before anything else is.
-        if !matches!(&packet, Packet::Publish(p) if self.pipelined(p)) {
+        // Verdicts still to come are answered before anything else is,
+        // but for publishes whose own answers queue behind them (a client's
+        // retained messages in a row share a sync, as its records do).
+        let queued = match &packet {
+            Packet::Publish(p) => self.pipelined(p) || (p.qos == 1 && self.journaled(p)),
+            _ => false,
+        };
+        if !queued {
             self.settle().await;
         }
         match packet {
@@ -176,6 +182,9 @@ impl Session {
                 pkid: p.pkid,
                 durable: true,
             });
+            if self.pending.len() >= MAX_PENDING {
+                self.settle().await;
+            }
             return Ok(());
         }
         let Some(live) = &mut self.conn else {

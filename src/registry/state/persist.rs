@@ -15,6 +15,8 @@ use crate::record::{Name, Record};
 pub struct Kept {
     pub payload: Bytes,
     pub owner: Option<Identity>,
+    /// The owner is not yet written (false: an update by the same owner).
+    pub new_owner: bool,
 }
 
 impl Kept {
@@ -22,6 +24,7 @@ impl Kept {
         Kept {
             payload: payload.clone(),
             owner: owner.cloned(),
+            new_owner: true,
         }
     }
 }
@@ -66,28 +69,32 @@ impl ChangeLog {
 }
 
 /// The journal's entries for NAME's new bytes and owner (`None`: removed).
-pub fn ops_for(name: &str, kept: Option<Kept>) -> [Op; 2] {
+pub fn ops_for(name: &str, kept: Option<Kept>) -> Vec<Op> {
     let key = || name.to_string();
     match kept {
-        Some(k) => [
-            Op::Put {
+        Some(k) => {
+            let mut ops = Vec::with_capacity(2);
+            ops.push(Op::Put {
                 space: Space::Records,
                 key: key(),
                 value: k.payload,
-            },
-            match k.owner {
-                Some(o) => Op::Put {
-                    space: Space::Owners,
-                    key: key(),
-                    value: Bytes::from(o.to_stored()),
-                },
-                None => Op::Delete {
-                    space: Space::Owners,
-                    key: key(),
-                },
-            },
-        ],
-        None => [
+            });
+            if k.new_owner {
+                ops.push(match k.owner {
+                    Some(o) => Op::Put {
+                        space: Space::Owners,
+                        key: key(),
+                        value: Bytes::from(o.to_stored()),
+                    },
+                    None => Op::Delete {
+                        space: Space::Owners,
+                        key: key(),
+                    },
+                });
+            }
+            ops
+        }
+        None => vec![
             Op::Delete {
                 space: Space::Records,
                 key: key(),
