@@ -59,6 +59,9 @@ pub struct Options {
     pub compact_after: u64,
     /// How often a failed disk is tried again.
     pub retry_every: Duration,
+    /// How long the writer waits after a change arrives before it writes,
+    /// so that more share the write (PostgreSQL's `commit_delay`).
+    pub commit_delay: Duration,
 }
 
 impl Default for Options {
@@ -66,6 +69,7 @@ impl Default for Options {
         Options {
             compact_after: 32 << 20,
             retry_every: Duration::from_secs(1),
+            commit_delay: Duration::from_micros(200),
         }
     }
 }
@@ -469,7 +473,11 @@ impl Writer {
                     Err(_) => break,
                 }
             };
-            // Group commit: everything that came meanwhile.
+            // Group commit: everything that came meanwhile, and for a
+            // moment more (the deliveries of what just came go out first).
+            if !self.opts.commit_delay.is_zero() {
+                std::thread::sleep(self.opts.commit_delay);
+            }
             let from = first.seq;
             let mut ops = first.ops;
             self.seen = first.seq;
