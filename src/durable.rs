@@ -63,17 +63,19 @@ pub async fn open(dir: &Path, legacy: Option<&Path>) -> Result<Opened, DirError>
         if *space != Space::Retained {
             continue;
         }
-        match from_stored(topic, value.clone()) {
+        match from_stored(topic, value.to_bytes()) {
             Some(m) => retained.push(m),
             None => warn!(
-                topic,
+                topic = &**topic,
                 "skipped a stored retained message that cannot be read"
             ),
         }
     }
     info!(dir = %dir.display(), records = records.len(), retained = retained.len(),
         replayed = rec.replayed, "state recovered");
-    let migrated = rec.state.contains_key(&(Space::Meta, MIGRATED.to_string()));
+    let migrated = rec
+        .state
+        .contains_key(&(Space::Meta, std::sync::Arc::from(MIGRATED)));
     if let Some(file) = legacy.filter(|f| f.exists() && !migrated) {
         if records.is_empty() && retained.is_empty() {
             records = migrate(&journal, file).await;
@@ -106,11 +108,11 @@ async fn migrate(journal: &Journal, file: &Path) -> Vec<(Name, Record, Option<Id
     ops.push(journal::Op::Put {
         space: Space::Meta,
         key: MIGRATED.into(),
-        value: bytes::Bytes::from(file.display().to_string()),
+        value: journal::Value::whole(bytes::Bytes::from(file.display().to_string())),
     });
     for (name, record, owner) in &records {
-        ops.extend(ops_for(
-            name.as_str(),
+        ops.push(ops_for(
+            name,
             Some(Kept::of(record.payload(), owner.as_ref())),
         ));
     }

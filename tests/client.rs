@@ -311,8 +311,11 @@ async fn a_broker_that_comes_back_leaves_the_directory_correct() {
         use homicro::registry::state::{Kept, ops_for};
         let (j, _) = homicro::journal::Journal::open(&state, Default::default()).unwrap();
         let new = bytes::Bytes::from_static(br#"{"host":"10.0.0.3"}"#);
-        let mut ops = ops_for("gone", None);
-        ops.extend(ops_for("new", Some(Kept::of(&new, None))));
+        let n = |s: &str| homicro::record::Name::parse(s).unwrap();
+        let ops = vec![
+            ops_for(&n("gone"), None),
+            ops_for(&n("new"), Some(Kept::of(&new, None))),
+        ];
         j.synced(j.append(ops)).await.unwrap();
         j.close().unwrap();
     }

@@ -12,6 +12,8 @@
 //! replays right; and nothing is parsed on recovery but the frames (a
 //! record's JSON is kept as the bytes it was).
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 /// What a key belongs to.
@@ -19,28 +21,73 @@ use bytes::Bytes;
 pub enum Space {
     /// The snapshot's own facts (which journals it covers).
     Meta = 0,
-    /// Registry records, by name (the value: the record as published).
+    /// Registry records, by name (the value: who wrote it, then the record
+    /// as published; see `registry::state::persist`).
     Records = 1,
     /// Retained messages on the bus, by topic (the value: see
-    /// `bus::router::message::stored`).
+    /// `bus::router::message::stored_head`).
     Retained = 2,
-    /// Who wrote each record, by name (the value: `Identity::to_stored`).
-    Owners = 3,
 }
 
-/// One change.
+/// One change. Keys and values are shared with what the registry and the
+/// router hold (the journal's copy of the state costs no payload twice).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     Put {
         space: Space,
-        key: String,
-        value: Bytes,
+        key: Arc<str>,
+        value: Value,
     },
     Delete {
         space: Space,
-        key: String,
+        key: Arc<str>,
     },
 }
+
+/// A value in two parts, written one after the other: a small head of the
+/// journal's own (an owner, a message's properties) and a body shared with
+/// its holder (a payload). Read back, it is one body.
+#[derive(Debug, Clone, Default)]
+pub struct Value {
+    pub head: Bytes,
+    pub body: Bytes,
+}
+
+impl Value {
+    pub fn whole(body: Bytes) -> Value {
+        Value {
+            head: Bytes::new(),
+            body,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.head.len() + self.body.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Head and body as one.
+    pub fn to_bytes(&self) -> Bytes {
+        if self.head.is_empty() {
+            return self.body.clone();
+        }
+        let mut v = Vec::with_capacity(self.len());
+        v.extend_from_slice(&self.head);
+        v.extend_from_slice(&self.body);
+        Bytes::from(v)
+    }
+}
+
+impl PartialEq for Value {
+    fn eq(&self, other: &Value) -> bool {
+        self.to_bytes() == other.to_bytes()
+    }
+}
+
+impl Eq for Value {}
 
 const PUT: u8 = 1;
 const DELETE: u8 = 2;
@@ -64,7 +111,8 @@ pub fn encode(op: &Op, out: &mut Vec<u8>) {
     out.extend_from_slice(key.as_bytes());
     if let Some(v) = value {
         out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-        out.extend_from_slice(v);
+        out.extend_from_slice(&v.head);
+        out.extend_from_slice(&v.body);
     }
     let body_len = (out.len() - start - HEADER) as u32;
     let crc = crc32fast::hash(&out[start + HEADER..]);
@@ -140,13 +188,10 @@ fn body_op(body: &[u8]) -> Option<Op> {
         0 => Space::Meta,
         1 => Space::Records,
         2 => Space::Retained,
-        3 => Space::Owners,
         _ => return None,
     };
     let klen = u16::from_le_bytes(rest.get(..2)?.try_into().ok()?) as usize;
-    let key = std::str::from_utf8(rest.get(2..2 + klen)?)
-        .ok()?
-        .to_string();
+    let key: Arc<str> = std::str::from_utf8(rest.get(2..2 + klen)?).ok()?.into();
     let rest = &rest[2 + klen..];
     match code {
         PUT => {
@@ -155,7 +200,7 @@ fn body_op(body: &[u8]) -> Option<Op> {
             (rest.len() == 4 + vlen).then(|| Op::Put {
                 space,
                 key,
-                value: Bytes::copy_from_slice(value),
+                value: Value::whole(Bytes::copy_from_slice(value)),
             })
         }
         DELETE => rest.is_empty().then_some(Op::Delete { space, key }),
@@ -173,7 +218,10 @@ mod tests {
         Op::Put {
             space: Space::Records,
             key: key.into(),
-            value: Bytes::from(value.to_string()),
+            value: Value {
+                head: Bytes::from_static(b"h"),
+                body: Bytes::from(value.to_string()),
+            },
         }
     }
 

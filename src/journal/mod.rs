@@ -43,10 +43,10 @@ use bytes::Bytes;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-pub use frame::{Op, Space};
+pub use frame::{Op, Space, Value};
 
 /// The state: every key's value.
-pub type State = BTreeMap<(Space, String), Bytes>;
+pub type State = BTreeMap<(Space, Arc<str>), Value>;
 
 /// How long an acknowledgement waits for the disk before it is refused.
 pub const PATIENCE: Duration = Duration::from_secs(5);
@@ -157,8 +157,9 @@ impl Journal {
                         space: Space::Meta,
                         key,
                         value,
-                    } if key == "covers" && value.len() == 8 => {
-                        covers = u64::from_le_bytes(value[..].try_into().expect("8 bytes"));
+                    } if &*key == "covers" && value.len() == 8 => {
+                        let v = value.to_bytes();
+                        covers = u64::from_le_bytes(v[..].try_into().expect("8 bytes"));
                     }
                     op => apply(&mut rec.state, op),
                 }
@@ -382,14 +383,14 @@ impl Journal {
 struct Unwritten {
     changes: usize,
     /// The first few keys, to name them.
-    keys: Vec<String>,
+    keys: Vec<Arc<str>>,
 }
 
 impl Unwritten {
     fn note(&mut self, ops: &[Op]) {
         for op in ops {
             let (Op::Put { space, key, .. } | Op::Delete { space, key }) = op;
-            if *space == Space::Owners {
+            if *space == Space::Meta {
                 continue;
             }
             self.changes += 1;
@@ -408,7 +409,11 @@ impl Unwritten {
         format!(
             "{} change(s) not written (to {}{more})",
             self.changes,
-            self.keys.join(", ")
+            self.keys
+                .iter()
+                .map(|k| &**k)
+                .collect::<Vec<_>>()
+                .join(", ")
         )
     }
 }
@@ -707,7 +712,7 @@ fn write_snapshot(dir: &Path, state: &State, covers: u64) -> io::Result<u64> {
             &Op::Put {
                 space: Space::Meta,
                 key: "covers".into(),
-                value: Bytes::copy_from_slice(&covers.to_le_bytes()),
+                value: Value::whole(Bytes::copy_from_slice(&covers.to_le_bytes())),
             },
             &mut buf,
         );

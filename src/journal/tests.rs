@@ -6,7 +6,7 @@ fn put(key: &str, value: &str) -> Op {
     Op::Put {
         space: Space::Records,
         key: key.into(),
-        value: Bytes::from(value.to_string()),
+        value: Value::whole(Bytes::from(value.to_string())),
     }
 }
 
@@ -14,12 +14,13 @@ fn retained(key: &str, value: &str) -> Op {
     Op::Put {
         space: Space::Retained,
         key: key.into(),
-        value: Bytes::from(value.to_string()),
+        value: Value::whole(Bytes::from(value.to_string())),
     }
 }
 
-fn get<'a>(s: &'a State, space: Space, key: &str) -> Option<&'a [u8]> {
-    s.get(&(space, key.to_string())).map(|b| &b[..])
+fn get(s: &State, space: Space, key: &str) -> Option<Vec<u8>> {
+    s.get(&(space, Arc::from(key)))
+        .map(|v| v.to_bytes().to_vec())
 }
 
 fn open(dir: &Path) -> (Journal, Recovered) {
@@ -63,11 +64,11 @@ async fn what_was_acknowledged_is_recovered() {
     // the process); what was acknowledged is on disk already.
     j.abandon();
     let (_j, rec) = open(dir.path());
-    assert_eq!(get(&rec.state, Space::Records, "web"), Some(&b"2"[..]));
+    assert_eq!(get(&rec.state, Space::Records, "web"), Some(b"2".to_vec()));
     assert_eq!(get(&rec.state, Space::Records, "nas"), None);
     assert_eq!(
         get(&rec.state, Space::Retained, "ha/config"),
-        Some(&b"x"[..])
+        Some(b"x".to_vec())
     );
     assert_eq!(rec.replayed, 5);
 }
@@ -150,7 +151,10 @@ async fn a_long_journal_is_compacted_in_the_background_and_nothing_is_lost() {
     j.abandon();
     let (_j, rec) = open(dir.path());
     assert_eq!(rec.state.len(), 49);
-    assert_eq!(get(&rec.state, Space::Records, "n1"), Some(&b"19-1"[..]));
+    assert_eq!(
+        get(&rec.state, Space::Records, "n1"),
+        Some(b"19-1".to_vec())
+    );
     assert_eq!(get(&rec.state, Space::Records, "n0"), None);
 }
 

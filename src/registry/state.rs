@@ -465,7 +465,6 @@ impl Registry {
         if let Some(t) = old.as_ref().and_then(|o| o.deadline) {
             self.deadlines.remove(&(t, name.clone()));
         }
-        let same_owner = old.is_some_and(|o| o.owner == owner);
         // A record may have loopback probed only when written from
         // loopback: a remote client naming host 127.0.0.1 must not reach
         // this machine's loopback-only services through the registry.
@@ -484,9 +483,7 @@ impl Registry {
             ttl: record.ttl,
             deadline,
         };
-        let mut kept = Kept::of(&entry.payload, entry.owner.as_ref());
-        // The journal holds the owner already: only the bytes change.
-        kept.new_owner = !same_owner;
+        let kept = Kept::of(&entry.payload, entry.owner.as_ref());
         self.changed.note(&name, Some(kept));
         self.records.insert(name, entry);
     }

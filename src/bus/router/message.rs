@@ -92,19 +92,20 @@ impl Message {
 ///
 /// The properties in the form MQTT itself gives them, read back by the
 /// same code that reads a client's PUBLISH; `at_ms` keeps the expiry
-/// interval counting across a restart.
-pub fn stored(m: &Message) -> Bytes {
+/// interval counting across a restart. This is everything before the
+/// payload (which the journal writes after it without a copy).
+pub fn stored_head(m: &Message) -> Bytes {
     let mut props = m.props.as_deref().cloned().unwrap_or_default();
     props.message_expiry = m.expiry;
-    let mut out = bytes::BytesMut::with_capacity(16 + m.payload.len());
+    let mut out = bytes::BytesMut::with_capacity(16);
     out.extend_from_slice(&[1, m.qos]);
     out.extend_from_slice(&m.at_ms.to_le_bytes());
     crate::bus::codec::write_publish_props(&props, &mut out);
-    out.extend_from_slice(&m.payload);
     out.freeze()
 }
 
-/// A retained message from its [`stored`] form (`None`: not one).
+/// A retained message from its stored form ([`stored_head`], then the
+/// payload) (`None`: not one).
 pub fn from_stored(topic: &str, b: Bytes) -> Option<Message> {
     if b.len() < 10 || b[0] != 1 || b[1] > 2 {
         return None;
@@ -199,6 +200,7 @@ mod tests {
         p.props.content_type = Some("application/json".into());
         p.props.message_expiry = Some(30);
         let m = Message::new(&p, 7);
+        let stored = |m: &Message| [stored_head(m), m.payload.clone()].concat().into();
         let back = from_stored("ha/config", stored(&m)).unwrap();
         assert_eq!(
             (back.payload.clone(), back.qos, back.at_ms, back.expiry),

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::mpsc;
 
-pub use message::{After, Expired, Forwarded, Message, from_stored, now_ms, stored};
+pub use message::{After, Expired, Forwarded, Message, from_stored, now_ms, stored_head};
 use store::Store;
 use tree::Tree;
 
@@ -191,7 +191,7 @@ impl Router {
     pub fn publish_after(&self, m: Message, after: Option<&After>) {
         let m = Arc::new(m);
         let mut dropped = 0;
-        // Built before the lock: a put copies the payload.
+        // Built before the lock: a put encodes the properties.
         let journal = self.inner.journal.get();
         let op = match journal {
             Some((_, which)) if m.retain && which(&m.topic) => Some(retained_op(&m)),
@@ -222,10 +222,11 @@ impl Router {
     }
 }
 
-/// The journal's entry for a change to a retained message.
+/// The journal's entry for a change to a retained message (its payload
+/// shared, not copied).
 fn retained_op(m: &Message) -> crate::journal::Op {
-    use crate::journal::{Op, Space};
-    let key = m.topic.to_string();
+    use crate::journal::{Op, Space, Value};
+    let key = m.topic.clone();
     if m.payload.is_empty() {
         Op::Delete {
             space: Space::Retained,
@@ -235,7 +236,10 @@ fn retained_op(m: &Message) -> crate::journal::Op {
         Op::Put {
             space: Space::Retained,
             key,
-            value: stored(m),
+            value: Value {
+                head: stored_head(m),
+                body: m.payload.clone(),
+            },
         }
     }
 }
@@ -294,7 +298,7 @@ impl Link {
                 .filter(|t| which(t))
                 .map(|t| crate::journal::Op::Delete {
                     space: crate::journal::Space::Retained,
-                    key: t.to_string(),
+                    key: t.clone(),
                 })
                 .collect();
             j.append(ops);

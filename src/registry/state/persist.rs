@@ -7,7 +7,7 @@ use bytes::Bytes;
 use tracing::warn;
 
 use crate::identity::Identity;
-use crate::journal::{Op, Space, State};
+use crate::journal::{Op, Space, State, Value};
 use crate::record::{Name, Record};
 
 /// What the state file keeps of a record: its bytes and who wrote it.
@@ -15,8 +15,6 @@ use crate::record::{Name, Record};
 pub struct Kept {
     pub payload: Bytes,
     pub owner: Option<Identity>,
-    /// The owner is not yet written (false: an update by the same owner).
-    pub new_owner: bool,
 }
 
 impl Kept {
@@ -24,7 +22,6 @@ impl Kept {
         Kept {
             payload: payload.clone(),
             owner: owner.cloned(),
-            new_owner: true,
         }
     }
 }
@@ -60,51 +57,46 @@ impl ChangeLog {
 
     /// The log since the last take, as journal entries.
     pub fn take(&mut self) -> Vec<Op> {
-        let mut ops = Vec::with_capacity(2 * self.since.len());
-        for (name, kept) in self.since.drain(..) {
-            ops.extend(ops_for(name.as_str(), kept));
-        }
-        ops
+        self.since
+            .drain(..)
+            .map(|(name, kept)| ops_for(&name, kept))
+            .collect()
     }
 }
 
-/// The journal's entries for NAME's new bytes and owner (`None`: removed).
-pub fn ops_for(name: &str, kept: Option<Kept>) -> Vec<Op> {
-    let key = || name.to_string();
+/// The journal's entry for NAME's new bytes and owner (`None`: removed):
+/// the value is `owner_len: u16 LE | owner (Identity::to_stored) | record`,
+/// the record shared with the registry's copy.
+pub fn ops_for(name: &Name, kept: Option<Kept>) -> Op {
+    let key = name.shared();
     match kept {
         Some(k) => {
-            let mut ops = Vec::with_capacity(2);
-            ops.push(Op::Put {
+            let owner = k.owner.map(|o| o.to_stored()).unwrap_or_default();
+            let mut head = Vec::with_capacity(2 + owner.len());
+            head.extend_from_slice(&(owner.len() as u16).to_le_bytes());
+            head.extend_from_slice(owner.as_bytes());
+            Op::Put {
                 space: Space::Records,
-                key: key(),
-                value: k.payload,
-            });
-            if k.new_owner {
-                ops.push(match k.owner {
-                    Some(o) => Op::Put {
-                        space: Space::Owners,
-                        key: key(),
-                        value: Bytes::from(o.to_stored()),
-                    },
-                    None => Op::Delete {
-                        space: Space::Owners,
-                        key: key(),
-                    },
-                });
+                key,
+                value: Value {
+                    head: Bytes::from(head),
+                    body: k.payload,
+                },
             }
-            ops
         }
-        None => vec![
-            Op::Delete {
-                space: Space::Records,
-                key: key(),
-            },
-            Op::Delete {
-                space: Space::Owners,
-                key: key(),
-            },
-        ],
+        None => Op::Delete {
+            space: Space::Records,
+            key,
+        },
     }
+}
+
+/// A stored record's owner (as stored) and bytes.
+fn split(v: &Value) -> Option<(String, Bytes)> {
+    let b = v.to_bytes();
+    let n = u16::from_le_bytes(b.get(..2)?.try_into().ok()?) as usize;
+    let owner = std::str::from_utf8(b.get(2..2 + n)?).ok()?.to_string();
+    Some((owner, b.slice(2 + n..)))
 }
 
 /// The records a journal recovered, with their owners; a record that no
@@ -112,24 +104,30 @@ pub fn ops_for(name: &str, kept: Option<Kept>) -> Vec<Op> {
 /// a warning.
 pub fn recovered(state: &State) -> Vec<(Name, Record, Option<Identity>)> {
     let mut out = Vec::new();
-    for ((space, name), payload) in state {
+    for ((space, name), value) in state {
         if *space != Space::Records {
             continue;
         }
-        let owner = state.get(&(Space::Owners, name.clone())).and_then(|o| {
-            let o = std::str::from_utf8(o).ok()?;
-            let id = Identity::from_stored(o);
-            if id.is_none() {
-                warn!(
-                    name,
-                    owner = o,
-                    "a stored owner is not an identity; the record's next writer owns it"
-                );
-            }
-            id
-        });
-        let parsed = Name::parse(name)
-            .and_then(|n| Record::parse(&n, payload.clone()).map(|r| (n, r, owner)));
+        let name = &**name;
+        let Some((owner, payload)) = split(value) else {
+            warn!(name, "skipped a stored record that cannot be read");
+            continue;
+        };
+        let owner = (!owner.is_empty())
+            .then(|| {
+                let id = Identity::from_stored(&owner);
+                if id.is_none() {
+                    warn!(
+                        name,
+                        owner,
+                        "a stored owner is not an identity; the record's next writer owns it"
+                    );
+                }
+                id
+            })
+            .flatten();
+        let parsed =
+            Name::parse(name).and_then(|n| Record::parse(&n, payload).map(|r| (n, r, owner)));
         match parsed {
             Ok(nr) => out.push(nr),
             Err(e) => warn!(name, error = %e, "skipped a stored record"),
