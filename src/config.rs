@@ -164,6 +164,8 @@ pub struct ServeConfig {
     pub state_file: Option<PathBuf>,
     pub log_level: String,
     pub health_concurrency: usize,
+    /// How long `/svc/` waits for an instance's answer (then 504).
+    pub proxy_timeout: Duration,
     /// Move the executable's code onto huge pages at start (see
     /// [`crate::hugetext`]).
     pub huge_code_pages: bool,
@@ -191,7 +193,7 @@ pub struct Overrides {
 
 pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 
-const TOP_KEYS: [&str; 11] = [
+const TOP_KEYS: [&str; 12] = [
     "listen",
     "broker",
     "prefix",
@@ -199,6 +201,7 @@ const TOP_KEYS: [&str; 11] = [
     "state_file",
     "log_level",
     "health_concurrency",
+    "proxy_timeout",
     "huge_code_pages",
     "embedded",
     "auth",
@@ -291,6 +294,11 @@ impl ServeConfig {
             ));
         }
 
+        let proxy_timeout = get_duration(src, t, "proxy_timeout")?;
+        if proxy_timeout < Duration::from_millis(100) || proxy_timeout > Duration::from_secs(3600) {
+            return Err(err(src, "proxy_timeout", "must be from 100ms to 1h".into()));
+        }
+
         let health_concurrency = match t.get("health_concurrency") {
             Some(Value::Integer(n)) if (1..=100_000).contains(n) => *n as usize,
             other => {
@@ -364,6 +372,7 @@ impl ServeConfig {
             state_file: (!state_file.is_empty()).then(|| PathBuf::from(state_file)),
             log_level,
             health_concurrency,
+            proxy_timeout,
             huge_code_pages,
             registry: !flags.no_registry,
             embedded,

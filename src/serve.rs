@@ -239,6 +239,7 @@ fn limits(config: &ServeConfig) -> Limits {
         max_keepalive: e.max_keepalive,
         max_sessions,
         max_connections,
+        proxy_timeout: config.proxy_timeout,
     }
 }
 

@@ -179,7 +179,7 @@ async fn serve_tls(
             None
         }
         Kind::Http => {
-            crate::http::serve_as(bus, io, peer, cert).await;
+            crate::http::serve_as(bus, io, peer, cert, true).await;
             drop(permit);
             None
         }

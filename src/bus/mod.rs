@@ -61,6 +61,8 @@ pub struct Limits {
     /// Open connections of any kind at once; beyond `max_sessions` the
     /// rest are answered "server unavailable" and closed.
     pub max_connections: usize,
+    /// How long `/svc/` waits for an instance's answer (then 504).
+    pub proxy_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -76,6 +78,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             max_sessions: 10_000,
             max_connections: 10_064,
+            proxy_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -99,6 +102,8 @@ pub struct Bus {
     pub started: Instant,
     pub(crate) sessions: Mutex<HashMap<String, sessions::Entry>>,
     next_session: AtomicU64,
+    /// `/svc/`'s round-robin and recent failures.
+    pub hub: crate::http::proxy::Hub,
 }
 
 impl Bus {
@@ -121,6 +126,7 @@ impl Bus {
             started: Instant::now(),
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
+            hub: Default::default(),
         }
     }
 

@@ -174,6 +174,12 @@ impl Api<'_> {
         self.shared.auth.allows(user.as_deref(), "", &topic, access)
     }
 
+    /// Whether the ACL lets the caller read NAME's record (and so reach
+    /// the service through `/svc/`).
+    pub(super) fn may_read(&self, name: &str) -> bool {
+        self.may(name, Access::Read)
+    }
+
     fn acl_allows(&self, name: &str, access: Access) -> Result<(), ApiError> {
         if self.may(name, access) {
             return Ok(());

@@ -7,9 +7,11 @@
 //!  GET /mqtt + Upgrade ──▶ 101 ──▶ websocket pump ──▶ mqtt::serve (Via::WebSocket)
 //!  GET /discover[/NAME][?role=R@range], /health, /metrics ──▶ registry (read)
 //!  PUT /self-register, PUT /register, DELETE /register/NAME ──▶ registry.submit
+//!  ANY /svc/QUERY/rest ──▶ proxy: one instance of QUERY, streamed both ways
 //! ```
 
 mod api;
+pub mod proxy;
 mod websocket;
 
 use std::convert::Infallible;
@@ -47,13 +49,18 @@ pub async fn serve<S>(shared: Arc<Bus>, stream: S, peer: SocketAddr)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    serve_as(shared, stream, peer, None).await
+    serve_as(shared, stream, peer, None, false).await
 }
 
 /// [`serve`], for a client whose TLS certificate names `cert` (its user,
-/// without Basic credentials).
-pub async fn serve_as<S>(shared: Arc<Bus>, stream: S, peer: SocketAddr, cert: Option<Arc<str>>)
-where
+/// without Basic credentials); `tls`: the connection is TLS.
+pub async fn serve_as<S>(
+    shared: Arc<Bus>,
+    stream: S,
+    peer: SocketAddr,
+    cert: Option<Arc<str>>,
+    tls: bool,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let _open = shared.metrics.http.enter();
@@ -61,7 +68,7 @@ where
         let shared = shared.clone();
         service_fn(move |req| {
             let (shared, cert) = (shared.clone(), cert.clone());
-            async move { Ok::<_, Infallible>(handle(shared, req, peer, cert).await) }
+            async move { Ok::<_, Infallible>(handle(shared, req, peer, cert, tls).await) }
         })
     };
     let conn = http1::Builder::new()
@@ -103,6 +110,8 @@ enum Route {
     Deregister(String),
     Health,
     Metrics,
+    /// `/svc/QUERY/...`, any method.
+    Svc,
 }
 
 /// Why a request has no route.
@@ -114,6 +123,9 @@ enum NoRoute {
 }
 
 fn route(method: &Method, path: &str) -> Result<Route, NoRoute> {
+    if proxy::split(path).is_some() {
+        return Ok(Route::Svc);
+    }
     let (allow, route) = match path {
         "/mqtt" => ("GET", Route::Mqtt),
         "/discover" => ("GET", Route::Discover),
@@ -143,7 +155,23 @@ async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
     cert: Option<Arc<str>>,
-) -> Resp {
+    tls: bool,
+) -> Response<proxy::Body> {
+    answer(shared, req, peer, cert, tls).await
+}
+
+/// A whole answer as a body like the proxy's streamed ones.
+fn boxed(r: Resp) -> Response<proxy::Body> {
+    r.map(|b| b.map_err(|never| match never {}).boxed())
+}
+
+async fn answer(
+    shared: Arc<Bus>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    cert: Option<Arc<str>>,
+    tls: bool,
+) -> Response<proxy::Body> {
     // Behind a trusted reverse proxy, the client is who it forwarded.
     // Every header line, in order (a proxy may add its own line), read as
     // bytes: a client's non-ASCII hop must not make the header unreadable.
@@ -162,7 +190,7 @@ async fn handle(
         Ok(r) => r,
         Err(NoRoute::NotFound) => {
             let detail = format!("no such path: {}", req.uri().path());
-            return error(StatusCode::NOT_FOUND, ErrorCode::NotFound, &detail);
+            return boxed(error(StatusCode::NOT_FOUND, ErrorCode::NotFound, &detail));
         }
         Err(NoRoute::Method(allow)) => {
             let detail = format!("{} takes {allow}, not {}", req.uri().path(), req.method());
@@ -173,19 +201,19 @@ async fn handle(
             );
             resp.headers_mut()
                 .insert(ALLOW, HeaderValue::from_static(allow));
-            return resp;
+            return boxed(resp);
         }
     };
     // MQTT over WebSocket authenticates in its CONNECT, and `/health`
     // answers monitors without credentials.
     let who = match route {
-        Route::Mqtt => return websocket::upgrade(shared.clone(), req, peer),
+        Route::Mqtt => return boxed(websocket::upgrade(shared.clone(), req, peer)),
         Route::Health => Verdict::Anonymous,
         _ => match cert {
             Some(name) => shared.auth.certified(name),
             None => match authenticate(&shared, &req, peer).await {
                 Ok(who) => who,
-                Err(resp) => return resp,
+                Err(resp) => return boxed(resp),
             },
         },
     };
@@ -194,8 +222,16 @@ async fn handle(
         peer,
         who,
     };
+    if route == Route::Svc {
+        let mut req = req;
+        if shared.auth.enabled() {
+            // The credentials were homicro's, not the service's.
+            req.headers_mut().remove(AUTHORIZATION);
+        }
+        return proxy::forward(&shared, req, peer, tls, |name| api.may_read(name)).await;
+    }
     let answer = match route {
-        Route::Mqtt => unreachable!("upgraded above"),
+        Route::Mqtt | Route::Svc => unreachable!("answered above"),
         Route::Discover => api.discover(req.uri().query()).await,
         Route::DiscoverOne(name) => api.discover_one(&name).await,
         Route::SelfRegister => match body(req, shared.limits.handshake_timeout).await {
@@ -214,7 +250,7 @@ async fn handle(
         Route::Health => Ok(api.health().await),
         Route::Metrics => Ok(api.metrics().await),
     };
-    answer.unwrap_or_else(ApiError::response)
+    boxed(answer.unwrap_or_else(ApiError::response))
 }
 
 /// The request's Basic credentials checked against the users (none: an
