@@ -16,7 +16,9 @@ use crate::record::Name;
 /// A command failed; `code` is the process exit code (1: it did not work,
 /// 2: bad input).
 mod passwd;
+mod proxy;
 pub use passwd::passwd;
+pub use proxy::proxy;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]

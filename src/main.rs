@@ -54,6 +54,18 @@ enum Command {
         #[arg(long)]
         delete: bool,
     },
+    /// Forward a local TCP port to an instance of QUERY (a service name or
+    /// role@range), picked for each connection from the live directory,
+    /// until Ctrl-C.
+    Proxy {
+        /// A service name, or role@range such as couchdb@3.x.
+        query: String,
+        /// Where to listen, IP:PORT (port 0: a free one, printed).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Print one line per registry change until Ctrl-C.
     Watch {
         /// Print the registry's events as JSON, one per line.
@@ -375,6 +387,11 @@ async fn client(cmd: Command) -> Result<(), CliError> {
         Command::Watch { json, conn } => {
             cli::watch(&conn.broker()?, &conn.prefix, json, stop_signal()).await
         }
+        Command::Proxy {
+            query,
+            listen,
+            conn,
+        } => cli::proxy(&conn.broker()?, &conn.prefix, listen, &query, stop_signal()).await,
         Command::Serve(_) | Command::Config | Command::Passwd { .. } => {
             unreachable!("handled in main")
         }

@@ -7,12 +7,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import paho.mqtt.client as mqtt
 import pytest
 import requests
 
-from harness import TIMEOUT, V5, start_homicro
+from harness import TIMEOUT, V5, homicro_bin, start_homicro
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -137,8 +139,7 @@ def test_a_websocket_passes_through(hub):
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="through-proxy",
                     protocol=V5, transport="websockets")
     c.ws_set_options(path="/svc/ws/mqtt")
-    got, subscribed = [], []
-    import threading
+    got = []
     done, ready = threading.Event(), threading.Event()
     c.on_message = lambda c, u, m: (got.append(m.payload), done.set())
     c.on_subscribe = lambda *a: ready.set()
@@ -151,3 +152,63 @@ def test_a_websocket_passes_through(hub):
     assert got == [b"through the hub"]
     c.disconnect()
     c.loop_stop()
+
+
+# -- homicro proxy: a local port forward ----------------------------------
+
+class LocalProxy:
+    def __init__(self, hub_port, query):
+        self.proc = subprocess.Popen(
+            [homicro_bin(), "proxy", "--broker", f"mqtt://127.0.0.1:{hub_port}", query],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        line = self.proc.stdout.readline().decode()
+        assert line.startswith("proxying 127.0.0.1:"), (line, self.proc.stderr.read(2000))
+        self.port = int(line.split()[1].rsplit(":", 1)[1])
+
+    def get(self, path):
+        return requests.get(f"http://127.0.0.1:{self.port}{path}", timeout=TIMEOUT,
+                            headers={"Connection": "close"})
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def test_homicro_proxy_forwards_each_connection_to_a_live_instance(hub):
+    b, ups = hub
+    third = Upstream("api-3")
+    ups.append(third)  # killed by the fixture
+    register(b.port, "api-3", host="127.0.0.1", port=third.port, role="api", version="1.4.0")
+    p = LocalProxy(b.port, "api@^1")
+    try:
+        seen = {p.get("/whoami").json()["name"] for _ in range(6)}
+        assert seen == {"api-1", "api-2", "api-3"}
+        ups[0].kill()
+        # Every connection still works: a refused instance is skipped at
+        # once, and the next pick goes elsewhere.
+        names = [p.get("/whoami").json()["name"] for _ in range(8)]
+        assert set(names) == {"api-2", "api-3"}, names
+        # Registrations are followed as they change.
+        fourth = Upstream("api-4")
+        ups.append(fourth)
+        register(b.port, "api-4", host="127.0.0.1", port=fourth.port, role="api",
+                 version="1.5.0")
+        deadline = time.monotonic() + TIMEOUT
+        while "api-4" not in {p.get("/whoami").json()["name"] for _ in range(3)}:
+            assert time.monotonic() < deadline, "api-4 never picked"
+        # By name.
+        q = LocalProxy(b.port, "api-2")
+        try:
+            assert {q.get("/whoami").json()["name"] for _ in range(3)} == {"api-2"}
+        finally:
+            q.stop()
+    finally:
+        p.stop()
+
+
+def test_homicro_proxy_refuses_a_bad_query_with_exit_2(hub):
+    b, _ = hub
+    out = subprocess.run([homicro_bin(), "proxy", "--broker", f"mqtt://127.0.0.1:{b.port}",
+                          "Not A Query!"], capture_output=True, timeout=TIMEOUT)
+    assert out.returncode == 2, out
+    assert b"QUERY is a service name or role@range" in out.stderr, out.stderr
