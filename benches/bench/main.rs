@@ -18,7 +18,9 @@
 //! storm, 4 memory with 100,000 records, 5 snapshot, 6 expiry lateness,
 //! 7 memory growth after short-lived connections (with 4), 8 churn, 9
 //! trust on (password file, ACL and TLS, for both brokers), 10 durability
-//! (the journal's cost against none and a persistent Mosquitto; restart).
+//! (the journal's cost against none and a persistent Mosquitto; restart),
+//! 11 the hub (`/svc/` and `homicro proxy` against reaching the service
+//! directly).
 //! Each figure is the median of `--runs` runs (default 3), the subjects
 //! taking turns within each run. Targets are printed as met / not met;
 //! nothing here asserts.
@@ -26,6 +28,7 @@
 mod churn;
 mod durability;
 mod expiry;
+mod hub;
 mod load;
 mod memory;
 mod propagation;
@@ -116,6 +119,9 @@ async fn main() {
     }
     if o.wants(10) {
         durability::run(&o, &mut report).await;
+    }
+    if o.wants(11) {
+        hub::run(&o, &mut report).await;
     }
     report.print();
     println!(

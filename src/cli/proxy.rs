@@ -14,6 +14,10 @@ use super::{CliError, fail};
 use crate::client::{Broker, Directory, DirectoryOptions, Service};
 use crate::record::{Name, Query};
 
+/// Each direction's copy buffer: 512 KiB a connection in all (1 MiB each
+/// measured 0.69, at 2 MiB a connection).
+const BUF: usize = 256 << 10;
+
 /// How long connecting to an instance may take before the next is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -92,7 +96,11 @@ async fn forward(dir: &Directory, query: &str, mut conn: TcpStream, peer: Socket
         };
         let _ = upstream.set_nodelay(true);
         debug!(%peer, instance = %svc.name, "connected");
-        let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
+        // Large buffers: a bulk transfer moves in few system calls
+        // (measured, 100 MB through it: 0.48 of a direct connection's rate
+        // with tokio's 8 KiB, 0.63 with 256 KiB; splice(2) through a pipe
+        // did worse here, 0.52).
+        let _ = tokio::io::copy_bidirectional_with_sizes(&mut conn, &mut upstream, BUF, BUF).await;
         return;
     }
     warn!(%peer, query, "no live instance: connection closed");
