@@ -23,6 +23,7 @@ use super::{Bus, connect, sessions};
 /// Accepts connections on `listener` until the task is dropped.
 pub async fn run(listener: TcpListener, bus: Arc<Bus>) {
     let permits = Arc::new(Semaphore::new(bus.limits.max_connections));
+    let _ = bus.slots.set(permits.clone());
     let mut garbage_log = RateLimit::new(Duration::from_secs(1));
     let mut accept_log = RateLimit::new(Duration::from_secs(1));
     let (garbage_tx, mut garbage_rx) = tokio::sync::mpsc::unbounded_channel::<String>();

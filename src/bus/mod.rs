@@ -104,6 +104,8 @@ pub struct Bus {
     next_session: AtomicU64,
     /// `/svc/`'s round-robin and recent failures.
     pub hub: crate::http::proxy::Hub,
+    /// The listener's connection slots (set when it starts).
+    pub slots: std::sync::OnceLock<std::sync::Arc<tokio::sync::Semaphore>>,
 }
 
 impl Bus {
@@ -127,6 +129,7 @@ impl Bus {
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             hub: Default::default(),
+            slots: std::sync::OnceLock::new(),
         }
     }
 
@@ -134,6 +137,14 @@ impl Bus {
     /// server's own publishes).
     pub fn session_number(&self) -> u64 {
         self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Connections open now, of any kind (each holds a slot until it is
+    /// closed and its task is done).
+    pub fn connections_open(&self) -> usize {
+        self.slots
+            .get()
+            .map_or(0, |s| self.limits.max_connections - s.available_permits())
     }
 
     /// MQTT sessions alive now (connected or waiting for their client).

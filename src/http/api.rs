@@ -122,6 +122,13 @@ impl Api<'_> {
             self.shared.router.retained(),
             uptime,
         );
+        series(
+            &mut text,
+            "homicro_bus_connections_open",
+            "gauge",
+            "Connections open now, of any kind (each holds one of max_connections).",
+            &[("", self.shared.connections_open() as u64)],
+        );
         if let Some(j) = &self.shared.journal {
             let failing = u64::from(j.status().failure.is_some());
             series(
