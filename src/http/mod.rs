@@ -150,22 +150,12 @@ fn route(method: &Method, path: &str) -> Result<Route, NoRoute> {
     }
 }
 
-async fn handle(
-    shared: Arc<Bus>,
-    req: Request<Incoming>,
-    peer: SocketAddr,
-    cert: Option<Arc<str>>,
-    tls: bool,
-) -> Response<proxy::Body> {
-    answer(shared, req, peer, cert, tls).await
-}
-
 /// A whole answer as a body like the proxy's streamed ones.
 fn boxed(r: Resp) -> Response<proxy::Body> {
     r.map(|b| b.map_err(|never| match never {}).boxed())
 }
 
-async fn answer(
+async fn handle(
     shared: Arc<Bus>,
     req: Request<Incoming>,
     peer: SocketAddr,
