@@ -1,5 +1,5 @@
-//! The registry's state file: every record as published, written atomically
-//! (temporary file, fsync, rename) and read back at start.
+//! The state file of homicro before the journal (0.1): read once at start
+//! and migrated into the state directory (see [`crate::durable`]).
 //!
 //! Format: `{"version":1,"records":{"NAME":"<record JSON as published>"},
 //! "owners":{"NAME":"10.0.0.5" or "user:alice"}}`. Records are kept as
@@ -8,7 +8,6 @@
 //! in files written before it existed.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -18,7 +17,6 @@ use tracing::warn;
 
 use crate::identity::Identity;
 use crate::record::{Name, Record};
-use crate::registry::state::Kept;
 
 const VERSION: u32 = 1;
 
@@ -39,11 +37,6 @@ pub enum StateFileError {
     },
     #[error("state file {path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
-    #[error("cannot write state file {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
 }
 
 /// What loading found.
@@ -131,65 +124,6 @@ fn discard(path: &Path, error: StateFileError) -> Loaded {
     Loaded::Discarded { error, moved_to }
 }
 
-/// Serialises records for [`write`]; cheap enough to call once per flush.
-/// Writes straight from the records, one per line, without copying them
-/// into an intermediate map first (100,000 records: one 8 MB buffer).
-pub fn encode<'a>(records: impl Iterator<Item = (&'a Name, &'a Kept)>) -> Vec<u8> {
-    let mut records: Vec<(&Name, &Kept)> = records.collect();
-    records.sort_by(|a, b| a.0.cmp(b.0));
-    let mut out = Vec::with_capacity(64 + records.len() * 128);
-    out.extend_from_slice(format!("{{\"version\":{VERSION},\"records\":{{").as_bytes());
-    let string = |out: &mut Vec<u8>, s: &str| {
-        serde_json::to_writer(out, s).expect("a string serialises");
-    };
-    for (i, (name, kept)) in records.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(b"\n");
-        string(&mut out, name.as_str());
-        out.push(b':');
-        string(&mut out, &String::from_utf8_lossy(&kept.payload));
-    }
-    out.extend_from_slice(b"\n},\"owners\":{");
-    let owned = records
-        .iter()
-        .filter_map(|(n, k)| Some((n, k.owner.as_ref()?)));
-    for (i, (name, owner)) in owned.enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(b"\n");
-        string(&mut out, name.as_str());
-        out.push(b':');
-        string(&mut out, &owner.to_stored());
-    }
-    out.extend_from_slice(b"\n}}\n");
-    out
-}
-
-/// Writes `contents` to `path` atomically: a crash leaves the old file or the
-/// new one, never half of either.
-pub fn write(path: &Path, contents: &[u8]) -> Result<(), StateFileError> {
-    let err = |source| StateFileError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::File::create(&tmp).map_err(err)?;
-    f.write_all(contents).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(err)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        // Persist the rename itself; not every filesystem allows this.
-        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,17 +140,20 @@ mod tests {
             rec("nas", r#"{"host":"n"}"#),
         );
         let alice = Some(Identity::user("alice"));
-        let kept = [
-            (web.0.clone(), Kept::of(web.1.payload(), alice.as_ref())),
-            (nas.0.clone(), Kept::of(nas.1.payload(), None)),
-        ];
-        write(&path, &encode(kept.iter().map(|(n, k)| (n, k)))).unwrap();
+        // As homicro 0.1 wrote it.
+        let text = r#"{"version":1,"records":{
+"nas":"{\"host\":\"n\"}",
+"web":"{\"port\":1, \"host\":\"h\",\"x\":[1]}"
+},"owners":{
+"web":"user:alice"
+}}
+"#;
+        std::fs::write(&path, text).unwrap();
         let Loaded::Records(mut got) = load(&path) else {
             panic!("not loaded")
         };
         got.sort_by(|a, b| b.0.cmp(&a.0));
         assert_eq!(got, vec![(web.0, web.1, alice), (nas.0, nas.1, None)]);
-        assert!(!dir.path().join("s.json.tmp").exists());
     }
 
     #[test]
