@@ -66,6 +66,7 @@ pub mod mqtt;
 pub mod protocol;
 pub mod record;
 pub mod registry;
+pub mod rpc;
 pub mod serve;
 pub mod statefile;
 pub mod tls_client;

@@ -119,6 +119,9 @@ pub struct Record {
     pub scheme: Option<String>,
     pub health: Option<Health>,
     pub meta: Map<String, Value>,
+    /// The service answers the same request twice the same way: a call
+    /// whose instance died mid-request may be retried on another.
+    pub idempotent: bool,
     payload: Bytes,
 }
 
@@ -185,6 +188,15 @@ impl Record {
             Some(Value::Object(m)) => m.clone(),
             Some(other) => return Err(invalid(format!("`meta` must be an object, got {other}"))),
         };
+        let idempotent = match obj.get("idempotent") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                return Err(invalid(format!(
+                    "`idempotent` must be true or false, got {other}"
+                )));
+            }
+        };
         Ok(Record {
             endpoint,
             ttl: (!ttl.is_zero()).then_some(ttl),
@@ -193,6 +205,7 @@ impl Record {
             scheme,
             health,
             meta,
+            idempotent,
             // A copy: the payload arrives as a slice of the MQTT client's
             // read buffer, and keeping the slice would pin the whole buffer
             // for as long as the record lives (measured: the registry held

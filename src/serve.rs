@@ -163,6 +163,9 @@ async fn start_embedded(config: &ServeConfig) -> Result<Running, ServeError> {
     info!(%listen, "listening (MQTT 3.1.1 and 5, WebSocket /mqtt, HTTP API)");
     let listener_task = tokio::spawn(listener::run(tcp, bus.clone()));
     tokio::spawn(bus::trim_memory(bus.clone()));
+    if bus.gate.is_some() {
+        tokio::spawn(crate::rpc::watch(bus.clone()));
+    }
     let public = url_of(listen);
     info!(listen = %public, prefix = %config.prefix, "homicro serving");
     Ok(Running {

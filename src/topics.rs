@@ -20,6 +20,15 @@ pub enum Incoming<'a> {
     Other,
 }
 
+/// A publish the hub takes: a call (`PREFIX/call/QUERY[/REPLY-TOPIC]`)
+/// or an instance's answer (`PREFIX/reply/ID[/STATUS]`), with what follows
+/// the kind's level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HubTopic<'a> {
+    Call(&'a str),
+    Reply(&'a str),
+}
+
 impl Topics {
     pub const DEFAULT_PREFIX: &'static str = "homicro";
 
@@ -114,6 +123,41 @@ impl Topics {
         }
     }
 
+    /// Where the hub hands NAME a request: `PREFIX/rpc/NAME/ID`.
+    pub fn request(&self, name: &str, id: &str) -> String {
+        format!("{}/rpc/{name}/{id}", self.prefix)
+    }
+
+    /// What NAME subscribes to for its requests.
+    pub fn request_filter(&self, name: &str) -> String {
+        format!("{}/rpc/{name}/+", self.prefix)
+    }
+
+    /// Where an instance answers request ID (the MQTT 5 response topic of
+    /// every request the hub sends).
+    pub fn reply(&self, id: &str) -> String {
+        format!("{}/reply/{id}", self.prefix)
+    }
+
+    /// Where a caller asks the hub to call QUERY: `PREFIX/call/QUERY`.
+    pub fn call(&self, query: &str) -> String {
+        format!("{}/call/{query}", self.prefix)
+    }
+
+    /// A topic the hub takes for itself (calls and replies never reach
+    /// the router), with the rest after its kind's level.
+    pub fn hub<'a>(&self, topic: &'a str) -> Option<HubTopic<'a>> {
+        let rest = topic
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix('/')?;
+        let (kind, rest) = rest.split_once('/')?;
+        match kind {
+            "call" => Some(HubTopic::Call(rest)),
+            "reply" => Some(HubTopic::Reply(rest)),
+            _ => None,
+        }
+    }
+
     /// The name in a health topic, if the topic is one.
     pub fn health_name(&self, topic: &str) -> Option<Name> {
         let rest = topic
@@ -145,6 +189,24 @@ mod tests {
         assert_eq!(t.classify("home/hm/events/a"), Incoming::Other);
         assert_eq!(t.classify("homicro/services/a"), Incoming::Other);
         assert_eq!(t.registry_filters()[0], "home/hm/services/#");
+    }
+
+    #[test]
+    fn hub_topics() {
+        let t = Topics::new("home/hm");
+        assert_eq!(
+            t.hub("home/hm/call/api@^1/me/x"),
+            Some(HubTopic::Call("api@^1/me/x"))
+        );
+        assert_eq!(
+            t.hub("home/hm/reply/abc/404"),
+            Some(HubTopic::Reply("abc/404"))
+        );
+        assert_eq!(t.hub("home/hm/call"), None);
+        assert_eq!(t.hub("home/hm/rpc/a/b"), None);
+        assert_eq!(t.hub("home/hmx/call/a"), None);
+        assert_eq!(t.request("web", "id1"), "home/hm/rpc/web/id1");
+        assert_eq!(t.request_filter("web"), "home/hm/rpc/web/+");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! `PREFIX/heartbeat/NAME` is a question to the registry, answered before
 //! the router stores or forwards anything; a refused record is never seen
 //! by a watcher. Only the registry publishes under `PREFIX/registry`,
-//! `PREFIX/events`, `PREFIX/errors` and `PREFIX/health`.
+//! `PREFIX/events`, `PREFIX/errors` and `PREFIX/health`, and only the hub
+//! under `PREFIX/rpc` (a request reaches a service through the hub alone).
 
 use std::net::SocketAddr;
 
@@ -76,7 +77,7 @@ pub fn reserved(topics: &Topics, topic: &str) -> bool {
         .strip_prefix(topics.prefix())
         .and_then(|r| r.strip_prefix('/'))
         .and_then(|r| r.split_once('/'))
-        .is_some_and(|(kind, _)| matches!(kind, "events" | "errors" | "health"))
+        .is_some_and(|(kind, _)| matches!(kind, "events" | "errors" | "health" | "rpc"))
 }
 
 /// The MQTT 5 reason code for a registry error code.
@@ -168,7 +169,12 @@ mod tests {
     #[test]
     fn registry_topics_are_reserved() {
         let t = Topics::new("homicro");
-        for yes in ["homicro/events/a", "homicro/errors/a", "homicro/health/a"] {
+        for yes in [
+            "homicro/events/a",
+            "homicro/errors/a",
+            "homicro/health/a",
+            "homicro/rpc/a/1",
+        ] {
             assert!(reserved(&t, yes), "{yes}");
         }
         for no in [

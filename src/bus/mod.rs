@@ -104,6 +104,9 @@ pub struct Bus {
     next_session: AtomicU64,
     /// `/svc/`'s round-robin and recent failures.
     pub hub: crate::http::proxy::Hub,
+    /// Calls through the hub waiting for their answer, and the long-poll
+    /// queues.
+    pub calls: crate::rpc::Calls,
     /// The listener's connection slots (set when it starts).
     pub slots: std::sync::OnceLock<std::sync::Arc<tokio::sync::Semaphore>>,
 }
@@ -129,6 +132,7 @@ impl Bus {
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             hub: Default::default(),
+            calls: Default::default(),
             slots: std::sync::OnceLock::new(),
         }
     }

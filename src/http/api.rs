@@ -129,6 +129,28 @@ impl Api<'_> {
             "Connections open now, of any kind (each holds one of max_connections).",
             &[("", self.shared.connections_open() as u64)],
         );
+        let c = &self.shared.calls.metrics;
+        let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        series(
+            &mut text,
+            "homicro_calls_total",
+            "counter",
+            "Calls through the hub (POST /call/, PREFIX/call/), by how they ended.",
+            &[
+                ("{outcome=\"answered\"}", n(&c.answered)),
+                ("{outcome=\"timed_out\"}", n(&c.timed_out)),
+                ("{outcome=\"gone\"}", n(&c.gone)),
+                ("{outcome=\"retried\"}", n(&c.retried)),
+                ("{outcome=\"started\"}", n(&c.calls)),
+            ],
+        );
+        series(
+            &mut text,
+            "homicro_calls_pending",
+            "gauge",
+            "Calls waiting for their instance's answer now.",
+            &[("", self.shared.calls.pending() as u64)],
+        );
         if let Some(j) = &self.shared.journal {
             let failing = u64::from(j.status().failure.is_some());
             series(
@@ -187,7 +209,7 @@ impl Api<'_> {
         self.may(name, Access::Read)
     }
 
-    fn acl_allows(&self, name: &str, access: Access) -> Result<(), ApiError> {
+    pub(super) fn acl_allows(&self, name: &str, access: Access) -> Result<(), ApiError> {
         if self.may(name, access) {
             return Ok(());
         }

@@ -8,9 +8,11 @@
 //!  GET /discover[/NAME][?role=R@range], /health, /metrics ──▶ registry (read)
 //!  PUT /self-register, PUT /register, DELETE /register/NAME ──▶ registry.submit
 //!  ANY /svc/QUERY/rest ──▶ proxy: one instance of QUERY, streamed both ways
+//!  POST /call/QUERY, GET /jobs/NAME, POST /jobs/ID ──▶ calls (crate::rpc)
 //! ```
 
 mod api;
+mod calls;
 pub mod proxy;
 mod websocket;
 
@@ -40,6 +42,9 @@ use crate::record::MAX_RECORD_SIZE;
 /// JSON around it. A larger record inside the limit is refused by the
 /// registry's own size rule, with the same `too_large`.
 pub const MAX_BODY: usize = MAX_RECORD_SIZE + 1024;
+
+/// The largest request head (request line and headers) taken.
+pub const MAX_HEAD: usize = 64 * 1024;
 
 type Resp = Response<Full<Bytes>>;
 
@@ -74,7 +79,7 @@ pub async fn serve_as<S>(
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(shared.limits.handshake_timeout)
-        .max_buf_size(64 * 1024)
+        .max_buf_size(MAX_HEAD)
         .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();
     if let Err(e) = conn.await {
@@ -112,6 +117,12 @@ enum Route {
     Metrics,
     /// `/svc/QUERY/...`, any method.
     Svc,
+    /// `POST /call/QUERY`.
+    Call(String),
+    /// `GET /jobs/NAME`.
+    NextJob(String),
+    /// `POST /jobs/ID`.
+    Answer(String),
 }
 
 /// Why a request has no route.
@@ -139,6 +150,16 @@ fn route(method: &Method, path: &str) -> Result<Route, NoRoute> {
             }
             Some(Some(("register", name))) if !name.is_empty() => {
                 ("DELETE", Route::Deregister(name.to_string()))
+            }
+            Some(Some(("call", query))) if !query.is_empty() => {
+                ("POST", Route::Call(query.to_string()))
+            }
+            Some(Some(("jobs", rest))) if !rest.is_empty() => {
+                return match method.as_str() {
+                    "GET" => Ok(Route::NextJob(rest.to_string())),
+                    "POST" => Ok(Route::Answer(rest.to_string())),
+                    _ => Err(NoRoute::Method("GET, POST")),
+                };
             }
             _ => return Err(NoRoute::NotFound),
         },
@@ -176,6 +197,22 @@ async fn handle(
         shared.auth.client_address(peer.ip(), forwarded.as_deref()),
         peer.port(),
     );
+    // hyper bounds the head by its read buffer, which one large read can
+    // pass (hyperium/hyper#4081): the limit is checked here as well.
+    let head: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + req.uri().to_string().len();
+    if head > MAX_HEAD {
+        let detail = format!("the request's head is larger than {MAX_HEAD} bytes");
+        return boxed(error(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ErrorCode::TooLarge,
+            &detail,
+        ));
+    }
     let route = match route(req.method(), req.uri().path()) {
         Ok(r) => r,
         Err(NoRoute::NotFound) => {
@@ -222,6 +259,9 @@ async fn handle(
     }
     let answer = match route {
         Route::Mqtt | Route::Svc => unreachable!("answered above"),
+        Route::Call(query) => calls::call(&api, &query, req).await,
+        Route::NextJob(name) => calls::next_job(&api, &name, req.uri().query()).await,
+        Route::Answer(id) => calls::answer(&api, &id, req).await,
         Route::Discover => api.discover(req.uri().query()).await,
         Route::DiscoverOne(name) => api.discover_one(&name).await,
         Route::SelfRegister => match body(req, shared.limits.handshake_timeout).await {
@@ -303,7 +343,16 @@ fn basic_credentials(header: &[u8]) -> Option<(String, String)> {
 /// client that trickles its body holds a connection no longer than one
 /// that sends nothing).
 async fn body(req: Request<Incoming>, within: Duration) -> Result<Bytes, ApiError> {
-    let read = Limited::new(req.into_body(), MAX_BODY).collect();
+    body_within(req, MAX_BODY, within).await
+}
+
+/// Reads a request body of at most `limit` bytes within `within`.
+async fn body_within(
+    req: Request<Incoming>,
+    limit: usize,
+    within: Duration,
+) -> Result<Bytes, ApiError> {
+    let read = Limited::new(req.into_body(), limit).collect();
     let Ok(read) = tokio::time::timeout(within, read).await else {
         return Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
@@ -316,9 +365,13 @@ async fn body(req: Request<Incoming>, within: Duration) -> Result<Bytes, ApiErro
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::TooLarge,
-            format!(
-                "the body is larger than {MAX_BODY} bytes (a record is at most {MAX_RECORD_SIZE})"
-            ),
+            if limit == MAX_BODY {
+                format!(
+                    "the body is larger than {MAX_BODY} bytes (a record is at most {MAX_RECORD_SIZE})"
+                )
+            } else {
+                format!("the body is larger than {limit} bytes (the largest MQTT payload here)")
+            },
         )),
         Err(e) => Err(ApiError::invalid(format!("could not read the body: {e}"))),
     }

@@ -206,7 +206,7 @@ pub async fn forward(
 
 /// `s` with its `%XX` escapes decoded (a bad escape, or bytes that are not
 /// UTF-8, are left as they are).
-fn percent_decoded(s: &str) -> String {
+pub(super) fn percent_decoded(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

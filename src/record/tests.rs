@@ -43,9 +43,11 @@ fn full_record() {
     let r = parse(
         r#"{"host":"NAS.Local","port":8080,"ttl":"1m","role":"web","version":"1.2.3",
             "scheme":"http","health":{"http":"/health","interval":"10s","failures":2},
-            "meta":{"k":"v"},"future":[1]}"#,
+            "meta":{"k":"v"},"idempotent":true,"future":[1]}"#,
     )
     .unwrap();
+    assert!(r.idempotent);
+    assert!(!parse(r#"{"host":"h"}"#).unwrap().idempotent);
     assert_eq!(r.endpoint.to_string(), "nas.local:8080");
     assert_eq!(r.ttl, Some(Duration::from_secs(60)));
     assert_eq!(r.role.as_str(), "web");
@@ -125,6 +127,10 @@ fn invalid_records_say_what_is_wrong() {
             "`scheme` must be a URI scheme",
         ),
         (r#"{"host":"h","meta":[]}"#, "`meta` must be an object"),
+        (
+            r#"{"host":"h","idempotent":"yes"}"#,
+            "`idempotent` must be true or false",
+        ),
         (r#"{"host":"h","health":1}"#, "`health` must be an object"),
         (r#"{"host":"h","health":{}}"#, "needs `http` or `tcp`"),
         (r#"{"host":"h","health":{"http":"x"}}"#, "must be a path"),

@@ -180,6 +180,11 @@ impl Router {
         self.state().retained.len()
     }
 
+    /// How many subscriptions a publish to `topic` would be handed to.
+    pub fn subscribers(&self, topic: &str) -> usize {
+        self.state().subs.for_each_match_count(topic)
+    }
+
     /// Stores `m` if retained and hands it to every link subscribed to its
     /// topic.
     pub fn publish(&self, m: Message) {

@@ -125,7 +125,6 @@ impl<T: Target> Tree<T> {
         self.root.is_empty()
     }
 
-    #[cfg(test)]
     pub fn for_each_match_count(&mut self, topic: &str) -> usize {
         let mut n = 0;
         self.for_each_match(topic, |_| n += 1);

@@ -445,7 +445,11 @@ impl Session {
         }
         match self.bus.topics.classify(&p.topic) {
             Incoming::Service(_) => true,
-            Incoming::Other => p.retain && !gate::reserved(&self.bus.topics, &p.topic),
+            Incoming::Other => {
+                p.retain
+                    && !gate::reserved(&self.bus.topics, &p.topic)
+                    && self.bus.topics.hub(&p.topic).is_none()
+            }
             _ => false,
         }
     }
@@ -470,7 +474,8 @@ impl Session {
     fn judged_at_once(&self, topic: &str) -> bool {
         self.bus.gate.is_some()
             && (!matches!(self.bus.topics.classify(topic), Incoming::Other)
-                || gate::reserved(&self.bus.topics, topic))
+                || gate::reserved(&self.bus.topics, topic)
+                || self.bus.topics.hub(topic).is_some())
     }
 
     /// Hands a publish (a client's, or a will) on: refused when it is for
@@ -481,6 +486,15 @@ impl Session {
         // `$` topics are the server's (MQTT 4.7.2): none are routed.
         if p.topic.starts_with('$') {
             return reason::NOT_AUTHORIZED;
+        }
+        if self.bus.gate.is_some()
+            && let Some(hub) = self.bus.topics.hub(&p.topic)
+        {
+            let caller = crate::rpc::mqtt::Caller {
+                user: self.user.clone(),
+                client_id: self.client_id.clone(),
+            };
+            return crate::rpc::mqtt::on_publish(&self.bus, p, hub, caller);
         }
         let after = self.after_token(p.qos);
         if let Some(registry) = &self.bus.gate {

@@ -1,0 +1,587 @@
+//! Request/response through the hub: a call names a service (or a role and
+//! range), the hub picks one instance that takes requests, hands it the
+//! request once, and gives the caller its answer, a 504 when none came in
+//! time, or a 503 when no instance takes requests.
+//!
+//! ```text
+//!  POST /call/QUERY ─┐                         ┌─▶ PREFIX/rpc/NAME/ID  (an MQTT instance)
+//!                    ├─▶ Calls::call ─ pick ───┤
+//!  PREFIX/call/QUERY ┘        ▲                └─▶ GET /jobs/NAME     (a long-polling one)
+//!                             └── PREFIX/reply/ID, POST /jobs/ID: Calls::answer
+//! ```
+//!
+//! An instance takes requests when a session subscribes to its request
+//! topic, or when it long-polls `GET /jobs/NAME` (now, or within the last
+//! [`POLLED_WITHIN`]). A request goes to one instance at most once
+//! (MQTT QoS 0; a job to one poller). When the instance goes away before
+//! it answers (its record is removed, or nothing subscribes to its request
+//! topic any more), the call ends with 504, or, when the record says
+//! `"idempotent": true` or the request was never handed over, is tried on
+//! the next instance.
+
+pub mod mqtt;
+pub mod wire;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::bus::Bus;
+use crate::bus::codec::Properties;
+use crate::bus::router::{Message, now_ms};
+use crate::protocol::ErrorCode;
+use crate::record::{Name, Query, Record};
+
+/// How long after its last poll a long-polling instance still counts as
+/// taking requests (a request queued meanwhile waits for its next poll).
+pub const POLLED_WITHIN: Duration = Duration::from_secs(30);
+
+/// Calls waiting for their answer at once; more are refused with 503.
+pub const MAX_PENDING: usize = 10_000;
+
+/// A request as the caller sent it.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub body: Bytes,
+    pub content_type: Option<String>,
+}
+
+/// An instance's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// An HTTP status (200 unless the instance says otherwise).
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub body: Bytes,
+}
+
+/// A request handed to a long-polling instance.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: Arc<str>,
+    pub request: Request,
+}
+
+/// Why a call got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// QUERY is not a name or `role@range`.
+    #[error("{0}")]
+    BadQuery(String),
+    #[error("no service named {0} and no instance of role {0}")]
+    NotFound(String),
+    #[error("the ACL does not let this client call {0}")]
+    Forbidden(String),
+    /// No instance takes requests now, or the hub is full.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{instance} did not answer within {}", humantime::format_duration(*.after))]
+    Timeout { instance: Name, after: Duration },
+    #[error("{instance} went away before it answered")]
+    Gone { instance: Name },
+}
+
+impl CallError {
+    /// The HTTP status the caller gets.
+    pub fn status(&self) -> u16 {
+        match self {
+            CallError::BadQuery(_) => 400,
+            CallError::Forbidden(_) => 403,
+            CallError::NotFound(_) => 404,
+            CallError::Unavailable(_) => 503,
+            CallError::Timeout { .. } | CallError::Gone { .. } => 504,
+        }
+    }
+
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            CallError::BadQuery(_) => ErrorCode::BadName,
+            CallError::Forbidden(_) => ErrorCode::NotAuthorized,
+            CallError::NotFound(_) => ErrorCode::NotFound,
+            _ => ErrorCode::Unavailable,
+        }
+    }
+
+    /// The answer a caller gets: the status, and `{"error", "detail"}`.
+    pub fn answer(&self) -> Answer {
+        let body = serde_json::json!({"error": self.code(), "detail": self.to_string()});
+        Answer {
+            status: self.status(),
+            content_type: Some("application/json".into()),
+            body: Bytes::from(body.to_string()),
+        }
+    }
+}
+
+/// How a pending call reached its instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// Published on its request topic.
+    Mqtt,
+    /// Queued for its next poll: not handed over yet.
+    Queued,
+    /// Taken by a poll.
+    Taken,
+}
+
+/// What ends a pending call.
+enum Outcome {
+    Answered(Answer),
+    /// The instance went away; `handed`: it may have seen the request.
+    Gone {
+        handed: bool,
+    },
+}
+
+struct Pending {
+    instance: Name,
+    via: Via,
+    tx: oneshot::Sender<Outcome>,
+}
+
+/// One long-polling instance's requests and pollers.
+struct Queue {
+    waiting: VecDeque<oneshot::Sender<Job>>,
+    jobs: VecDeque<Job>,
+    seen: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    pending: HashMap<Arc<str>, Pending>,
+    queues: HashMap<Name, Queue>,
+}
+
+/// The hub's calls in flight and the long-poll queues.
+#[derive(Default)]
+pub struct Calls {
+    state: Mutex<State>,
+    next: AtomicUsize,
+    pub metrics: CallMetrics,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct CallMetrics {
+    pub calls: AtomicU64,
+    pub answered: AtomicU64,
+    pub timed_out: AtomicU64,
+    pub gone: AtomicU64,
+    pub retried: AtomicU64,
+}
+
+/// One instance a call may go to.
+struct Candidate {
+    name: Name,
+    idempotent: bool,
+}
+
+impl Calls {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Calls waiting for their answer now.
+    pub fn pending(&self) -> usize {
+        self.state().pending.len()
+    }
+
+    /// Calls QUERY with `req` and waits up to `timeout` for the answer.
+    /// `may_read` says whether the caller may reach NAME (the ACL's read
+    /// on its record).
+    pub async fn call(
+        &self,
+        bus: &Bus,
+        query: &str,
+        req: Request,
+        timeout: Duration,
+        may_read: impl Fn(&str) -> bool,
+    ) -> Result<(Name, Answer), CallError> {
+        self.metrics.calls.fetch_add(1, Ordering::Relaxed);
+        let deadline = Instant::now() + timeout;
+        let candidates: Vec<Candidate> = candidates(bus, query).await?;
+        let candidates: Vec<Candidate> = candidates
+            .into_iter()
+            .filter(|c| may_read(c.name.as_str()))
+            .collect();
+        if candidates.is_empty() {
+            return Err(CallError::Forbidden(query.to_string()));
+        }
+        let mut tried: Vec<Name> = Vec::new();
+        loop {
+            let id: Arc<str> = wire::new_id().into();
+            let (tx, rx) = oneshot::channel();
+            let Some((c, via)) = self.hand_over(bus, &candidates, &tried, &id, &req, tx)? else {
+                return Err(CallError::Unavailable(match tried.last() {
+                    None => format!(
+                        "no instance of {query} takes requests: none subscribes to {} \
+                         or polls GET /jobs/NAME",
+                        bus.topics.request_filter("NAME")
+                    ),
+                    Some(last) => format!(
+                        "{last} went away before it answered, and no other instance of \
+                         {query} takes requests"
+                    ),
+                }));
+            };
+            debug!(call = %id, instance = %c.name, ?via, "call handed over");
+            match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(Outcome::Answered(a))) => {
+                    self.metrics.answered.fetch_add(1, Ordering::Relaxed);
+                    return Ok((c.name.clone(), a));
+                }
+                Ok(Ok(Outcome::Gone { handed })) => {
+                    if handed && !c.idempotent {
+                        self.metrics.gone.fetch_add(1, Ordering::Relaxed);
+                        return Err(CallError::Gone {
+                            instance: c.name.clone(),
+                        });
+                    }
+                    self.metrics.retried.fetch_add(1, Ordering::Relaxed);
+                    tried.push(c.name.clone());
+                }
+                // The hub dropped the call without an outcome: cannot happen
+                // while `self` lives; answer as gone.
+                Ok(Err(_)) => {
+                    return Err(CallError::Gone {
+                        instance: c.name.clone(),
+                    });
+                }
+                Err(_) => {
+                    self.forget(&id, &c.name);
+                    self.metrics.timed_out.fetch_add(1, Ordering::Relaxed);
+                    return Err(CallError::Timeout {
+                        instance: c.name.clone(),
+                        after: timeout,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Picks the next instance in turn that takes requests (and was not
+    /// tried), and hands it the request. `None`: no instance takes them.
+    fn hand_over<'c>(
+        &self,
+        bus: &Bus,
+        candidates: &'c [Candidate],
+        tried: &[Name],
+        id: &Arc<str>,
+        req: &Request,
+        tx: oneshot::Sender<Outcome>,
+    ) -> Result<Option<(&'c Candidate, Via)>, CallError> {
+        let now = Instant::now();
+        let mut state = self.state();
+        if state.pending.len() >= MAX_PENDING {
+            return Err(CallError::Unavailable(format!(
+                "the hub has {MAX_PENDING} calls waiting for their answer; try again later"
+            )));
+        }
+        let live: Vec<(&Candidate, Route)> = candidates
+            .iter()
+            .filter(|c| !tried.contains(&c.name))
+            .filter_map(|c| Some((c, route(bus, &mut state, &c.name, now)?)))
+            .collect();
+        if live.is_empty() {
+            return Ok(None);
+        }
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        let (c, route) = &live[turn % live.len()];
+        let job = Job {
+            id: id.clone(),
+            request: req.clone(),
+        };
+        let via = match route {
+            Route::Mqtt => {
+                let mut props = Properties {
+                    response_topic: Some(bus.topics.reply(id)),
+                    correlation_data: Some(Bytes::copy_from_slice(id.as_bytes())),
+                    content_type: req.content_type.clone(),
+                    ..Properties::default()
+                };
+                props.payload_format = None;
+                bus.router.publish(Message {
+                    topic: bus.topics.request(c.name.as_str(), id).into(),
+                    payload: req.body.clone(),
+                    qos: 0,
+                    retain: false,
+                    origin: 0,
+                    at_ms: now_ms(),
+                    expiry: None,
+                    props: Some(Box::new(props)),
+                });
+                Via::Mqtt
+            }
+            Route::Poll => {
+                let queue = state.queues.get_mut(&c.name).expect("routed to a queue");
+                match give(queue, job) {
+                    None => Via::Taken,
+                    Some(job) => {
+                        queue.jobs.push_back(job);
+                        Via::Queued
+                    }
+                }
+            }
+        };
+        state.pending.insert(
+            id.clone(),
+            Pending {
+                instance: c.name.clone(),
+                via,
+                tx,
+            },
+        );
+        Ok(Some((c, via)))
+    }
+
+    /// Ends a call that timed out (its queued job, if not taken, with it).
+    fn forget(&self, id: &Arc<str>, instance: &Name) {
+        let mut state = self.state();
+        if let Some(p) = state.pending.remove(id)
+            && p.via == Via::Queued
+            && let Some(q) = state.queues.get_mut(instance)
+        {
+            q.jobs.retain(|j| &j.id != id);
+        }
+    }
+
+    /// An instance's answer to call `id`; `false`: no call `id` waits (it
+    /// timed out, or was answered already).
+    pub fn answer(&self, id: &str, answer: Answer) -> bool {
+        let Some(p) = self.state().pending.remove(id) else {
+            return false;
+        };
+        p.tx.send(Outcome::Answered(answer)).is_ok()
+    }
+
+    /// The next request for long-polling instance `name`, waiting up to
+    /// `wait` (`None`: none came).
+    pub async fn next_job(&self, name: &Name, wait: Duration) -> Option<Job> {
+        let rx = {
+            let mut state = self.state();
+            let now = Instant::now();
+            let queue = state.queues.entry(name.clone()).or_insert_with(|| Queue {
+                waiting: VecDeque::new(),
+                jobs: VecDeque::new(),
+                seen: now,
+            });
+            queue.seen = now;
+            if let Some(job) = queue.jobs.pop_front() {
+                mark_taken(&mut state, &job.id);
+                return Some(job);
+            }
+            let (tx, rx) = oneshot::channel();
+            queue.waiting.push_back(tx);
+            rx
+        };
+        let mut rx = rx;
+        let got = match tokio::time::timeout(wait, &mut rx).await {
+            Ok(Ok(job)) => Some(job),
+            Ok(Err(_)) => None,
+            Err(_) => {
+                // A job given at the last moment is taken, not lost.
+                rx.close();
+                rx.try_recv().ok()
+            }
+        };
+        let mut state = self.state();
+        if let Some(q) = state.queues.get_mut(name) {
+            q.seen = Instant::now();
+        }
+        if let Some(job) = &got {
+            mark_taken(&mut state, &job.id);
+        }
+        got
+    }
+
+    /// Instance `name` went away: its calls end (see [`Calls::call`]).
+    pub fn gone(&self, name: &Name) {
+        let mut state = self.state();
+        state.queues.remove(name);
+        let ids: Vec<Arc<str>> = state
+            .pending
+            .iter()
+            .filter(|(_, p)| &p.instance == name)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            if let Some(p) = state.pending.remove(&id) {
+                debug!(call = %id, instance = %name, "instance gone mid-call");
+                let _ = p.tx.send(Outcome::Gone {
+                    handed: p.via != Via::Queued,
+                });
+            }
+        }
+    }
+
+    /// Once a second: calls whose MQTT instance no longer subscribes end
+    /// as gone; queues nobody polled for a while are dropped.
+    fn sweep(&self, bus: &Bus) {
+        let now = Instant::now();
+        let mqtt: Vec<Name> = {
+            let mut state = self.state();
+            let mqtt = state
+                .pending
+                .values()
+                .filter(|p| p.via == Via::Mqtt)
+                .map(|p| p.instance.clone())
+                .collect();
+            state.queues.retain(|_, q| {
+                q.waiting.retain(|w| !w.is_closed());
+                !(q.waiting.is_empty()
+                    && q.jobs.is_empty()
+                    && now.duration_since(q.seen) > 2 * POLLED_WITHIN)
+            });
+            mqtt
+        };
+        let mut seen = std::collections::HashSet::new();
+        for name in mqtt {
+            if seen.insert(name.clone())
+                && bus
+                    .router
+                    .subscribers(&bus.topics.request(name.as_str(), "x"))
+                    == 0
+            {
+                self.gone_mqtt(&name);
+            }
+        }
+    }
+
+    /// Ends the MQTT calls of `name` (it unsubscribed).
+    fn gone_mqtt(&self, name: &Name) {
+        let mut state = self.state();
+        let ids: Vec<Arc<str>> = state
+            .pending
+            .iter()
+            .filter(|(_, p)| &p.instance == name && p.via == Via::Mqtt)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            if let Some(p) = state.pending.remove(&id) {
+                let _ = p.tx.send(Outcome::Gone { handed: true });
+            }
+        }
+    }
+}
+
+/// How an instance takes requests right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Mqtt,
+    Poll,
+}
+
+/// A poller waiting now wins; then a subscription to the request topic;
+/// then a poller seen lately (the job waits for its next poll).
+fn route(bus: &Bus, state: &mut State, name: &Name, now: Instant) -> Option<Route> {
+    let queue = state.queues.get_mut(name);
+    let polled_lately = match queue {
+        Some(q) => {
+            q.waiting.retain(|w| !w.is_closed());
+            if !q.waiting.is_empty() {
+                return Some(Route::Poll);
+            }
+            now.duration_since(q.seen) <= POLLED_WITHIN
+        }
+        None => false,
+    };
+    if bus
+        .router
+        .subscribers(&bus.topics.request(name.as_str(), "x"))
+        > 0
+    {
+        return Some(Route::Mqtt);
+    }
+    polled_lately.then_some(Route::Poll)
+}
+
+/// Gives `job` to the first poller still waiting; the job back if none.
+fn give(queue: &mut Queue, job: Job) -> Option<Job> {
+    let mut job = job;
+    while let Some(w) = queue.waiting.pop_front() {
+        match w.send(job) {
+            Ok(()) => return None,
+            Err(back) => job = back,
+        }
+    }
+    Some(job)
+}
+
+fn mark_taken(state: &mut State, id: &Arc<str>) {
+    if let Some(p) = state.pending.get_mut(id) {
+        p.via = Via::Taken;
+    }
+}
+
+/// The instances QUERY names that a call may go to: one record by name,
+/// or every instance of a role (and range), in name order.
+async fn candidates(bus: &Bus, query: &str) -> Result<Vec<Candidate>, CallError> {
+    let Some(registry) = &bus.gate else {
+        return Err(CallError::Unavailable(
+            "this server runs without a registry (--no-registry)".into(),
+        ));
+    };
+    let q = Query::parse(query).map_err(|e| {
+        CallError::BadQuery(format!(
+            "{e}: a call takes a service name or role@range, such as api@^1.2"
+        ))
+    })?;
+    let by_name = Name::parse(query).ok();
+    let records = registry
+        .records()
+        .await
+        .map_err(|_| CallError::Unavailable("the registry has stopped".into()))?;
+    let mut found: Vec<Candidate> = Vec::new();
+    let mut exact = None;
+    for (name, payload) in records {
+        let Ok(record) = Record::parse(&name, payload) else {
+            continue;
+        };
+        if by_name.as_ref() == Some(&name) {
+            exact = Some(Candidate {
+                name,
+                idempotent: record.idempotent,
+            });
+        } else if q.matches(&record) {
+            found.push(Candidate {
+                name,
+                idempotent: record.idempotent,
+            });
+        }
+    }
+    // A name wins over a role of the same spelling.
+    if let Some(c) = exact {
+        return Ok(vec![c]);
+    }
+    if found.is_empty() {
+        return Err(CallError::NotFound(query.to_string()));
+    }
+    found.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(found)
+}
+
+/// Watches for instances that go away while calls wait on them: a removed
+/// record, or (each second) an MQTT instance that no longer subscribes.
+pub async fn watch(bus: Arc<Bus>) {
+    let mut link = bus.router.link();
+    link.subscribe(&bus.topics.services_filter(), false);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            f = link.next() => {
+                if f.msg.payload.is_empty()
+                    && let Some(name) = bus.topics.service_name(&f.msg.topic)
+                {
+                    bus.calls.gone(&name);
+                }
+            }
+            _ = tick.tick() => bus.calls.sweep(&bus),
+        }
+    }
+}
