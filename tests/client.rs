@@ -525,3 +525,68 @@ async fn the_helper_and_the_cli_speak_tls() {
     );
     drop(reg);
 }
+
+/// The helper on both ends of a call: a service answers with
+/// `serve_requests`, a `Caller` asks it by role and range; the hub's own
+/// errors come back as replies with their status.
+#[tokio::test]
+async fn a_service_answers_calls_made_with_the_helper() {
+    use homicro::client::{Caller, Reply};
+    let s = Serve::start().await;
+    let reg = Registration::builder("adder-1")
+        .host("127.0.0.1")
+        .port(9)
+        .role("adder")
+        .version("1.4.0")
+        .register(&s.url)
+        .await
+        .unwrap();
+    let server = reg
+        .serve_requests(|req| async move {
+            let text = String::from_utf8_lossy(&req.body).to_string();
+            let sum: Result<Vec<i64>, _> = text.split('+').map(|n| n.trim().parse()).collect();
+            match sum {
+                Ok(ns) => Reply::ok(ns.iter().sum::<i64>().to_string()),
+                Err(e) => Reply::with_status(400, format!("not a sum: {e}")),
+            }
+        })
+        .await
+        .unwrap();
+    let caller = Caller::connect(&s.url).await.unwrap();
+    let r = caller.call("adder@^1", "1 + 2 + 39", WAIT).await.unwrap();
+    assert_eq!(r, Reply::ok("42"));
+    let r = caller.call("adder-1", "1 + x", WAIT).await.unwrap();
+    assert_eq!(r.status, 400);
+    assert!(String::from_utf8_lossy(&r.body).contains("not a sum"));
+    // Many at once, over one connection.
+    let calls = (0..50).map(|i| caller.call("adder", format!("{i} + 1"), WAIT));
+    for (i, r) in futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(r.unwrap(), Reply::ok((i + 1).to_string()));
+    }
+    // The hub's errors are replies too.
+    let r = caller.call("adder@^2", "1", WAIT).await.unwrap();
+    assert_eq!(r.status, 404);
+    assert!(matches!(
+        caller.call("Not A Query", "1", WAIT).await,
+        Err(homicro::client::CallError::BadQuery(_))
+    ));
+    // Stopped serving: nothing subscribes, so the hub answers 503 at once.
+    server.stop();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = caller.call("adder-1", "1", WAIT).await.unwrap();
+        if r.status == 503 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still answered after stop: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    reg.deregister().await.unwrap();
+}

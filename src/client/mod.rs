@@ -31,6 +31,7 @@
 mod admin;
 mod directory;
 mod registration;
+mod rpc;
 
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::time::Duration;
@@ -49,6 +50,7 @@ pub use directory::{
 pub use registration::{
     RegisterError, Registration, RegistrationBuilder, Status as RegistrationStatus,
 };
+pub use rpc::{CallError, Caller, Reply, Request, RequestServer};
 
 use crate::mqtt::{self, Incoming, SnapshotError};
 use crate::protocol::{

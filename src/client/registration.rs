@@ -61,8 +61,11 @@ pub struct RegistrationBuilder {
 /// record when the record vanishes. `deregister` removes it; dropping it
 /// deregisters on a best-effort basis.
 pub struct Registration {
-    name: Name,
+    pub(super) name: Name,
     record: Record,
+    /// Where it registered (for [`Registration::serve_requests`]).
+    pub(super) broker: Broker,
+    pub(super) topics: Topics,
     commands: mpsc::Sender<Command>,
     status: watch::Receiver<Status>,
 }
@@ -237,7 +240,7 @@ impl RegistrationBuilder {
         };
         let (name, record) = self.record(&host)?;
         let topics = Topics::new(&self.prefix);
-        let mut session = Session::new(topics, name.clone(), record.clone());
+        let mut session = Session::new(topics.clone(), name.clone(), record.clone());
         let will = record
             .ttl
             .is_none()
@@ -256,6 +259,8 @@ impl RegistrationBuilder {
         Ok(Registration {
             name,
             record,
+            broker: broker.clone(),
+            topics,
             commands,
             status,
         })
