@@ -124,7 +124,7 @@ pub async fn run(o: &Opts, report: &mut Report) {
 }
 
 /// An HTTP/1.1 server answering every request with `ok` (keep-alive).
-async fn http_upstream() -> SocketAddr {
+pub async fn http_upstream() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -177,7 +177,7 @@ async fn bulk_upstream(bytes: usize) -> SocketAddr {
 }
 
 /// Registers NAME at `at` through serve's HTTP API (from loopback: admin).
-async fn register(serve: SocketAddr, name: &str, at: SocketAddr) {
+pub async fn register(serve: SocketAddr, name: &str, at: SocketAddr) {
     let body = format!(
         r#"{{"name":"{name}","host":"127.0.0.1","port":{},"scheme":"http"}}"#,
         at.port()
@@ -196,11 +196,16 @@ async fn register(serve: SocketAddr, name: &str, at: SocketAddr) {
 /// `n` GETs of `path` on one keep-alive connection, one a millisecond; the
 /// latency of each in ms.
 async fn latencies(addr: SocketAddr, path: &str, n: usize) -> Vec<f64> {
+    latencies_of(addr, &format!("GET {path} HTTP/1.1\r\nhost: h\r\n\r\n"), n).await
+}
+
+/// `n` times the request `req` (without a body) on one keep-alive
+/// connection, one a millisecond; the latency of each in ms.
+pub async fn latencies_of(addr: SocketAddr, req: &str, n: usize) -> Vec<f64> {
     let s = TcpStream::connect(addr).await.unwrap();
     let _ = s.set_nodelay(true);
     let (r, mut w) = s.into_split();
     let mut r = BufReader::new(r);
-    let req = format!("GET {path} HTTP/1.1\r\nhost: h\r\n\r\n");
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut out = Vec::with_capacity(n);

@@ -20,11 +20,13 @@
 //! trust on (password file, ACL and TLS, for both brokers), 10 durability
 //! (the journal's cost against none and a persistent Mosquitto; restart),
 //! 11 the hub (`/svc/` and `homicro proxy` against reaching the service
-//! directly).
+//! directly), 12 calls through the hub (MQTT and the long poll against the
+//! same request/response by hand).
 //! Each figure is the median of `--runs` runs (default 3), the subjects
 //! taking turns within each run. Targets are printed as met / not met;
 //! nothing here asserts.
 
+mod calls;
 mod churn;
 mod durability;
 mod expiry;
@@ -122,6 +124,9 @@ async fn main() {
     }
     if o.wants(11) {
         hub::run(&o, &mut report).await;
+    }
+    if o.wants(12) {
+        calls::run(&o, &mut report).await;
     }
     report.print();
     println!(

@@ -101,7 +101,7 @@ pub async fn forward(
     // `api@^1.2` arrives as `api@%5E1.2` from most clients.
     let decoded = percent_decoded(raw_query);
     let query = decoded.as_str();
-    let instances = match candidates(bus, query).await {
+    let instances = match candidates(bus, query) {
         Ok(i) => i,
         Err(r) => return error(r),
     };
@@ -228,7 +228,7 @@ pub(super) fn percent_decoded(s: &str) -> String {
 
 /// The instances QUERY names: one record by name, or every instance of a
 /// role (and range). Unknown: 404; not a name or `role@range`: 400.
-async fn candidates(bus: &Bus, query: &str) -> Result<Vec<Instance>, Refusal> {
+fn candidates(bus: &Bus, query: &str) -> Result<Vec<Instance>, Refusal> {
     let Some(registry) = &bus.gate else {
         return Err(refusal(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -243,28 +243,22 @@ async fn candidates(bus: &Bus, query: &str) -> Result<Vec<Instance>, Refusal> {
             format!("{e}: /svc/ takes a service name or role@range, such as /svc/api@^1.2/path"),
         )
     })?;
-    let by_name = Name::parse(query).ok();
-    let records = registry.records().await.map_err(|_| {
-        refusal(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::Unavailable,
-            "the registry has stopped",
-        )
-    })?;
     let mut found = Vec::new();
-    for (name, payload) in records {
-        let Ok(record) = Record::parse(&name, payload) else {
-            continue;
-        };
-        if by_name.as_ref() == Some(&name) || q.matches(&record) {
-            found.push((name, record));
-        }
-    }
     // A name wins over a role of the same spelling.
-    if let Some(n) = &by_name
-        && found.iter().any(|(name, _)| name == n)
+    if let Ok(name) = Name::parse(query)
+        && let Some(payload) = registry.record_now(&name)
+        && let Ok(record) = Record::parse(&name, payload)
     {
-        found.retain(|(name, _)| name == n);
+        found.push((name, record));
+    } else {
+        for (name, payload) in registry.records_now() {
+            let Ok(record) = Record::parse(&name, payload) else {
+                continue;
+            };
+            if q.matches(&record) {
+                found.push((name, record));
+            }
+        }
     }
     if found.is_empty() {
         return Err(refusal(

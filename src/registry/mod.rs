@@ -142,6 +142,22 @@ impl Handle {
         self.ask(Request::Records).await
     }
 
+    /// Every record as published, read under the registry's lock on the
+    /// caller's thread (no hop to the actor: for the hub's per-request
+    /// lookups).
+    pub fn records_now(&self) -> Vec<(Name, Bytes)> {
+        let l = self.shared.lock();
+        l.reg
+            .records()
+            .map(|(n, b)| (n.clone(), b.clone()))
+            .collect()
+    }
+
+    /// NAME's record as published, read like [`Handle::records_now`].
+    pub fn record_now(&self, name: &Name) -> Option<Bytes> {
+        self.shared.lock().reg.payload(name).cloned()
+    }
+
     /// NAME's record as published, if it is registered.
     pub async fn record(&self, name: &Name) -> Result<Option<Bytes>, Stopped> {
         self.ask(|tx| Request::Record(name.clone(), tx)).await

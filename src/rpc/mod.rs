@@ -205,7 +205,7 @@ impl Calls {
     ) -> Result<(Name, Answer), CallError> {
         self.metrics.calls.fetch_add(1, Ordering::Relaxed);
         let deadline = Instant::now() + timeout;
-        let candidates: Vec<Candidate> = candidates(bus, query).await?;
+        let candidates: Vec<Candidate> = candidates(bus, query)?;
         let candidates: Vec<Candidate> = candidates
             .into_iter()
             .filter(|c| may_read(c.name.as_str()))
@@ -521,7 +521,7 @@ fn mark_taken(state: &mut State, id: &Arc<str>) {
 
 /// The instances QUERY names that a call may go to: one record by name,
 /// or every instance of a role (and range), in name order.
-async fn candidates(bus: &Bus, query: &str) -> Result<Vec<Candidate>, CallError> {
+fn candidates(bus: &Bus, query: &str) -> Result<Vec<Candidate>, CallError> {
     let Some(registry) = &bus.gate else {
         return Err(CallError::Unavailable(
             "this server runs without a registry (--no-registry)".into(),
@@ -532,32 +532,27 @@ async fn candidates(bus: &Bus, query: &str) -> Result<Vec<Candidate>, CallError>
             "{e}: a call takes a service name or role@range, such as api@^1.2"
         ))
     })?;
-    let by_name = Name::parse(query).ok();
-    let records = registry
-        .records()
-        .await
-        .map_err(|_| CallError::Unavailable("the registry has stopped".into()))?;
+    // A name wins over a role of the same spelling.
+    if let Ok(name) = Name::parse(query)
+        && let Some(payload) = registry.record_now(&name)
+        && let Ok(record) = Record::parse(&name, payload)
+    {
+        return Ok(vec![Candidate {
+            name,
+            idempotent: record.idempotent,
+        }]);
+    }
     let mut found: Vec<Candidate> = Vec::new();
-    let mut exact = None;
-    for (name, payload) in records {
+    for (name, payload) in registry.records_now() {
         let Ok(record) = Record::parse(&name, payload) else {
             continue;
         };
-        if by_name.as_ref() == Some(&name) {
-            exact = Some(Candidate {
-                name,
-                idempotent: record.idempotent,
-            });
-        } else if q.matches(&record) {
+        if q.matches(&record) {
             found.push(Candidate {
                 name,
                 idempotent: record.idempotent,
             });
         }
-    }
-    // A name wins over a role of the same spelling.
-    if let Some(c) = exact {
-        return Ok(vec![c]);
     }
     if found.is_empty() {
         return Err(CallError::NotFound(query.to_string()));
