@@ -28,6 +28,23 @@
 //! # Ok(()) }
 //! ```
 
+//! A service answers calls through the hub (it needs no open port), and
+//! anyone calls one instance of a name or `role@range`:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use homicro::client::{Broker, Caller, Registration, Reply};
+//! let broker = Broker::parse("mqtt://localhost:1883")?;
+//! let reg = Registration::builder("pinger").port(9).register(&broker).await?;
+//! let _serving = reg.serve_requests(|req| async move {
+//!     Reply::ok(format!("pong: {}", String::from_utf8_lossy(&req.body)))
+//! }).await?;
+//! let caller = Caller::connect(&broker).await?;
+//! let reply = caller.call("pinger", "ping", std::time::Duration::from_secs(5)).await?;
+//! assert_eq!(reply.status, 200);
+//! # Ok(()) }
+//! ```
+
 mod admin;
 mod directory;
 mod registration;
