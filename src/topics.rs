@@ -133,6 +133,15 @@ impl Topics {
         format!("{}/rpc/{name}/+", self.prefix)
     }
 
+    /// The subscriptions that say NAME takes requests: its request filter,
+    /// or `PREFIX/rpc/NAME/#` (a wider one, such as `#`, does not).
+    pub fn request_filters(&self, name: &str) -> [String; 2] {
+        [
+            self.request_filter(name),
+            format!("{}/rpc/{name}/#", self.prefix),
+        ]
+    }
+
     /// Where an instance answers request ID (the MQTT 5 response topic of
     /// every request the hub sends).
     pub fn reply(&self, id: &str) -> String {

@@ -195,10 +195,7 @@ impl Caller {
                             }
                         }
                         Incoming::Connected => {
-                            let _ = conn
-                                .client
-                                .subscribe(filter.clone(), QoS::AtLeastOnce)
-                                .await;
+                            let _ = conn.client.subscribe(filter.clone(), QoS::AtMostOnce).await;
                         }
                         Incoming::Closed => break,
                         _ => {}

@@ -11,11 +11,12 @@
 //! ```
 //!
 //! An instance takes requests when a session subscribes to its request
-//! topic, or when it long-polls `GET /jobs/NAME` (now, or within the last
-//! [`POLLED_WITHIN`]). A request goes to one instance at most once
-//! (MQTT QoS 0; a job to one poller). When the instance goes away before
-//! it answers (its record is removed, or nothing subscribes to its request
-//! topic any more), the call ends with 504, or, when the record says
+//! filter (`PREFIX/rpc/NAME/+` or `/#`, not a wider wildcard such as a
+//! debugging `#`), or when it long-polls `GET /jobs/NAME` (now, or within
+//! the last [`POLLED_WITHIN`]). A request goes to one instance at most
+//! once (MQTT QoS 0; a job to one poller). When the instance goes away
+//! before it answers (its record is removed, or nothing subscribes to its
+//! request topic any more; looked at every [`SWEEP`]), the call ends with 504, or, when the record says
 //! `"idempotent": true` or the request was never handed over, is tried on
 //! the next instance.
 
@@ -420,33 +421,38 @@ impl Calls {
         }
     }
 
-    /// Once a second: calls whose MQTT instance no longer subscribes end
-    /// as gone; queues nobody polled for a while are dropped.
+    /// Every [`SWEEP`]: calls whose instance's record is gone, or whose
+    /// MQTT instance no longer subscribes, end as gone; queues nobody
+    /// polled for a while are dropped.
     fn sweep(&self, bus: &Bus) {
         let now = Instant::now();
-        let mqtt: Vec<Name> = {
+        let pending: HashMap<Name, bool> = {
             let mut state = self.state();
-            let mqtt = state
-                .pending
-                .values()
-                .filter(|p| p.via == Via::Mqtt)
-                .map(|p| p.instance.clone())
-                .collect();
+            if state.pending.is_empty() && state.queues.is_empty() {
+                return;
+            }
             state.queues.retain(|_, q| {
                 q.waiting.retain(|w| !w.is_closed());
                 !(q.waiting.is_empty()
                     && q.jobs.is_empty()
                     && now.duration_since(q.seen) > 2 * POLLED_WITHIN)
             });
-            mqtt
+            let mut by_instance: HashMap<Name, bool> = HashMap::new();
+            for p in state.pending.values() {
+                *by_instance.entry(p.instance.clone()).or_default() |= p.via == Via::Mqtt;
+            }
+            by_instance
         };
-        let mut seen = std::collections::HashSet::new();
-        for name in mqtt {
-            if seen.insert(name.clone())
-                && bus
+        let Some(registry) = &bus.gate else {
+            return;
+        };
+        for (name, mqtt) in pending {
+            if registry.record_now(&name).is_none() {
+                self.gone(&name);
+            } else if mqtt
+                && !bus
                     .router
-                    .subscribers(&bus.topics.request(name.as_str(), "x"))
-                    == 0
+                    .subscribed(&bus.topics.request_filters(name.as_str()))
             {
                 self.gone_mqtt(&name);
             }
@@ -493,8 +499,7 @@ fn route(bus: &Bus, state: &mut State, name: &Name, now: Instant) -> Option<Rout
     };
     if bus
         .router
-        .subscribers(&bus.topics.request(name.as_str(), "x"))
-        > 0
+        .subscribed(&bus.topics.request_filters(name.as_str()))
     {
         return Some(Route::Mqtt);
     }
@@ -561,22 +566,18 @@ fn candidates(bus: &Bus, query: &str) -> Result<Vec<Candidate>, CallError> {
     Ok(found)
 }
 
-/// Watches for instances that go away while calls wait on them: a removed
-/// record, or (each second) an MQTT instance that no longer subscribes.
+/// How often [`watch`] looks for instances gone mid-call.
+pub const SWEEP: Duration = Duration::from_millis(250);
+
+/// Watches for instances that go away while calls wait on them (a record
+/// removed, or an MQTT instance that no longer subscribes). It looks every
+/// [`SWEEP`] rather than following every record change: a registration
+/// costs nothing more for it.
 pub async fn watch(bus: Arc<Bus>) {
-    let mut link = bus.router.link();
-    link.subscribe(&bus.topics.services_filter(), false);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(SWEEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            f = link.next() => {
-                if f.msg.payload.is_empty()
-                    && let Some(name) = bus.topics.service_name(&f.msg.topic)
-                {
-                    bus.calls.gone(&name);
-                }
-            }
-            _ = tick.tick() => bus.calls.sweep(&bus),
-        }
+        tick.tick().await;
+        bus.calls.sweep(&bus);
     }
 }

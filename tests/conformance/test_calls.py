@@ -157,6 +157,9 @@ def test_timeouts_and_no_instance(hub):
     assert r.status_code == 504 and "did not answer within 400ms" in r.json()["detail"], r.text
     # The late poller's answer to the timed-out call finds nobody: 404.
     register(b.port, "idle", port=9)
+    # A debugging `#` subscriber sees everything but takes no requests.
+    spy = b.client("spy", version=V5)
+    spy.subscribe("#", 0)
     r = call(b, "idle", b"x")
     assert r.status_code == 503 and "takes requests" in r.json()["detail"], r.text
     r = call(b, "nobody", b"x")

@@ -180,9 +180,11 @@ impl Router {
         self.state().retained.len()
     }
 
-    /// How many subscriptions a publish to `topic` would be handed to.
-    pub fn subscribers(&self, topic: &str) -> usize {
-        self.state().subs.for_each_match_count(topic)
+    /// Whether anyone is subscribed to one of `filters` exactly (as
+    /// written, not by a wider wildcard).
+    pub fn subscribed(&self, filters: &[String]) -> bool {
+        let state = self.state();
+        filters.iter().any(|f| state.subs.has_filter(f))
     }
 
     /// Stores `m` if retained and hands it to every link subscribed to its

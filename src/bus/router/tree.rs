@@ -120,11 +120,25 @@ impl<T: Target> Tree<T> {
         }
     }
 
+    /// Whether anyone (a shared group included) is subscribed to exactly
+    /// `filter`, wildcards read as written.
+    pub fn has_filter(&self, filter: &str) -> bool {
+        let mut node = &self.root;
+        for level in filter.split('/') {
+            match node.children.get(level) {
+                Some(n) => node = n,
+                None => return false,
+            }
+        }
+        !node.members.is_empty() || node.groups.iter().any(|g| !g.members.is_empty())
+    }
+
     #[cfg(test)]
     fn is_empty(&self) -> bool {
         self.root.is_empty()
     }
 
+    #[cfg(test)]
     pub fn for_each_match_count(&mut self, topic: &str) -> usize {
         let mut n = 0;
         self.for_each_match(topic, |_| n += 1);
@@ -235,6 +249,23 @@ mod tests {
         tree.remove("+/b", 2);
         tree.remove("+/b", 9); // not subscribed: nothing happens
         assert!(tree.is_empty());
+    }
+
+    #[test]
+    fn filters_are_found_as_written() {
+        let mut tree = Tree::default();
+        tree.insert("#", T(1));
+        tree.insert("h/rpc/a/+", T(2));
+        tree.insert("$share/g/h/rpc/b/#", T(3));
+        assert!(tree.has_filter("h/rpc/a/+"));
+        assert!(tree.has_filter("h/rpc/b/#"), "a shared group counts");
+        assert!(
+            !tree.has_filter("h/rpc/c/+"),
+            "`#` matches it, but is not it"
+        );
+        assert!(!tree.has_filter("h/rpc"));
+        tree.remove("h/rpc/a/+", 2);
+        assert!(!tree.has_filter("h/rpc/a/+"));
     }
 
     #[test]

@@ -26,8 +26,12 @@ impl Registry {
     /// registry and re-publish every record, so a broker that lost its
     /// retained messages gets them back. The caller publishes these before
     /// it subscribes; the copies then come back as retained deliveries.
+    ///
+    /// `online` comes last: whoever sees it and subscribes to the records
+    /// gets every one of them as a retained copy (with `online` first, a
+    /// client quick enough got the rest of a restart's records live).
     pub fn on_connected(&mut self) -> Vec<Publish> {
-        let mut out = vec![self.online()];
+        let mut out = Vec::new();
         // Publishes still unconfirmed may have been lost with the old session
         // (a clean session drops QoS 1 in flight): assert those topics again.
         let mut pending: Vec<String> = self.echoes.drain_topics();
@@ -57,6 +61,7 @@ impl Registry {
                 out.push(self.event(&name, EventKind::Restored, Some(&e.endpoint)));
             }
         }
+        out.push(self.online());
         out
     }
 
