@@ -18,6 +18,46 @@ use crate::record::Name;
 mod passwd;
 mod proxy;
 pub use passwd::passwd;
+
+/// `homicro call QUERY [BODY]`: one call through the hub; the answer's
+/// body on stdout, its status on stderr when it is not 2xx (exit 1).
+pub async fn call(
+    broker: &Broker,
+    prefix: &str,
+    query: &str,
+    body: Option<&str>,
+    timeout: Duration,
+) -> Result<(), CliError> {
+    use std::io::{Read, Write};
+    if Name::parse(query).is_err() {
+        crate::record::Query::parse(query).map_err(|e| {
+            usage(format!(
+                "{e}: QUERY is a service name or role@range, such as api@^1.2"
+            ))
+        })?;
+    }
+    let body = match body {
+        Some("-") => {
+            let mut b = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut b)
+                .map_err(|e| fail(format!("cannot read stdin: {e}")))?;
+            b
+        }
+        Some(text) => text.as_bytes().to_vec(),
+        None => Vec::new(),
+    };
+    let caller = client::Caller::connect_with_prefix(broker, prefix).await?;
+    let reply = caller.call(query, body, timeout).await.map_err(fail)?;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(&reply.body);
+    let _ = out.flush();
+    if (200..300).contains(&reply.status) {
+        Ok(())
+    } else {
+        Err(fail(format!("{query} answered {}", reply.status)))
+    }
+}
 pub use proxy::proxy;
 
 #[derive(Debug, thiserror::Error)]

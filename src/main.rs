@@ -66,6 +66,20 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Call one instance of QUERY (a service name or role@range) through
+    /// the hub and print its answer's body; exit 1 when the answer's
+    /// status is not 2xx (it goes to stderr).
+    Call {
+        /// A service name, or role@range such as api@^1.2.
+        query: String,
+        /// The request's body (`-`: read stdin; none: empty).
+        body: Option<String>,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Print one line per registry change until Ctrl-C.
     Watch {
         /// Print the registry's events as JSON, one per line.
@@ -392,6 +406,21 @@ async fn client(cmd: Command) -> Result<(), CliError> {
             listen,
             conn,
         } => cli::proxy(&conn.broker()?, &conn.prefix, listen, &query, stop_signal()).await,
+        Command::Call {
+            query,
+            body,
+            timeout,
+            conn,
+        } => {
+            cli::call(
+                &conn.broker()?,
+                &conn.prefix,
+                &query,
+                body.as_deref(),
+                timeout,
+            )
+            .await
+        }
         Command::Serve(_) | Command::Config | Command::Passwd { .. } => {
             unreachable!("handled in main")
         }

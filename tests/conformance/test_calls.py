@@ -238,3 +238,29 @@ def test_bad_input_gets_clear_errors_and_nothing_else_is_affected(hub):
                                               UserProperty=[("timeout", "forever")])) == 0x83
     r = call(b, "echo-5", b"still fine")
     assert r.status_code == 200 and r.json()["body"] == "still fine"
+
+
+def test_homicro_call_prints_the_answer(hub):
+    from harness import homicro_bin
+    b, start = hub
+    start("echo-p", "poll", role="echo", version="1.1.0")
+    broker = ["--broker", f"mqtt://127.0.0.1:{b.port}"]
+
+    def run(*args, stdin=None):
+        return subprocess.run([homicro_bin(), "call", *broker, *args], input=stdin,
+                              capture_output=True, timeout=30)
+
+    out = run("echo@^1", "hello")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["body"] == "hello"
+    out = run("echo-p", "-", stdin=b"from stdin")
+    assert json.loads(out.stdout)["body"] == "from stdin"
+    out = run("echo-p", "status:418")
+    assert out.returncode == 1 and out.stdout == b"status 418", out
+    assert b"echo-p answered 418" in out.stderr
+    out = run("--timeout", "300ms", "echo-p", "slow")
+    assert out.returncode == 1 and b"no reply within" in out.stderr, out
+    out = run("Not A Query", "x")
+    assert out.returncode == 2 and b"role@range" in out.stderr, out
+    out = run("--timeout", "soon", "echo-p")
+    assert out.returncode == 2, out
