@@ -150,6 +150,15 @@ impl Registration {
 
 type Waiting = Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>>;
 
+/// Removes a call's entry from [`Waiting`] when the call ends.
+struct Forget<'a>(&'a Waiting, u64);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().remove(&self.1);
+    }
+}
+
 /// Calls services through the hub, over one MQTT connection.
 pub struct Caller {
     client: AsyncClient,
@@ -227,22 +236,19 @@ impl Caller {
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.waiting.lock().unwrap().insert(seq, tx);
+        // However this ends (a reply, a timeout, the caller giving up).
+        let _forget = Forget(&self.waiting, seq);
         let topic = format!("{}/{}/{seq}", self.topics.call(query), self.answers);
-        let sent = self
-            .client
-            .publish_bytes(topic, QoS::AtLeastOnce, false, body.into())
-            .await;
-        if sent.is_err() {
-            self.waiting.lock().unwrap().remove(&seq);
-            return Err(ConnectionError::Closed.into());
-        }
+        // QoS 0: a QoS 1 publish is sent again after a reconnect, and the
+        // hub would call twice.
+        self.client
+            .publish_bytes(topic, QoS::AtMostOnce, false, body.into())
+            .await
+            .map_err(|_| ConnectionError::Closed)?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(ConnectionError::Closed.into()),
-            Err(_) => {
-                self.waiting.lock().unwrap().remove(&seq);
-                Err(CallError::Timeout(timeout))
-            }
+            Err(_) => Err(CallError::Timeout(timeout)),
         }
     }
 }

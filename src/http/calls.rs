@@ -21,7 +21,7 @@ use super::{ApiError, Resp, body_within};
 use crate::auth::Access;
 use crate::protocol::ErrorCode;
 use crate::record::Name;
-use crate::rpc::{Answer, CallError, Request as CallRequest, wire};
+use crate::rpc::{Answer, CallError, NotAnswered, Request as CallRequest, wire};
 
 /// How long a poll waits for a request unless it says `?wait=`.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(25);
@@ -107,7 +107,8 @@ pub async fn next_job(api: &Api<'_>, raw: &str, query: Option<&str>) -> Result<R
 
 /// `POST /jobs/ID`: the answer to call ID (status in `x-homicro-status`,
 /// default 200); 204 when it was given to the caller, 404 when no call ID
-/// waits (it timed out, or was answered).
+/// waits (it timed out, or was answered), 403 when the ACL does not let
+/// the client write the instance's record.
 pub async fn answer(api: &Api<'_>, id: &str, req: Request<Incoming>) -> Result<Resp, ApiError> {
     let bus = api.shared;
     let status = match req.headers().get(&STATUS) {
@@ -117,20 +118,30 @@ pub async fn answer(api: &Api<'_>, id: &str, req: Request<Incoming>) -> Result<R
     };
     let content_type = content_type(&req);
     let body = body_within(req, bus.limits.max_payload, bus.limits.handshake_timeout).await?;
-    let given = bus.calls.answer(
-        id,
-        Answer {
-            status,
-            content_type,
-            body,
-        },
-    );
-    if !given {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            ErrorCode::NotFound,
-            format!("no call {id} waits for an answer: it timed out, or was answered already"),
-        ));
+    let answer = Answer {
+        status,
+        content_type,
+        body,
+    };
+    // As for the poll: the ACL's write on the instance's record.
+    match bus.calls.answer(id, answer, |n| {
+        api.acl_allows(n.as_str(), Access::Write).is_ok()
+    }) {
+        Ok(()) => {}
+        Err(NotAnswered::NoSuchCall) => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::NotFound,
+                format!("no call {id} waits for an answer: it timed out, or was answered already"),
+            ));
+        }
+        Err(NotAnswered::NotAllowed(name)) => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                ErrorCode::NotAuthorized,
+                format!("the ACL does not let this client answer for {name} (write on its record)"),
+            ));
+        }
     }
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::NO_CONTENT;

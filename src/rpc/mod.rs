@@ -46,6 +46,11 @@ pub const POLLED_WITHIN: Duration = Duration::from_secs(30);
 /// Calls waiting for their answer at once; more are refused with 503.
 pub const MAX_PENDING: usize = 10_000;
 
+/// The request bodies calls waiting for their answer may hold in all;
+/// beyond, calls are refused with 503 (one client calling a service of its
+/// own that never answers cannot hold 10,000 × 1 MiB).
+pub const MAX_PENDING_BYTES: usize = 64 << 20;
+
 /// A request as the caller sent it.
 #[derive(Debug, Clone, Default)]
 pub struct Request {
@@ -120,6 +125,15 @@ impl CallError {
     }
 }
 
+/// Why an answer was not given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotAnswered {
+    #[error("no call waits for this answer: it timed out, or was answered already")]
+    NoSuchCall,
+    #[error("not allowed to answer for {0}")]
+    NotAllowed(Name),
+}
+
 /// How a pending call reached its instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Via {
@@ -143,6 +157,8 @@ enum Outcome {
 struct Pending {
     instance: Name,
     via: Via,
+    /// The request body's size, counted in [`State::bytes`].
+    bytes: usize,
     tx: oneshot::Sender<Outcome>,
 }
 
@@ -156,7 +172,50 @@ struct Queue {
 #[derive(Default)]
 struct State {
     pending: HashMap<Arc<str>, Pending>,
+    /// The request bodies the pending calls hold.
+    bytes: usize,
     queues: HashMap<Name, Queue>,
+}
+
+impl State {
+    /// Removes call `id` (every removal goes through here).
+    fn take(&mut self, id: &str) -> Option<Pending> {
+        let p = self.pending.remove(id)?;
+        self.bytes -= p.bytes;
+        Some(p)
+    }
+
+    /// Ends the calls of `name` that `which` picks as gone.
+    fn end(&mut self, name: &Name, which: impl Fn(&Pending) -> bool) {
+        let ids: Vec<Arc<str>> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| &p.instance == name && which(p))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            if let Some(p) = self.take(&id) {
+                debug!(call = %id, instance = %name, "instance gone mid-call");
+                let _ = p.tx.send(Outcome::Gone {
+                    handed: p.via != Via::Queued,
+                });
+            }
+        }
+    }
+}
+
+/// Ends a call's pending entry (and its queued job) however `call`
+/// ends, its caller hanging up included.
+struct Forget<'a> {
+    calls: &'a Calls,
+    id: Arc<str>,
+    instance: Name,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.calls.forget(&self.id, &self.instance);
+    }
 }
 
 /// The hub's calls in flight and the long-poll queues.
@@ -218,20 +277,29 @@ impl Calls {
         loop {
             let id: Arc<str> = wire::new_id().into();
             let (tx, rx) = oneshot::channel();
-            let Some((c, via)) = self.hand_over(bus, &candidates, &tried, &id, &req, tx)? else {
-                return Err(CallError::Unavailable(match tried.last() {
-                    None => format!(
+            let handed = self.hand_over(bus, &candidates, &mut tried, &id, &req, tx)?;
+            let Some((c, via)) = handed else {
+                return Err(CallError::Unavailable(if tried.is_empty() {
+                    format!(
                         "no instance of {query} takes requests: none subscribes to {} \
                          or polls GET /jobs/NAME",
                         bus.topics.request_filter("NAME")
-                    ),
-                    Some(last) => format!(
-                        "{last} went away before it answered, and no other instance of \
-                         {query} takes requests"
-                    ),
+                    )
+                } else {
+                    let names: Vec<&str> = tried.iter().map(Name::as_str).collect();
+                    format!(
+                        "no instance of {query} takes requests now ({} went away or \
+                         could not be reached)",
+                        names.join(", ")
+                    )
                 }));
             };
             debug!(call = %id, instance = %c.name, ?via, "call handed over");
+            let _forget = Forget {
+                calls: self,
+                id: id.clone(),
+                instance: c.name.clone(),
+            };
             match tokio::time::timeout_at(deadline, rx).await {
                 Ok(Ok(Outcome::Answered(a))) => {
                     self.metrics.answered.fetch_add(1, Ordering::Relaxed);
@@ -255,7 +323,6 @@ impl Calls {
                     });
                 }
                 Err(_) => {
-                    self.forget(&id, &c.name);
                     self.metrics.timed_out.fetch_add(1, Ordering::Relaxed);
                     return Err(CallError::Timeout {
                         instance: c.name.clone(),
@@ -268,83 +335,94 @@ impl Calls {
 
     /// Picks the next instance in turn that takes requests (and was not
     /// tried), and hands it the request. `None`: no instance takes them.
+    /// An MQTT instance the request reached nobody at (it unsubscribed a
+    /// moment ago, or its queue is full) counts as tried.
     fn hand_over<'c>(
         &self,
         bus: &Bus,
         candidates: &'c [Candidate],
-        tried: &[Name],
+        tried: &mut Vec<Name>,
         id: &Arc<str>,
         req: &Request,
         tx: oneshot::Sender<Outcome>,
     ) -> Result<Option<(&'c Candidate, Via)>, CallError> {
         let now = Instant::now();
         let mut state = self.state();
-        if state.pending.len() >= MAX_PENDING {
+        if state.pending.len() >= MAX_PENDING || state.bytes + req.body.len() > MAX_PENDING_BYTES {
             return Err(CallError::Unavailable(format!(
-                "the hub has {MAX_PENDING} calls waiting for their answer; try again later"
+                "the hub holds {} calls ({} bytes) waiting for their answer; try again later",
+                state.pending.len(),
+                state.bytes
             )));
         }
-        let live: Vec<(&Candidate, Route)> = candidates
-            .iter()
-            .filter(|c| !tried.contains(&c.name))
-            .filter_map(|c| Some((c, route(bus, &mut state, &c.name, now)?)))
-            .collect();
-        if live.is_empty() {
-            return Ok(None);
-        }
-        let turn = self.next.fetch_add(1, Ordering::Relaxed);
-        let (c, route) = &live[turn % live.len()];
-        let job = Job {
-            id: id.clone(),
-            request: req.clone(),
-        };
-        let via = match route {
-            Route::Mqtt => {
-                let mut props = Properties {
-                    response_topic: Some(bus.topics.reply(id)),
-                    correlation_data: Some(Bytes::copy_from_slice(id.as_bytes())),
-                    content_type: req.content_type.clone(),
-                    ..Properties::default()
-                };
-                props.payload_format = None;
-                bus.router.publish(Message {
-                    topic: bus.topics.request(c.name.as_str(), id).into(),
-                    payload: req.body.clone(),
-                    qos: 0,
-                    retain: false,
-                    origin: 0,
-                    at_ms: now_ms(),
-                    expiry: None,
-                    props: Some(Box::new(props)),
-                });
-                Via::Mqtt
+        loop {
+            let live: Vec<(&Candidate, Route)> = candidates
+                .iter()
+                .filter(|c| !tried.contains(&c.name))
+                .filter_map(|c| Some((c, route(bus, &mut state, &c.name, now)?)))
+                .collect();
+            if live.is_empty() {
+                return Ok(None);
             }
-            Route::Poll => {
-                let queue = state.queues.get_mut(&c.name).expect("routed to a queue");
-                match give(queue, job) {
-                    None => Via::Taken,
-                    Some(job) => {
-                        queue.jobs.push_back(job);
-                        Via::Queued
+            let turn = self.next.fetch_add(1, Ordering::Relaxed);
+            let (c, route) = &live[turn % live.len()];
+            let via = match route {
+                Route::Mqtt => {
+                    let props = Properties {
+                        response_topic: Some(bus.topics.reply(id)),
+                        correlation_data: Some(Bytes::copy_from_slice(id.as_bytes())),
+                        content_type: req.content_type.clone(),
+                        ..Properties::default()
+                    };
+                    let reached = bus.router.publish_counted(Message {
+                        topic: bus.topics.request(c.name.as_str(), id).into(),
+                        payload: req.body.clone(),
+                        qos: 0,
+                        retain: false,
+                        origin: 0,
+                        at_ms: now_ms(),
+                        expiry: None,
+                        props: Some(Box::new(props)),
+                    });
+                    if reached == 0 {
+                        tried.push(c.name.clone());
+                        continue;
+                    }
+                    Via::Mqtt
+                }
+                Route::Poll => {
+                    let job = Job {
+                        id: id.clone(),
+                        request: req.clone(),
+                    };
+                    let queue = state.queues.get_mut(&c.name).expect("routed to a queue");
+                    match give(queue, job) {
+                        None => Via::Taken,
+                        Some(job) => {
+                            queue.jobs.push_back(job);
+                            Via::Queued
+                        }
                     }
                 }
-            }
-        };
-        state.pending.insert(
-            id.clone(),
-            Pending {
-                instance: c.name.clone(),
-                via,
-                tx,
-            },
-        );
-        Ok(Some((c, via)))
+            };
+            state.bytes += req.body.len();
+            state.pending.insert(
+                id.clone(),
+                Pending {
+                    instance: c.name.clone(),
+                    via,
+                    bytes: req.body.len(),
+                    tx,
+                },
+            );
+            return Ok(Some((c, via)));
+        }
     }
 
     /// Ends a call that timed out (its queued job, if not taken, with it).
     fn forget(&self, id: &Arc<str>, instance: &Name) {
         let mut state = self.state();
-        if let Some(p) = state.pending.remove(id)
+        if let Some(p) = state.take(id)
             && p.via == Via::Queued
             && let Some(q) = state.queues.get_mut(instance)
         {
@@ -352,13 +430,26 @@ impl Calls {
         }
     }
 
-    /// An instance's answer to call `id`; `false`: no call `id` waits (it
-    /// timed out, or was answered already).
-    pub fn answer(&self, id: &str, answer: Answer) -> bool {
-        let Some(p) = self.state().pending.remove(id) else {
-            return false;
+    /// An instance's answer to call `id`, given when `may_answer` lets
+    /// its sender answer for that instance.
+    pub fn answer(
+        &self,
+        id: &str,
+        answer: Answer,
+        may_answer: impl FnOnce(&Name) -> bool,
+    ) -> Result<(), NotAnswered> {
+        let p = {
+            let mut state = self.state();
+            let Some(p) = state.pending.get(id) else {
+                return Err(NotAnswered::NoSuchCall);
+            };
+            if !may_answer(&p.instance) {
+                return Err(NotAnswered::NotAllowed(p.instance.clone()));
+            }
+            state.take(id).expect("looked up under the same lock")
         };
-        p.tx.send(Outcome::Answered(answer)).is_ok()
+        let _ = p.tx.send(Outcome::Answered(answer));
+        Ok(())
     }
 
     /// The next request for long-polling instance `name`, waiting up to
@@ -405,20 +496,7 @@ impl Calls {
     pub fn gone(&self, name: &Name) {
         let mut state = self.state();
         state.queues.remove(name);
-        let ids: Vec<Arc<str>> = state
-            .pending
-            .iter()
-            .filter(|(_, p)| &p.instance == name)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in ids {
-            if let Some(p) = state.pending.remove(&id) {
-                debug!(call = %id, instance = %name, "instance gone mid-call");
-                let _ = p.tx.send(Outcome::Gone {
-                    handed: p.via != Via::Queued,
-                });
-            }
-        }
+        state.end(name, |_| true);
     }
 
     /// Every [`SWEEP`]: calls whose instance's record is gone, or whose
@@ -431,12 +509,21 @@ impl Calls {
             if state.pending.is_empty() && state.queues.is_empty() {
                 return;
             }
-            state.queues.retain(|_, q| {
+            // A poller not seen for POLLED_WITHIN is gone: the jobs queued
+            // for it were never handed over and go to the next instance.
+            let mut stale = Vec::new();
+            state.queues.retain(|name, q| {
                 q.waiting.retain(|w| !w.is_closed());
-                !(q.waiting.is_empty()
-                    && q.jobs.is_empty()
-                    && now.duration_since(q.seen) > 2 * POLLED_WITHIN)
+                let quiet = q.waiting.is_empty() && now.duration_since(q.seen) > POLLED_WITHIN;
+                if quiet && !q.jobs.is_empty() {
+                    q.jobs.clear();
+                    stale.push(name.clone());
+                }
+                !(quiet && now.duration_since(q.seen) > 2 * POLLED_WITHIN)
             });
+            for name in stale {
+                state.end(&name, |p| p.via == Via::Queued);
+            }
             let mut by_instance: HashMap<Name, bool> = HashMap::new();
             for p in state.pending.values() {
                 *by_instance.entry(p.instance.clone()).or_default() |= p.via == Via::Mqtt;
@@ -461,18 +548,7 @@ impl Calls {
 
     /// Ends the MQTT calls of `name` (it unsubscribed).
     fn gone_mqtt(&self, name: &Name) {
-        let mut state = self.state();
-        let ids: Vec<Arc<str>> = state
-            .pending
-            .iter()
-            .filter(|(_, p)| &p.instance == name && p.via == Via::Mqtt)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in ids {
-            if let Some(p) = state.pending.remove(&id) {
-                let _ = p.tx.send(Outcome::Gone { handed: true });
-            }
-        }
+        self.state().end(name, |p| p.via == Via::Mqtt);
     }
 }
 

@@ -68,14 +68,17 @@ fn on_reply(bus: &Bus, p: &Publish, rest: &str) -> u8 {
         content_type: p.props.content_type.clone(),
         body: Bytes::copy_from_slice(&p.payload),
     };
-    if bus.calls.answer(id, answer) {
-        reason::SUCCESS
-    } else {
-        debug!(
-            call = id,
-            "a reply for no waiting call (timed out, or answered)"
-        );
-        reason::NO_MATCHING_SUBSCRIBERS
+    // The ACL's write on PREFIX/reply/ID was checked before the session
+    // handed it over.
+    match bus.calls.answer(id, answer, |_| true) {
+        Ok(()) => reason::SUCCESS,
+        Err(_) => {
+            debug!(
+                call = id,
+                "a reply for no waiting call (timed out, or answered)"
+            );
+            reason::NO_MATCHING_SUBSCRIBERS
+        }
     }
 }
 
@@ -101,7 +104,19 @@ fn on_call(bus: &Arc<Bus>, p: &Publish, rest: &str, caller: Caller) -> u8 {
     }
     let auth = bus.auth.clone();
     let user = caller.user.clone();
-    if auth.has_acl() && !auth.allows(user.as_deref(), &caller.client_id, &reply, Access::Write) {
+    // The hub publishes where the caller may: the reply topic (3.1.1: with
+    // the status appended, checked again with the real status below).
+    let may_write = {
+        let (auth, user, client_id) = (auth.clone(), user.clone(), caller.client_id.clone());
+        move |topic: &str| {
+            !auth.has_acl() || auth.allows(user.as_deref(), &client_id, topic, Access::Write)
+        }
+    };
+    let first = match append_status {
+        true => format!("{reply}/200"),
+        false => reply.clone(),
+    };
+    if !may_write(&first) {
         info!(topic = %p.topic, reply = %reply, "call refused: the ACL does not let the caller write its reply topic");
         return reason::NOT_AUTHORIZED;
     }
@@ -151,6 +166,10 @@ fn on_call(bus: &Arc<Bus>, p: &Publish, rest: &str, caller: Caller) -> u8 {
             true => format!("{reply}/{}", answer.status),
             false => reply,
         };
+        if !may_write(&topic) {
+            info!(%topic, "answer dropped: the ACL does not let the caller write its reply topic");
+            return;
+        }
         bus.router.publish(Message {
             topic: topic.into(),
             payload: answer.body,

@@ -40,12 +40,12 @@ pub fn split_reply(rest: &str) -> Result<(&str, Option<u16>), String> {
     }
 }
 
-/// An HTTP status code, 100 to 599.
+/// A final HTTP status code, 200 to 599 (a 1xx is not an answer).
 pub fn parse_status(s: &str) -> Result<u16, String> {
     match s.parse::<u16>() {
-        Ok(n) if (100..=599).contains(&n) => Ok(n),
+        Ok(n) if (200..=599).contains(&n) => Ok(n),
         _ => Err(format!(
-            "{s:?} is not an HTTP status code (a number from 100 to 599)"
+            "{s:?} is not the HTTP status code of an answer (a number from 200 to 599)"
         )),
     }
 }
@@ -129,7 +129,14 @@ mod tests {
     fn reply_topics_carry_an_optional_status() {
         assert_eq!(split_reply("abc"), Ok(("abc", None)));
         assert_eq!(split_reply("abc/404"), Ok(("abc", Some(404))));
-        for bad in ["abc/99", "abc/600", "abc/ok", "abc/", "abc/200/x"] {
+        for bad in [
+            "abc/99",
+            "abc/101",
+            "abc/600",
+            "abc/ok",
+            "abc/",
+            "abc/200/x",
+        ] {
             assert!(split_reply(bad).is_err(), "{bad}");
         }
     }

@@ -62,8 +62,8 @@ def hub(tmp_path):
 
 
 def call(b, query, body=b"", **kw):
-    return requests.post(f"http://127.0.0.1:{b.port}/call/{query}", data=body,
-                         timeout=TIMEOUT, **kw)
+    kw.setdefault("timeout", TIMEOUT)
+    return requests.post(f"http://127.0.0.1:{b.port}/call/{query}", data=body, **kw)
 
 
 def test_http_calls_reach_instances_over_mqtt5_mqtt311_and_the_long_poll(hub):
@@ -217,7 +217,9 @@ def test_bad_input_gets_clear_errors_and_nothing_else_is_affected(hub):
         (requests.post(f"{base}/jobs/{'0' * 32}", data=b"late", timeout=TIMEOUT), 404,
          "timed out, or was answered"),
         (requests.post(f"{base}/jobs/abc", headers={"x-homicro-status": "700"}, timeout=TIMEOUT),
-         400, "not an HTTP status"),
+         400, "not the HTTP status code of an answer"),
+        (requests.post(f"{base}/jobs/abc", headers={"x-homicro-status": "101"}, timeout=TIMEOUT),
+         400, "from 200 to 599"),
         (call(b, "echo-5", b"x", headers={"x-huge": "a" * 100_000}), 431, "head is larger"),
     ]
     for r, status, detail in cases:
@@ -264,3 +266,122 @@ def test_homicro_call_prints_the_answer(hub):
     assert out.returncode == 2 and b"role@range" in out.stderr, out
     out = run("--timeout", "soon", "echo-p")
     assert out.returncode == 2, out
+
+
+# -- the hub under an ACL -----------------------------------------------------
+
+ACL = """\
+topic read homicro/#
+
+user svc
+topic readwrite homicro/services/svc-1
+topic read homicro/rpc/svc-1/#
+topic write homicro/reply/#
+
+user caller
+topic write homicro/call/#
+topic read homicro/services/#
+topic readwrite me/r
+topic read me/r/+
+
+user spy
+topic read #
+"""
+
+
+@pytest.fixture
+def guarded(tmp_path):
+    pw, acl = str(tmp_path / "passwd"), str(tmp_path / "acl")
+    for i, (user, password) in enumerate({"svc": "s", "caller": "c", "spy": "x"}.items()):
+        subprocess.run(["mosquitto_passwd", *(["-c"] if i == 0 else []), "-b", pw, user,
+                        password], check=True)
+    with open(acl, "w") as f:
+        f.write(ACL)
+    b = start_homicro(str(tmp_path), config=(
+        f'proxy_timeout = "2s"\n[auth]\npassword_file = "{pw}"\nacl_file = "{acl}"\n'
+        'allow_anonymous = true\n'))
+    register(b.port, "svc-1")
+    yield b
+    b.stop()
+
+
+@pytest.mark.skipif(not shutil.which("mosquitto_passwd"), reason="mosquitto not installed")
+def test_the_acl_decides_who_calls_answers_and_where_answers_go(guarded):
+    b = guarded
+    base = f"http://127.0.0.1:{b.port}"
+    # A 3.1.1-form reply topic: the hub writes ME/R/STATUS, which this
+    # caller may not write itself, so the call is refused.
+    c = b.client("caller-1", version=V5, connect=False)
+    c.c.username_pw_set("caller", "c")
+    c.connect()
+    c.subscribe("me/r/+", 0)
+    assert c.publish("homicro/call/svc-1/me/r", b"x", qos=1) == 0x87
+    # The long poll answers for svc-1 only with svc-1's rights.
+    got = {}
+
+    def poll():
+        r = requests.get(f"{base}/jobs/svc-1?wait=5s", auth=("svc", "s"), timeout=TIMEOUT)
+        got["job"] = r
+
+    import threading
+    t = threading.Thread(target=poll)
+    t.start()
+    assert requests.get(f"{base}/jobs/svc-1?wait=10ms", auth=("spy", "x"),
+                        timeout=TIMEOUT).status_code == 403
+    deadline = time.monotonic() + TIMEOUT
+    answer = {}
+
+    def caller():
+        answer["r"] = requests.post(f"{base}/call/svc-1", data=b"q", auth=("caller", "c"),
+                                    timeout=TIMEOUT)
+
+    t2 = threading.Thread(target=caller)
+    t2.start()
+    t.join(TIMEOUT)
+    job = got["job"]
+    assert job.status_code == 200, job.text
+    call_id = job.headers["x-homicro-call"]
+    r = requests.post(f"{base}/jobs/{call_id}", data=b"forged", auth=("spy", "x"),
+                      timeout=TIMEOUT)
+    assert r.status_code == 403 and "answer for svc-1" in r.json()["detail"], r.text
+    r = requests.post(f"{base}/jobs/{call_id}", data=b"real", auth=("svc", "s"),
+                      timeout=TIMEOUT)
+    assert r.status_code == 204, r.text
+    t2.join(TIMEOUT)
+    assert answer["r"].status_code == 200 and answer["r"].content == b"real"
+    assert time.monotonic() < deadline
+
+
+def test_a_caller_that_hangs_up_leaves_nothing_behind(hub):
+    b, start = hub
+    s = start("echo-p", "poll")
+    # Long enough for the poller to come back and wait again.
+    out = subprocess.run(["curl", "-sS", "-m", "0.5", "-d", "slow",
+                          f"http://127.0.0.1:{b.port}/call/echo-p?timeout=20s"],
+                         capture_output=True, timeout=30)
+    assert out.returncode == 28, out  # curl's own timeout
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        m = requests.get(f"http://127.0.0.1:{b.port}/metrics", timeout=TIMEOUT).text
+        if "homicro_calls_pending 0" in m:
+            break
+        assert time.monotonic() < deadline, "the call stayed pending after its caller left"
+        time.sleep(0.05)
+    # The poller took "slow" and never answers it; the next call is served.
+    assert call(b, "echo-p", b"after").json()["body"] == "after"
+    assert s.requests() == ["slow", "after"]
+
+
+def test_a_request_queued_for_a_dead_poller_goes_to_the_next_instance(hub):
+    """Takes about 30 s: a poller counts as alive for 30 s after its last poll."""
+    b, start = hub
+    start("api-a", "v5", role="api")
+    register(b.port, "api-b", role="api")
+    # api-b polls once, briefly, and is never heard of again.
+    assert requests.get(f"http://127.0.0.1:{b.port}/jobs/api-b?wait=10ms",
+                        timeout=TIMEOUT).status_code == 204
+    names = [call(b, "api?timeout=45s", b"hello", timeout=60).headers["x-homicro-instance"]
+             for _ in range(2)]
+    assert names == ["api-a", "api-a"], names
+    m = requests.get(f"http://127.0.0.1:{b.port}/metrics", timeout=TIMEOUT).text
+    assert 'homicro_calls_total{outcome="retried"} 1' in m, m

@@ -193,11 +193,17 @@ impl Router {
         self.publish_after(m, None);
     }
 
+    /// [`Self::publish`]; how many links it was handed to.
+    pub fn publish_counted(&self, m: Message) -> usize {
+        self.publish_after(m, None)
+    }
+
     /// [`Self::publish`], with `after` held by each link it is handed to
-    /// until that link's session takes its next turn.
-    pub fn publish_after(&self, m: Message, after: Option<&After>) {
+    /// until that link's session takes its next turn; how many links it
+    /// was handed to.
+    pub fn publish_after(&self, m: Message, after: Option<&After>) -> usize {
         let m = Arc::new(m);
-        let mut dropped = 0;
+        let (mut dropped, mut handed) = (0, 0);
         // Built before the lock: a put encodes the properties.
         let journal = self.inner.journal.get();
         let op = match journal {
@@ -218,14 +224,18 @@ impl Router {
             };
             if t.tx.try_send(f).is_err() {
                 dropped += 1;
-            } else if let Some(after) = after {
-                t.waiters.hold(after);
+            } else {
+                handed += 1;
+                if let Some(after) = after {
+                    t.waiters.hold(after);
+                }
             }
         });
         drop(state);
         if dropped > 0 {
             self.inner.dropped.fetch_add(dropped, Ordering::Relaxed);
         }
+        handed
     }
 }
 
