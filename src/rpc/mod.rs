@@ -148,6 +148,8 @@ enum Via {
 /// What ends a pending call.
 enum Outcome {
     Answered(Answer),
+    /// Answered, and the answer went to the call's [`Deliver`].
+    Delivered,
     /// The instance went away; `handed`: it may have seen the request.
     Gone {
         handed: bool,
@@ -160,6 +162,33 @@ struct Pending {
     /// The request body's size, counted in [`State::bytes`].
     bytes: usize,
     tx: oneshot::Sender<Outcome>,
+    /// Where the answer goes at once (`None`: to `tx`).
+    deliver: Option<Deliver>,
+}
+
+/// Where an answer goes the moment it arrives (an MQTT caller's reply
+/// topic), published by the task that brought it, so that no other task
+/// is woken on the way back.
+pub type Deliver = Arc<dyn Fn(&Name, Answer) + Send + Sync>;
+
+/// A call handed to its first instance, waiting in [`Calls::finish`].
+pub struct Started {
+    query: String,
+    candidates: Vec<Candidate>,
+    tried: Vec<Name>,
+    req: Request,
+    deadline: Instant,
+    timeout: Duration,
+    deliver: Option<Deliver>,
+    current: Option<Try>,
+}
+
+/// The instance a call is with now.
+struct Try {
+    /// Its index in `candidates`.
+    at: usize,
+    id: Arc<str>,
+    rx: oneshot::Receiver<Outcome>,
 }
 
 /// One long-polling instance's requests and pollers.
@@ -263,70 +292,124 @@ impl Calls {
         timeout: Duration,
         may_read: impl Fn(&str) -> bool,
     ) -> Result<(Name, Answer), CallError> {
+        let started = self.start(bus, query, req, timeout, may_read, None)?;
+        let answered = self.finish(bus, started).await?;
+        Ok(answered.expect("without a Deliver the answer comes back here"))
+    }
+
+    /// Hands the request to its first instance at once (on the caller's
+    /// task: no hop before the instance has it). With `deliver`, the
+    /// answer goes there the moment it arrives, from the answering task.
+    pub fn start(
+        &self,
+        bus: &Bus,
+        query: &str,
+        req: Request,
+        timeout: Duration,
+        may_read: impl Fn(&str) -> bool,
+        deliver: Option<Deliver>,
+    ) -> Result<Started, CallError> {
         self.metrics.calls.fetch_add(1, Ordering::Relaxed);
         let deadline = Instant::now() + timeout;
-        let candidates: Vec<Candidate> = candidates(bus, query)?;
-        let candidates: Vec<Candidate> = candidates
+        let candidates: Vec<Candidate> = candidates(bus, query)?
             .into_iter()
             .filter(|c| may_read(c.name.as_str()))
             .collect();
         if candidates.is_empty() {
             return Err(CallError::Forbidden(query.to_string()));
         }
-        let mut tried: Vec<Name> = Vec::new();
+        let mut s = Started {
+            query: query.to_string(),
+            candidates,
+            tried: Vec::new(),
+            req,
+            deadline,
+            timeout,
+            deliver,
+            current: None,
+        };
+        self.next_try(bus, &mut s)?;
+        Ok(s)
+    }
+
+    /// Hands the request to the next instance that takes requests.
+    fn next_try(&self, bus: &Bus, s: &mut Started) -> Result<(), CallError> {
+        let id: Arc<str> = wire::new_id().into();
+        let (tx, rx) = oneshot::channel();
+        let handed = self.hand_over(
+            bus,
+            &s.candidates,
+            &mut s.tried,
+            &id,
+            &s.req,
+            tx,
+            s.deliver.clone(),
+        )?;
+        let Some((at, via)) = handed else {
+            let query = &s.query;
+            return Err(CallError::Unavailable(if s.tried.is_empty() {
+                format!(
+                    "no instance of {query} takes requests: none subscribes to {} \
+                     or polls GET /jobs/NAME",
+                    bus.topics.request_filter("NAME")
+                )
+            } else {
+                let names: Vec<&str> = s.tried.iter().map(Name::as_str).collect();
+                format!(
+                    "no instance of {query} takes requests now ({} went away or \
+                     could not be reached)",
+                    names.join(", ")
+                )
+            }));
+        };
+        debug!(call = %id, instance = %s.candidates[at].name, ?via, "call handed over");
+        s.current = Some(Try { at, id, rx });
+        Ok(())
+    }
+
+    /// Waits for a started call's answer, trying the next instance when
+    /// one goes away and that is allowed. `None`: the answer went to the
+    /// call's [`Deliver`].
+    pub async fn finish(
+        &self,
+        bus: &Bus,
+        mut s: Started,
+    ) -> Result<Option<(Name, Answer)>, CallError> {
         loop {
-            let id: Arc<str> = wire::new_id().into();
-            let (tx, rx) = oneshot::channel();
-            let handed = self.hand_over(bus, &candidates, &mut tried, &id, &req, tx)?;
-            let Some((c, via)) = handed else {
-                return Err(CallError::Unavailable(if tried.is_empty() {
-                    format!(
-                        "no instance of {query} takes requests: none subscribes to {} \
-                         or polls GET /jobs/NAME",
-                        bus.topics.request_filter("NAME")
-                    )
-                } else {
-                    let names: Vec<&str> = tried.iter().map(Name::as_str).collect();
-                    format!(
-                        "no instance of {query} takes requests now ({} went away or \
-                         could not be reached)",
-                        names.join(", ")
-                    )
-                }));
-            };
-            debug!(call = %id, instance = %c.name, ?via, "call handed over");
+            let t = s.current.take().expect("a started call has a try");
+            let c = &s.candidates[t.at];
+            let name = c.name.clone();
             let _forget = Forget {
                 calls: self,
-                id: id.clone(),
-                instance: c.name.clone(),
+                id: t.id.clone(),
+                instance: name.clone(),
             };
-            match tokio::time::timeout_at(deadline, rx).await {
+            match tokio::time::timeout_at(s.deadline, t.rx).await {
                 Ok(Ok(Outcome::Answered(a))) => {
                     self.metrics.answered.fetch_add(1, Ordering::Relaxed);
-                    return Ok((c.name.clone(), a));
+                    return Ok(Some((name, a)));
+                }
+                Ok(Ok(Outcome::Delivered)) => {
+                    self.metrics.answered.fetch_add(1, Ordering::Relaxed);
+                    return Ok(None);
                 }
                 Ok(Ok(Outcome::Gone { handed })) => {
                     if handed && !c.idempotent {
                         self.metrics.gone.fetch_add(1, Ordering::Relaxed);
-                        return Err(CallError::Gone {
-                            instance: c.name.clone(),
-                        });
+                        return Err(CallError::Gone { instance: name });
                     }
                     self.metrics.retried.fetch_add(1, Ordering::Relaxed);
-                    tried.push(c.name.clone());
+                    s.tried.push(name);
+                    self.next_try(bus, &mut s)?;
                 }
                 // The hub dropped the call without an outcome: cannot happen
                 // while `self` lives; answer as gone.
-                Ok(Err(_)) => {
-                    return Err(CallError::Gone {
-                        instance: c.name.clone(),
-                    });
-                }
+                Ok(Err(_)) => return Err(CallError::Gone { instance: name }),
                 Err(_) => {
                     self.metrics.timed_out.fetch_add(1, Ordering::Relaxed);
                     return Err(CallError::Timeout {
-                        instance: c.name.clone(),
-                        after: timeout,
+                        instance: name,
+                        after: s.timeout,
                     });
                 }
             }
@@ -337,15 +420,17 @@ impl Calls {
     /// tried), and hands it the request. `None`: no instance takes them.
     /// An MQTT instance the request reached nobody at (it unsubscribed a
     /// moment ago, or its queue is full) counts as tried.
-    fn hand_over<'c>(
+    #[allow(clippy::too_many_arguments)]
+    fn hand_over(
         &self,
         bus: &Bus,
-        candidates: &'c [Candidate],
+        candidates: &[Candidate],
         tried: &mut Vec<Name>,
         id: &Arc<str>,
         req: &Request,
         tx: oneshot::Sender<Outcome>,
-    ) -> Result<Option<(&'c Candidate, Via)>, CallError> {
+        deliver: Option<Deliver>,
+    ) -> Result<Option<(usize, Via)>, CallError> {
         let now = Instant::now();
         let mut state = self.state();
         if state.pending.len() >= MAX_PENDING || state.bytes + req.body.len() > MAX_PENDING_BYTES {
@@ -356,16 +441,18 @@ impl Calls {
             )));
         }
         loop {
-            let live: Vec<(&Candidate, Route)> = candidates
+            let live: Vec<(usize, Route)> = candidates
                 .iter()
-                .filter(|c| !tried.contains(&c.name))
-                .filter_map(|c| Some((c, route(bus, &mut state, &c.name, now)?)))
+                .enumerate()
+                .filter(|(_, c)| !tried.contains(&c.name))
+                .filter_map(|(i, c)| Some((i, route(bus, &mut state, &c.name, now)?)))
                 .collect();
             if live.is_empty() {
                 return Ok(None);
             }
             let turn = self.next.fetch_add(1, Ordering::Relaxed);
-            let (c, route) = &live[turn % live.len()];
+            let (at, route) = live[turn % live.len()];
+            let c = &candidates[at];
             let via = match route {
                 Route::Mqtt => {
                     let props = Properties {
@@ -413,9 +500,10 @@ impl Calls {
                     via,
                     bytes: req.body.len(),
                     tx,
+                    deliver,
                 },
             );
-            return Ok(Some((c, via)));
+            return Ok(Some((at, via)));
         }
     }
 
@@ -448,7 +536,15 @@ impl Calls {
             }
             state.take(id).expect("looked up under the same lock")
         };
-        let _ = p.tx.send(Outcome::Answered(answer));
+        match &p.deliver {
+            Some(deliver) => {
+                deliver(&p.instance, answer);
+                let _ = p.tx.send(Outcome::Delivered);
+            }
+            None => {
+                let _ = p.tx.send(Outcome::Answered(answer));
+            }
+        }
         Ok(())
     }
 

@@ -24,6 +24,7 @@ use crate::auth::Access;
 use crate::bus::Bus;
 use crate::bus::codec::{Properties, Publish, reason};
 use crate::bus::router::{Message, now_ms};
+use crate::record::Name;
 use crate::topics::HubTopic;
 
 /// Who publishes to a hub topic.
@@ -131,28 +132,69 @@ fn on_call(bus: &Arc<Bus>, p: &Publish, rest: &str, caller: Caller) -> u8 {
         body: Bytes::copy_from_slice(&p.payload),
         content_type: p.props.content_type.clone(),
     };
-    let (query, correlation) = (query.to_string(), p.props.correlation_data.clone());
-    let qos = p.qos.min(1);
-    let bus = bus.clone();
-    tokio::spawn(async move {
-        let client_id = caller.client_id;
-        let may_read = |name: &str| {
-            auth.allows(
-                user.as_deref(),
-                &client_id,
-                &bus.topics.service(name),
-                Access::Read,
-            )
-        };
-        let (instance, answer) = match bus.calls.call(&bus, &query, req, timeout, may_read).await {
-            Ok((name, a)) => (Some(name), a),
-            Err(e) => {
-                debug!(query = %query, error = %e, "call failed");
-                (None, e.answer())
-            }
-        };
+    let to = Arc::new(ReplyTo {
+        bus: bus.clone(),
+        reply,
+        append_status,
+        correlation: p.props.correlation_data.clone(),
+        qos: p.qos.min(1),
+        may_write: Box::new(may_write),
+    });
+    let deliver: super::Deliver = {
+        let to = to.clone();
+        Arc::new(move |name, answer| to.send(Some(name), answer))
+    };
+    let may_read = |name: &str| {
+        auth.allows(
+            user.as_deref(),
+            &caller.client_id,
+            &bus.topics.service(name),
+            Access::Read,
+        )
+    };
+    // Handed to the instance now, on this session's task; the answer is
+    // published from the instance's task as it arrives.
+    match bus
+        .calls
+        .start(bus, query, req, timeout, may_read, Some(deliver))
+    {
+        Err(e) => {
+            debug!(query, error = %e, "call failed");
+            to.send(None, e.answer());
+        }
+        Ok(started) => {
+            let bus = bus.clone();
+            tokio::spawn(async move {
+                match bus.calls.finish(&bus, started).await {
+                    Ok(None) => {}
+                    Ok(Some((name, answer))) => to.send(Some(&name), answer),
+                    Err(e) => {
+                        debug!(error = %e, "call failed");
+                        to.send(None, e.answer());
+                    }
+                }
+            });
+        }
+    }
+    reason::SUCCESS
+}
+
+/// Where an MQTT caller's answer goes.
+struct ReplyTo {
+    bus: Arc<Bus>,
+    reply: String,
+    /// 3.1.1 form: the status is the reply topic's last level.
+    append_status: bool,
+    correlation: Option<Bytes>,
+    qos: u8,
+    /// The ACL's write for the caller.
+    may_write: Box<dyn Fn(&str) -> bool + Send + Sync>,
+}
+
+impl ReplyTo {
+    fn send(&self, instance: Option<&Name>, answer: Answer) {
         let mut props = Properties {
-            correlation_data: correlation,
+            correlation_data: self.correlation.clone(),
             content_type: answer.content_type.clone(),
             ..Properties::default()
         };
@@ -162,26 +204,25 @@ fn on_call(bus: &Arc<Bus>, p: &Publish, rest: &str, caller: Caller) -> u8 {
         if let Some(n) = instance {
             props.user.push(("instance".into(), n.to_string()));
         }
-        let topic = match append_status {
-            true => format!("{reply}/{}", answer.status),
-            false => reply,
+        let topic = match self.append_status {
+            true => format!("{}/{}", self.reply, answer.status),
+            false => self.reply.clone(),
         };
-        if !may_write(&topic) {
+        if !(self.may_write)(&topic) {
             info!(%topic, "answer dropped: the ACL does not let the caller write its reply topic");
             return;
         }
-        bus.router.publish(Message {
+        self.bus.router.publish(Message {
             topic: topic.into(),
             payload: answer.body,
-            qos,
+            qos: self.qos,
             retain: false,
             origin: 0,
             at_ms: now_ms(),
             expiry: None,
             props: Some(Box::new(props)),
         });
-    });
-    reason::SUCCESS
+    }
 }
 
 /// The call's own timeout (user property `timeout`, or its Message Expiry
