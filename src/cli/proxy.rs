@@ -15,7 +15,8 @@ use crate::client::{Broker, Directory, DirectoryOptions, Service};
 use crate::record::{Name, Query};
 
 /// Each direction's copy buffer: 512 KiB a connection in all (1 MiB each
-/// measured 0.69, at 2 MiB a connection).
+/// measured 0.69, at 2 MiB a connection). See `forward` for what else was
+/// measured against it.
 const BUF: usize = 256 << 10;
 
 /// How long connecting to an instance may take before the next is tried.
@@ -100,6 +101,23 @@ async fn forward(dir: &Directory, query: &str, mut conn: TcpStream, peer: Socket
         // (measured, 100 MB through it: 0.48 of a direct connection's rate
         // with tokio's 8 KiB, 0.63 with 256 KiB; splice(2) through a pipe
         // did worse here, 0.52).
+        //
+        // Measured since (bench item 11, 5-run medians of proxy / direct;
+        // 2 cores shared with other builds, so one design spans 0.45-0.65
+        // from series to series):
+        //   this (tokio, 256 KiB)                          0.47 0.53 0.55 0.57
+        //   a blocking std thread per direction, splice(2)
+        //     socket -> 1 MiB pipe -> socket, SPLICE_F_MOVE  0.44 0.46 0.56
+        //     ... and SPLICE_F_MORE into the socket          0.50 0.66
+        //   the same threads, blocking read/write 256 KiB   0.50 0.58 0.62
+        //     ... and SO_RCVBUF/SO_SNDBUF 1 MiB             0.46 0.47
+        //   this, and SO_RCVBUF/SO_SNDBUF 1 MiB             0.62
+        // None is better beyond the noise, and the threads cost two a
+        // connection. perf (3 x 2 GB) says why: with any of them, the
+        // bench's writer and reader and the proxy together spend about
+        // twice the CPU per byte of a direct connection; splice makes the
+        // proxy itself cheapest, but more bytes are in flight than a core's
+        // 1 MiB L2 holds, so the reader's copy out costs 2.5-3.7x as much.
         let _ = tokio::io::copy_bidirectional_with_sizes(&mut conn, &mut upstream, BUF, BUF).await;
         return;
     }
