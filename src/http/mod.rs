@@ -4,6 +4,7 @@
 //! the same rules, as MQTT publishes.
 //!
 //! ```text
+//!  GET /, /ui/… ──▶ the dashboard's files; GET /ui/stream ──▶ its live feed (SSE)
 //!  GET /mqtt + Upgrade ──▶ 101 ──▶ websocket pump ──▶ mqtt::serve (Via::WebSocket)
 //!  GET /discover[/NAME][?role=R@range], /health, /metrics ──▶ registry (read)
 //!  PUT /self-register, PUT /register, DELETE /register/NAME ──▶ registry.submit
@@ -13,6 +14,7 @@
 
 mod api;
 mod calls;
+pub mod dashboard;
 pub mod proxy;
 mod websocket;
 
@@ -123,6 +125,10 @@ enum Route {
     NextJob(String),
     /// `POST /jobs/ID`.
     Answer(String),
+    /// One of the dashboard's files.
+    File(String),
+    /// `GET /ui/stream`: the dashboard's live feed.
+    Stream,
 }
 
 /// Why a request has no route.
@@ -144,6 +150,8 @@ fn route(method: &Method, path: &str) -> Result<Route, NoRoute> {
         "/register" => ("PUT", Route::Register),
         "/health" => ("GET", Route::Health),
         "/metrics" => ("GET", Route::Metrics),
+        "/ui/stream" => ("GET", Route::Stream),
+        _ if dashboard::file(path).is_some() => ("GET", Route::File(path.to_string())),
         _ => match path.split_once('/').map(|(_, p)| p.split_once('/')) {
             Some(Some(("discover", name))) if !name.is_empty() => {
                 ("GET", Route::DiscoverOne(name.to_string()))
@@ -257,8 +265,18 @@ async fn handle(
         }
         return proxy::forward(&shared, req, peer, tls, |name| api.may_read(name)).await;
     }
+    if route == Route::Stream {
+        let watcher = dashboard::Watcher {
+            user: api.who.user(),
+        };
+        return dashboard::stream(shared.clone(), watcher);
+    }
     let answer = match route {
-        Route::Mqtt | Route::Svc => unreachable!("answered above"),
+        Route::Mqtt | Route::Svc | Route::Stream => unreachable!("answered above"),
+        Route::File(path) => match dashboard::file(&path) {
+            Some((kind, bytes)) => Ok(dashboard::serve_file(kind, bytes)),
+            None => unreachable!("routed by dashboard::file"),
+        },
         Route::Call(query) => calls::call(&api, &query, req).await,
         Route::NextJob(name) => calls::next_job(&api, &name, req.uri().query()).await,
         Route::Answer(id) => calls::answer(&api, &id, req).await,
@@ -448,7 +466,18 @@ mod tests {
         );
         assert_eq!(route(&get, "/register/web"), Err(NoRoute::Method("DELETE")));
         assert_eq!(route(&put, "/discover"), Err(NoRoute::Method("GET")));
-        for missing in ["/", "/discover/", "/register/", "/nope", "/health/x", ""] {
+        assert_eq!(route(&get, "/"), Ok(Route::File("/".into())));
+        assert_eq!(route(&get, "/ui/stream"), Ok(Route::Stream));
+        assert_eq!(route(&put, "/"), Err(NoRoute::Method("GET")));
+        for missing in [
+            "/ui/",
+            "/ui/x.js",
+            "/discover/",
+            "/register/",
+            "/nope",
+            "/health/x",
+            "",
+        ] {
             assert_eq!(route(&get, missing), Err(NoRoute::NotFound), "{missing}");
         }
         // A name with a slash is passed on whole, for the registry to refuse.

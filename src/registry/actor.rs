@@ -230,6 +230,7 @@ impl Actor {
 
     /// Publishes `out` to the external broker.
     async fn publish_mqtt(&mut self, out: Vec<Publish>) {
+        self.shared.tap(&out);
         let Transport::Mqtt { client, .. } = &mut self.transport else {
             return;
         };

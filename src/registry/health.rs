@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::protocol::{HealthState, HealthStatus};
 use crate::record::{Endpoint, Health, HealthCheck, Name, Record};
 
 /// Probes are never more frequent than this (a record asking for more is
@@ -97,6 +98,24 @@ pub struct Status {
     pub of: u32,
     pub detail: String,
     pub check: String,
+}
+
+impl Status {
+    /// The `PREFIX/health/NAME` payload.
+    pub fn payload(&self, name: &Name) -> HealthStatus {
+        HealthStatus {
+            check: self.check.clone(),
+            detail: self.detail.clone(),
+            failures: self.failures,
+            name: name.to_string(),
+            of: self.of,
+            status: if self.passing {
+                HealthState::Passing
+            } else {
+                HealthState::Failing
+            },
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -261,6 +280,11 @@ impl Schedule {
         self.tracked
             .iter()
             .filter_map(|(n, t)| t.status.as_ref().map(|s| (n, s)))
+    }
+
+    /// NAME's last published status.
+    pub fn status(&self, name: &Name) -> Option<&Status> {
+        self.tracked.get(name)?.status.as_ref()
     }
 
     pub fn len(&self) -> usize {

@@ -25,7 +25,7 @@ use crate::record::Record;
 use crate::topics::Topics;
 use actor::{Actor, Request, Transport};
 use shared::Shared;
-pub use state::{Delivery, GateKind, Publish, Registry, Stats};
+pub use state::{Delivery, GateKind, Publish, Registry, Shown, Stats};
 
 /// Which bus the registry works on.
 #[derive(Clone)]
@@ -151,6 +151,19 @@ impl Handle {
             .records()
             .map(|(n, b)| (n.clone(), b.clone()))
             .collect()
+    }
+
+    /// Every record as the dashboard shows it (see [`Registry::board`]),
+    /// read under the lock like [`Handle::records_now`].
+    pub fn board_now(&self) -> Vec<Shown> {
+        self.shared.lock().reg.board(Instant::now())
+    }
+
+    /// Everything the registry publishes from now on, and an empty message
+    /// on `PREFIX/heartbeat/NAME` for each accepted heartbeat. A receiver
+    /// that falls behind skips what it missed (`Lagged`).
+    pub fn feed(&self) -> tokio::sync::broadcast::Receiver<Publish> {
+        self.shared.feed.subscribe()
     }
 
     /// NAME's record as published, read like [`Handle::records_now`].

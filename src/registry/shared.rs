@@ -20,7 +20,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, broadcast, oneshot};
 use tokio::time::Instant;
 
 use super::Stopped;
@@ -57,7 +57,15 @@ pub(super) struct Shared {
     pub stopped: AtomicBool,
     /// Where changes are written (`None`: nowhere).
     pub journal: Option<crate::journal::Journal>,
+    /// A copy of everything the registry publishes, and an empty message
+    /// on `PREFIX/heartbeat/NAME` for each accepted heartbeat, for the
+    /// dashboard (see [`Shared::tap`]).
+    pub feed: broadcast::Sender<Publish>,
 }
+
+/// How many publishes a slow dashboard may fall behind before it skips
+/// them (and takes a fresh snapshot).
+const FEED_BACKLOG: usize = 4096;
 
 pub(super) struct Locked {
     pub reg: Registry,
@@ -112,6 +120,7 @@ impl Shared {
             wake: Notify::new(),
             stopped: AtomicBool::new(false),
             journal,
+            feed: broadcast::channel(FEED_BACKLOG).0,
         }
     }
 
@@ -179,6 +188,7 @@ impl Shared {
     /// [`Self::route`], the publisher's acknowledgement waiting for the
     /// subscribers it wakes (see [`crate::bus::router::After`]).
     fn route_after(&self, out: Vec<Publish>, on: Option<On<'_>>, after: Option<&After>) {
+        self.tap(&out);
         let Some(router) = &self.router else {
             return;
         };
@@ -209,6 +219,16 @@ impl Shared {
     /// given.
     pub async fn gate(&self, sub: Submission) -> Result<Gated, Stopped> {
         self.gate_later(sub)?.await.map_err(|_| Stopped)
+    }
+
+    /// Copies `out` to the dashboards watching (nothing when none is).
+    pub fn tap(&self, out: &[Publish]) {
+        if self.feed.receiver_count() == 0 {
+            return;
+        }
+        for p in out {
+            let _ = self.feed.send(p.clone());
+        }
     }
 
     /// [`Self::gate`] without waiting: the verdict comes on the receiver
@@ -263,6 +283,14 @@ impl Shared {
             qos: sub.qos,
         };
         self.route_after(out, Some(on), sub.after.as_ref());
+        if sub.kind == GateKind::Heartbeat && verdict.is_ok() {
+            // A heartbeat publishes nothing, but moves a deadline.
+            self.tap(&[Publish {
+                topic,
+                payload: bytes::Bytes::new(),
+                retain: false,
+            }]);
+        }
         self.journal(l);
         let _ = tx.send(match verdict {
             Ok(()) => Gated::Accepted,

@@ -68,6 +68,17 @@ struct Entry {
     deadline: Option<Instant>,
 }
 
+/// One record as the dashboard shows it (see [`Registry::board`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shown {
+    pub name: Name,
+    pub payload: Bytes,
+    /// What its `ttl` has left (`None`: no `ttl`).
+    pub ttl_left: Option<Duration>,
+    pub owner: Option<Identity>,
+    pub health: Option<health::Status>,
+}
+
 /// What the rules made of a record publish.
 #[derive(Debug)]
 enum Judged {
@@ -174,6 +185,21 @@ impl Registry {
     /// Who wrote NAME's record (`None`: not registered, or not known).
     pub fn owner(&self, name: &Name) -> Option<&Identity> {
         self.records.get(name)?.owner.as_ref()
+    }
+
+    /// Every record as the dashboard shows it, at `now`: its bytes, the
+    /// time its `ttl` has left, its owner and its last health status.
+    pub fn board(&self, now: Instant) -> Vec<Shown> {
+        self.records
+            .iter()
+            .map(|(name, e)| Shown {
+                name: name.clone(),
+                payload: e.payload.clone(),
+                ttl_left: e.deadline.map(|d| d.saturating_duration_since(now)),
+                owner: e.owner.clone(),
+                health: self.health.status(name).cloned(),
+            })
+            .collect()
     }
 
     /// Bumped on every change worth persisting (not on a `ttl` refresh).

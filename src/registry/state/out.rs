@@ -6,9 +6,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use super::{Registry, health};
-use crate::protocol::{
-    ErrorCode, ErrorPayload, EventKind, EventPayload, HealthState, HealthStatus,
-};
+use crate::protocol::{ErrorCode, ErrorPayload, EventKind, EventPayload};
 use crate::record::{Endpoint, Name};
 
 /// One MQTT publish the registry wants made.
@@ -60,21 +58,9 @@ impl Registry {
     }
 
     pub(super) fn health_status(&self, name: &Name, s: &health::Status) -> Publish {
-        let status = HealthStatus {
-            check: s.check.clone(),
-            detail: s.detail.clone(),
-            failures: s.failures,
-            name: name.to_string(),
-            of: s.of,
-            status: if s.passing {
-                HealthState::Passing
-            } else {
-                HealthState::Failing
-            },
-        };
         Publish {
             topic: self.topics.health(name.as_str()),
-            payload: to_bytes(&status),
+            payload: to_bytes(&s.payload(name)),
             retain: true,
         }
     }
