@@ -270,6 +270,33 @@ def test_the_stream_leaves_out_what_the_acl_hides(tmp_path):
         b.stop()
 
 
+def snapshots(stream):
+    """The `snapshot` events of a /ui/stream response, parsed, as they come."""
+    kind = None
+    for line in stream.iter_lines(decode_unicode=True):
+        if line.startswith("event: "):
+            kind = line[len("event: "):]
+        elif line.startswith("data: ") and kind == "snapshot":
+            yield json.loads(line[len("data: "):])
+
+
+def test_a_heartbeat_moves_the_countdown_at_once(homicro):
+    publish(homicro, "beat", {"host": "127.0.0.1", "port": 7, "ttl": "20s"})
+    with requests.get(f"http://127.0.0.1:{homicro.port}/ui/stream", stream=True,
+                      timeout=TIMEOUT) as s:
+        snaps = snapshots(s)
+        before = next(snaps)["records"][0]["ttl_left_ms"]
+        assert 15_000 < before <= 20_000
+        time.sleep(1.5)  # the countdown runs: what is measured, not a wait for readiness
+        c = homicro.client("beat-heartbeat", version=V311)
+        c.publish("homicro/heartbeat/beat", json.dumps({"host": "127.0.0.1", "port": 7}), qos=1)
+        sent = time.monotonic()
+        after = next(snaps)
+        # the heartbeat's own snapshot, not the 10 s refresh
+        assert time.monotonic() - sent < 2.0
+        assert after["records"][0]["ttl_left_ms"] > before - 1000, (before, after)
+
+
 def test_the_files_are_built_in_and_other_paths_are_not_found(homicro):
     base = f"http://127.0.0.1:{homicro.port}"
     page = requests.get(base + "/", timeout=TIMEOUT)
