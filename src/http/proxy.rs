@@ -27,7 +27,7 @@ use tracing::debug;
 
 use crate::bus::Bus;
 use crate::protocol::ErrorCode;
-use crate::record::{Name, Query, Record};
+use crate::record::{Name, Query};
 
 /// A streamed body either way.
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -243,23 +243,7 @@ fn candidates(bus: &Bus, query: &str) -> Result<Vec<Instance>, Refusal> {
             format!("{e}: /svc/ takes a service name or role@range, such as /svc/api@^1.2/path"),
         )
     })?;
-    let mut found = Vec::new();
-    // A name wins over a role of the same spelling.
-    if let Ok(name) = Name::parse(query)
-        && let Some(payload) = registry.record_now(&name)
-        && let Ok(record) = Record::parse(&name, payload)
-    {
-        found.push((name, record));
-    } else {
-        for (name, payload) in registry.records_now() {
-            let Ok(record) = Record::parse(&name, payload) else {
-                continue;
-            };
-            if q.matches(&record) {
-                found.push((name, record));
-            }
-        }
-    }
+    let found = registry.matching(query, &q);
     if found.is_empty() {
         return Err(refusal(
             StatusCode::NOT_FOUND,
@@ -267,7 +251,6 @@ fn candidates(bus: &Bus, query: &str) -> Result<Vec<Instance>, Refusal> {
             format!("no service named {query} and no instance of role {query}"),
         ));
     }
-    found.sort_by(|a, b| a.0.cmp(&b.0));
     let mut out = Vec::new();
     for (name, record) in found {
         let tls = match record.scheme.as_deref() {

@@ -153,6 +153,30 @@ impl Handle {
             .collect()
     }
 
+    /// The records a `/svc/` or call QUERY names, sorted by name: the
+    /// record named QUERY when there is one (a name wins over a role of
+    /// the same spelling), else every record `q` (QUERY parsed as
+    /// role@range) matches. Read under the lock like
+    /// [`Handle::records_now`].
+    pub fn matching(&self, query: &str, q: &crate::record::Query) -> Vec<(Name, Record)> {
+        if let Ok(name) = Name::parse(query)
+            && let Some(payload) = self.record_now(&name)
+            && let Ok(record) = Record::parse(&name, payload)
+        {
+            return vec![(name, record)];
+        }
+        let mut found: Vec<(Name, Record)> = self
+            .records_now()
+            .into_iter()
+            .filter_map(|(name, payload)| {
+                let record = Record::parse(&name, payload).ok()?;
+                q.matches(&record).then_some((name, record))
+            })
+            .collect();
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        found
+    }
+
     /// Every record as the dashboard shows it (see [`Registry::board`]),
     /// read under the lock like [`Handle::records_now`].
     pub fn board_now(&self) -> Vec<Shown> {

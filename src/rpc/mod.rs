@@ -37,7 +37,7 @@ use crate::bus::Bus;
 use crate::bus::codec::Properties;
 use crate::bus::router::{Message, now_ms};
 use crate::protocol::ErrorCode;
-use crate::record::{Name, Query, Record};
+use crate::record::{Name, Query};
 
 /// How long after its last poll a long-polling instance still counts as
 /// taking requests (a request queued meanwhile waits for its next poll).
@@ -709,32 +709,17 @@ fn candidates(bus: &Bus, query: &str) -> Result<Vec<Candidate>, CallError> {
             "{e}: a call takes a service name or role@range, such as api@^1.2"
         ))
     })?;
-    // A name wins over a role of the same spelling.
-    if let Ok(name) = Name::parse(query)
-        && let Some(payload) = registry.record_now(&name)
-        && let Ok(record) = Record::parse(&name, payload)
-    {
-        return Ok(vec![Candidate {
+    let found: Vec<Candidate> = registry
+        .matching(query, &q)
+        .into_iter()
+        .map(|(name, record)| Candidate {
             name,
             idempotent: record.idempotent,
-        }]);
-    }
-    let mut found: Vec<Candidate> = Vec::new();
-    for (name, payload) in registry.records_now() {
-        let Ok(record) = Record::parse(&name, payload) else {
-            continue;
-        };
-        if q.matches(&record) {
-            found.push(Candidate {
-                name,
-                idempotent: record.idempotent,
-            });
-        }
-    }
+        })
+        .collect();
     if found.is_empty() {
         return Err(CallError::NotFound(query.to_string()));
     }
-    found.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(found)
 }
 
