@@ -1,0 +1,185 @@
+//! The bridge's actor: moves messages between the bus and the rules in
+//! `mod.rs` and keeps the clock (when gone services fall due).
+//!
+//! After every (re)connection it subscribes to the registry's topics and to
+//! its own, then to a private `PREFIX/sync/ID` topic and publishes there:
+//! that message comes back behind every retained copy (see
+//! [`crate::mqtt::snapshot`]), so the rules know the reading is complete.
+//! Its own topics are read only then: it unsubscribes from them after.
+
+use std::time::{Duration, SystemTime};
+
+use rumqttc::{AsyncClient, QoS};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::{Bridge, Bus};
+use crate::bus::router::{Link, Message, now_ms};
+use crate::mqtt::Incoming;
+use crate::registry::Publish;
+
+/// How the bridge reaches the bus.
+enum Transport {
+    Mqtt {
+        client: AsyncClient,
+        incoming: mpsc::UnboundedReceiver<Incoming>,
+    },
+    /// A link of the embedded router: "connected" from the start.
+    Router { link: Link, started: bool },
+}
+
+impl Transport {
+    fn new(bus: Bus) -> Transport {
+        match bus {
+            Bus::External(broker) => {
+                let options = crate::mqtt::options(&crate::mqtt::client_id("homicro-ha"), &broker);
+                let (client, incoming) = crate::mqtt::connect(options, Duration::from_millis(200));
+                Transport::Mqtt { client, incoming }
+            }
+            Bus::Embedded(router) => Transport::Router {
+                link: router.link(),
+                started: false,
+            },
+        }
+    }
+
+    async fn next(&mut self) -> Option<Incoming> {
+        match self {
+            Transport::Mqtt { incoming, .. } => incoming.recv().await,
+            Transport::Router { started, .. } if !*started => {
+                *started = true;
+                Some(Incoming::Connected)
+            }
+            Transport::Router { link, .. } => {
+                let f = link.next().await;
+                Some(Incoming::Message {
+                    topic: f.msg.topic.to_string(),
+                    payload: f.msg.payload.clone(),
+                    retained: f.from_store,
+                })
+            }
+        }
+    }
+
+    /// Subscribes to `filters`; whether a SUBACK will come for them.
+    async fn subscribe(&mut self, filters: &[String]) -> bool {
+        match self {
+            Transport::Mqtt { client, .. } => {
+                let filters = filters
+                    .iter()
+                    .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                if let Err(e) = client.subscribe_many(filters).await {
+                    warn!(error = %e, "Home Assistant bridge: cannot subscribe");
+                }
+                true
+            }
+            Transport::Router { link, .. } => {
+                for f in filters {
+                    link.subscribe(f, true);
+                }
+                false
+            }
+        }
+    }
+
+    async fn unsubscribe(&mut self, filters: &[String]) {
+        for f in filters {
+            match self {
+                Transport::Mqtt { client, .. } => {
+                    let _ = client.unsubscribe(f.clone()).await;
+                }
+                Transport::Router { link, .. } => link.unsubscribe(f),
+            }
+        }
+    }
+
+    /// Publishes `out` (retained ones at QoS 1).
+    async fn publish(&mut self, out: Vec<Publish>) {
+        for p in out {
+            let qos = u8::from(p.retain);
+            match self {
+                Transport::Mqtt { client, .. } => {
+                    let qos = if p.retain {
+                        QoS::AtLeastOnce
+                    } else {
+                        QoS::AtMostOnce
+                    };
+                    if let Err(e) = client.publish(p.topic, qos, p.retain, p.payload).await {
+                        warn!(error = %e, "Home Assistant bridge: cannot publish");
+                    }
+                }
+                Transport::Router { link, .. } => link.publish(Message {
+                    topic: p.topic.into(),
+                    payload: p.payload,
+                    qos,
+                    retain: p.retain,
+                    at_ms: now_ms(),
+                    ..Message::default()
+                }),
+            }
+        }
+    }
+}
+
+/// Runs the bridge until its bus is gone (or the task is aborted).
+pub(super) async fn run(mut bridge: Bridge, bus: Bus) {
+    let mut transport = Transport::new(bus);
+    let sync_topic = format!(
+        "{}/sync/{}",
+        bridge.layout().topics.prefix(),
+        crate::mqtt::client_id("ha")
+    );
+    let read_back = bridge.layout().read_back_filters();
+    loop {
+        let deadline = bridge.next_deadline();
+        let wait = deadline.map(|t| t.duration_since(SystemTime::now()).unwrap_or_default());
+        let out = tokio::select! {
+            incoming = transport.next() => match incoming {
+                None | Some(Incoming::Closed) => break,
+                Some(Incoming::Connected) => {
+                    debug!("Home Assistant bridge connected; reading");
+                    bridge.on_connected();
+                    let mut filters = bridge.layout().filters();
+                    filters.push(sync_topic.clone());
+                    if !transport.subscribe(&filters).await {
+                        // Subscribed at once (the embedded router).
+                        ping(&mut transport, &sync_topic).await;
+                    }
+                    Vec::new()
+                }
+                Some(Incoming::Subscribed) => {
+                    ping(&mut transport, &sync_topic).await;
+                    Vec::new()
+                }
+                Some(Incoming::Message { topic, .. }) if topic == sync_topic => {
+                    let mut done = read_back.clone();
+                    done.push(sync_topic.clone());
+                    transport.unsubscribe(&done).await;
+                    bridge.on_synced(SystemTime::now())
+                }
+                Some(Incoming::Message { topic, payload, .. }) => {
+                    bridge.on_message(SystemTime::now(), &topic, &payload)
+                }
+                Some(Incoming::Disconnected(e)) => {
+                    warn!(error = %e, "Home Assistant bridge lost the broker; retrying");
+                    Vec::new()
+                }
+            },
+            _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {
+                bridge.on_tick(SystemTime::now())
+            }
+        };
+        transport.publish(out).await;
+    }
+    debug!("Home Assistant bridge stopped");
+}
+
+/// The message that comes back behind every retained copy.
+async fn ping(transport: &mut Transport, sync_topic: &str) {
+    let ping = Publish {
+        topic: sync_topic.to_string(),
+        payload: bytes::Bytes::from_static(b"sync"),
+        retain: false,
+    };
+    transport.publish(vec![ping]).await;
+}
