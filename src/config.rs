@@ -177,8 +177,8 @@ pub struct ServeConfig {
     pub auth: crate::auth::AuthConfig,
     /// TLS on the port (`None`: plaintext only).
     pub tls: Option<crate::bus::tls::TlsConfig>,
-    /// Home Assistant discovery (`None`: off).
-    pub home_assistant: Option<crate::homeassistant::HomeAssistantConfig>,
+    /// Home Assistant discovery.
+    pub home_assistant: crate::homeassistant::HomeAssistantConfig,
 }
 
 /// Values given on the command line; `None` keeps the file's value.

@@ -17,14 +17,13 @@ pub(super) const KEYS: [&str; 4] = [
     "forget_after",
 ];
 
-/// Reads `[home_assistant]` (`t`: the merged table, defaults included);
-/// `None` unless `discovery = true`. Every key is checked either way.
+/// Reads `[home_assistant]` (`t`: the merged table, defaults included).
 /// `prefix` is the registry's (the discovery prefix may not be under it).
 pub(super) fn parse(
     src: &str,
     t: Option<&Value>,
     prefix: &str,
-) -> Result<Option<HomeAssistantConfig>, ConfigError> {
+) -> Result<HomeAssistantConfig, ConfigError> {
     let err = |key: &str, message: String| ConfigError {
         source_name: src.to_string(),
         key: format!("home_assistant.{key}"),
@@ -83,11 +82,12 @@ pub(super) fn parse(
     if forget_after > MAX_DURATION {
         return Err(err("forget_after", "must be at most a year".into()));
     }
-    Ok(discovery.then_some(HomeAssistantConfig {
+    Ok(HomeAssistantConfig {
+        discovery,
         discovery_prefix,
         dashboard_url,
         forget_after,
-    }))
+    })
 }
 
 /// `http://HOST…` or `https://HOST…`, without spaces.
@@ -106,34 +106,38 @@ mod tests {
 
     use super::*;
 
-    fn ha(text: &str) -> Result<Option<HomeAssistantConfig>, String> {
+    fn ha(text: &str) -> Result<HomeAssistantConfig, String> {
         let t: Table = text.parse().unwrap();
         parse("f.toml", t.get("home_assistant"), "homicro").map_err(|e| e.to_string())
     }
 
     #[test]
     fn off_unless_discovery_is_true() {
-        assert_eq!(ha("").unwrap(), None);
-        assert_eq!(ha("[home_assistant]\ndiscovery = false").unwrap(), None);
+        let off = HomeAssistantConfig {
+            discovery: false,
+            discovery_prefix: "homeassistant".into(),
+            dashboard_url: None,
+            forget_after: Duration::from_secs(86_400),
+        };
+        assert_eq!(ha("").unwrap(), off);
+        assert_eq!(ha("[home_assistant]\ndiscovery = false").unwrap(), off);
         assert_eq!(
             ha("[home_assistant]\ndiscovery = true").unwrap(),
-            Some(HomeAssistantConfig {
-                discovery_prefix: "homeassistant".into(),
-                dashboard_url: None,
-                forget_after: Duration::from_secs(86_400),
-            })
+            HomeAssistantConfig {
+                discovery: true,
+                ..off
+            }
         );
         let c = ha(
             "[home_assistant]\ndiscovery = true\ndiscovery_prefix = \"ha/disc\"\n\
                     dashboard_url = \"https://nas.lan:1883/\"\nforget_after = \"0s\"",
         )
-        .unwrap()
         .unwrap();
         assert_eq!(c.discovery_prefix, "ha/disc");
         assert_eq!(c.dashboard_url.as_deref(), Some("https://nas.lan:1883/"));
         assert_eq!(c.forget_after, Duration::ZERO);
         let c = ha("[home_assistant]\ndiscovery = true\ndashboard_url = \"\"").unwrap();
-        assert_eq!(c.unwrap().dashboard_url, None, "empty: derived");
+        assert_eq!(c.dashboard_url, None, "empty: derived");
     }
 
     #[test]

@@ -93,6 +93,18 @@ impl Transport {
         }
     }
 
+    /// Disconnects once what was published has gone out.
+    async fn close(&mut self) {
+        let Transport::Mqtt { client, incoming } = self else {
+            return;
+        };
+        // DISCONNECT goes after the publishes queued before it.
+        let _ = client.disconnect().await;
+        let closed =
+            async { while !matches!(incoming.recv().await, None | Some(Incoming::Closed)) {} };
+        let _ = tokio::time::timeout(Duration::from_secs(5), closed).await;
+    }
+
     /// Publishes `out` (retained ones at QoS 1).
     async fn publish(&mut self, out: Vec<Publish>) {
         for p in out {
@@ -139,7 +151,7 @@ pub(super) async fn run(mut bridge: Bridge, bus: Bus) {
                 Some(Incoming::Connected) => {
                     debug!("Home Assistant bridge connected; reading");
                     bridge.on_connected();
-                    let mut filters = bridge.layout().filters();
+                    let mut filters = bridge.filters();
                     filters.push(sync_topic.clone());
                     if !transport.subscribe(&filters).await {
                         // Subscribed at once (the embedded router).
@@ -170,6 +182,10 @@ pub(super) async fn run(mut bridge: Bridge, bus: Bus) {
             }
         };
         transport.publish(out).await;
+        if bridge.finished() {
+            transport.close().await;
+            break;
+        }
     }
     debug!("Home Assistant bridge stopped");
 }

@@ -18,7 +18,9 @@
 //! passed without it coming back. What homicro published is retained on
 //! the broker, its attributes saying since when a service is gone, and is
 //! read back after every (re)connection: a restart forgets nothing and
-//! cleans up what fell due while it was away.
+//! cleans up what fell due while it was away. With `discovery = false`
+//! the bridge only reads that back once at start and removes it all: the
+//! entities of a run with discovery on do not outlive it.
 
 mod actor;
 mod payload;
@@ -38,9 +40,12 @@ use crate::registry::Publish;
 use crate::topics::Topics;
 use payload::{Attributes, Info, Status};
 
-/// `[home_assistant]` of the config file, when `discovery = true`.
+/// `[home_assistant]` of the config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HomeAssistantConfig {
+    /// Publish the services to Home Assistant (false: remove what an
+    /// earlier run published, then stop).
+    pub discovery: bool,
     /// Home Assistant's discovery prefix (its MQTT integration's setting).
     pub discovery_prefix: String,
     /// Each device's `configuration_url` (`None`: derived from where
@@ -64,13 +69,24 @@ pub enum Bus {
     Embedded(crate::bus::Router),
 }
 
-/// Starts the bridge when `[home_assistant] discovery` is on; `listen` is
-/// the embedded bus's bound address (for the default dashboard URL).
+/// Starts the bridge (with `discovery` off, the remover of what an earlier
+/// run published); `listen` is the embedded bus's bound address (for the
+/// default dashboard URL).
 pub fn start(config: &ServeConfig, bus: Bus, listen: Option<SocketAddr>) -> Option<JoinHandle<()>> {
-    let ha = config.home_assistant.as_ref()?;
+    let ha = &config.home_assistant;
     if !config.registry {
-        warn!("[home_assistant] needs the registry: off with --no-registry");
+        if ha.discovery {
+            warn!("[home_assistant] needs the registry: off with --no-registry");
+        }
         return None;
+    }
+    let layout = Layout::new(&config.prefix, &ha.discovery_prefix);
+    let version = env!("CARGO_PKG_VERSION");
+    if !ha.discovery {
+        return Some(tokio::spawn(actor::run(
+            Bridge::remover(layout, version),
+            bus,
+        )));
     }
     let https = config.tls.as_ref().is_some_and(|t| t.require);
     let dashboard = ha.dashboard_url.clone().or_else(|| {
@@ -82,12 +98,7 @@ pub fn start(config: &ServeConfig, bus: Bus, listen: Option<SocketAddr>) -> Opti
         forget_after = ?ha.forget_after,
         "Home Assistant discovery on"
     );
-    let bridge = Bridge::new(
-        Layout::new(&config.prefix, &ha.discovery_prefix),
-        dashboard,
-        ha.forget_after,
-        env!("CARGO_PKG_VERSION"),
-    );
+    let bridge = Bridge::new(layout, dashboard, ha.forget_after, version);
     Some(tokio::spawn(actor::run(bridge, bus)))
 }
 
@@ -265,6 +276,8 @@ struct Service {
 #[derive(Debug)]
 pub struct Bridge {
     layout: Layout,
+    /// Discovery is on (false: remove everything read back, then stop).
+    enabled: bool,
     dashboard_url: Option<String>,
     forget_after: Duration,
     version: String,
@@ -295,6 +308,7 @@ impl Bridge {
     ) -> Bridge {
         Bridge {
             layout,
+            enabled: true,
             dashboard_url,
             forget_after,
             version: version.to_string(),
@@ -308,8 +322,31 @@ impl Bridge {
         }
     }
 
+    /// A bridge for `discovery = false`: it reads back what the broker
+    /// holds of ours once, removes all of it, and is then
+    /// [finished](Bridge::finished) (it waits for nothing of the registry).
+    pub fn remover(layout: Layout, version: &str) -> Bridge {
+        Bridge {
+            enabled: false,
+            ..Bridge::new(layout, None, Duration::ZERO, version)
+        }
+    }
+
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    /// What to subscribe to after every (re)connection.
+    pub fn filters(&self) -> Vec<String> {
+        match self.enabled {
+            true => self.layout.filters(),
+            false => self.layout.read_back_filters(),
+        }
+    }
+
+    /// A remover that has done its work.
+    pub fn finished(&self) -> bool {
+        !self.enabled && !self.reading
     }
 
     /// A new session with the broker (the first, or after a loss): forget
@@ -353,7 +390,11 @@ impl Bridge {
 
     /// A message from the bus.
     pub fn on_message(&mut self, now: SystemTime, topic: &str, payload: &[u8]) -> Vec<Publish> {
-        let name = match self.layout.heard(topic) {
+        let heard = self.layout.heard(topic);
+        if !self.enabled && !matches!(heard, Heard::Ours(_)) {
+            return Vec::new();
+        }
+        let name = match heard {
             Heard::Record(name) if payload.is_empty() => {
                 self.went(now, &name, Status::Gone, None);
                 name
@@ -465,12 +506,13 @@ impl Bridge {
         }
     }
 
-    /// Once the reading is complete and the registry online: every
+    /// Once the reading is complete and the registry online (a remover
+    /// does not wait for it, and keeps nothing): every
     /// discovery config of ours without a record is a service gone while
     /// we were away (or before), kept as its attributes say; then
     /// everything that differs from what the broker holds is published.
     fn reconcile(&mut self, now: SystemTime) -> Vec<Publish> {
-        if !(self.reading && self.synced && self.online) {
+        if !(self.reading && self.synced && (self.online || !self.enabled)) {
             return Vec::new();
         }
         self.reading = false;
@@ -505,11 +547,18 @@ impl Bridge {
         }
         // Those due now were settled above.
         self.forget.retain(|(due, _)| *due > now);
-        info!(
-            services = self.services.len(),
-            publishes = out.len(),
-            "Home Assistant: in step with the broker"
-        );
+        match self.enabled {
+            true => info!(
+                services = self.services.len(),
+                publishes = out.len(),
+                "Home Assistant: in step with the broker"
+            ),
+            false if !out.is_empty() => info!(
+                publishes = out.len(),
+                "Home Assistant discovery is off: removed what an earlier run published"
+            ),
+            false => {}
+        }
         out
     }
 

@@ -546,3 +546,37 @@ fn the_default_dashboard_url_follows_the_listen_address() {
     assert_eq!(url("192.168.1.2:1884", false), "http://192.168.1.2:1884/");
     assert_eq!(url("[fd00::2]:1883", false), "http://[fd00::2]:1883/");
 }
+
+#[test]
+fn with_discovery_off_what_an_earlier_run_published_is_removed_once() {
+    let mut held = Held::default();
+    let mut b = live(DAY);
+    held.apply(&b.on_message(t(1), "homicro/services/web", WEB));
+    let mut r = Bridge::remover(Layout::new("homicro", "homeassistant"), "0.1.0");
+    assert_eq!(
+        r.filters(),
+        [
+            "homicro/ha/+/+",
+            "homeassistant/binary_sensor/homicro/+/config"
+        ]
+    );
+    r.on_connected();
+    for (topic, payload) in &held.0 {
+        assert!(r.on_message(t(2), topic, payload).is_empty());
+    }
+    // Records and the registry's state mean nothing to it.
+    assert!(r.on_message(t(2), "homicro/services/web", WEB).is_empty());
+    assert!(r.on_message(t(2), "homicro/registry", ONLINE).is_empty());
+    assert!(!r.finished());
+    let out = r.on_synced(t(2));
+    assert_eq!(
+        shown(&out),
+        pairs(&[(CONFIG, ""), (STATE, ""), (ATTRS, "")])
+    );
+    assert!(r.finished());
+    // Nothing there: nothing to do, and done.
+    let mut r = Bridge::remover(Layout::new("homicro", "homeassistant"), "0.1.0");
+    r.on_connected();
+    assert!(r.on_synced(t(3)).is_empty());
+    assert!(r.finished());
+}

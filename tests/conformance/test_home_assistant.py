@@ -236,6 +236,14 @@ def retained_now(port, filters):
     return got
 
 
+def wait_log(b, text, timeout=TIMEOUT):
+    """Waits for `text` in serve's log."""
+    deadline = time.monotonic() + timeout
+    while text not in b.stderr():
+        assert time.monotonic() < deadline, f"no {text!r} in the log after {timeout}s"
+        time.sleep(0.02)  # polling a file: there is no event to wait on
+
+
 CONFIG = """\
 [home_assistant]
 discovery = true
@@ -368,6 +376,26 @@ def test_a_restart_keeps_entities_and_forgets_what_fell_due(tmp_path):
         ha.stop()
         b.stop()
     assert "panicked" not in b.stderr()
+
+
+def test_turning_discovery_off_removes_the_entities(tmp_path):
+    """A run with discovery off removes, at start, every entity an earlier
+    run published (on the embedded bus nobody else may clear homicro/ha/)."""
+    b = start_homicro(str(tmp_path), config=CONFIG.format(forget="1h"))
+    try:
+        web = register_over_mqtt(b.port, "web", {"host": "10.0.0.5", "port": 80})
+        web.stop()
+        assert retained_now(b.port, [config_topic("web")])
+        b.proc.send_signal(signal.SIGTERM)
+        assert b.proc.wait(TIMEOUT) == 0
+        b.stop()
+        b = start_homicro(str(tmp_path), config="[home_assistant]\ndiscovery = false\n")
+        wait_log(b, "removed what an earlier run published")
+        assert retained_now(b.port, ["homeassistant/#", "homicro/ha/#"]) == {}
+        # The record itself is the registry's, and stays.
+        assert retained_now(b.port, ["homicro/services/web"])
+    finally:
+        b.stop()
 
 
 def test_against_mosquitto_with_serve_broker(tmp_path):
