@@ -376,11 +376,9 @@ impl Bridge {
     /// Removes the entities whose `forget_after` has passed.
     pub fn on_tick(&mut self, now: SystemTime) -> Vec<Publish> {
         let mut out = Vec::new();
-        while let Some((t, name)) = self.forget.first().cloned() {
-            if t > now {
-                break;
-            }
-            self.forget.pop_first();
+        while self.forget.first().is_some_and(|(due, _)| *due <= now) {
+            let (_, name) = self.forget.pop_first().expect("a first entry");
+            // While reading, the reconciliation settles every name.
             if !self.reading {
                 out.extend(self.settle(now, &name));
             }

@@ -379,18 +379,23 @@ impl Held {
     }
 }
 
-#[test]
-fn a_restart_reads_back_what_it_published_and_republishes_nothing_unchanged() {
+/// What a bridge leaves on the broker after web was registered at t(1)
+/// and nas registered then cleared at t(10), with `event` after the clear.
+fn web_up_nas_gone(event: Option<&[u8]>) -> Held {
     let mut held = Held::default();
     let mut b = live(DAY);
     held.apply(&b.on_message(t(1), "homicro/services/web", WEB));
     held.apply(&b.on_message(t(1), "homicro/services/nas", br#"{"host":"nas.lan"}"#));
     held.apply(&b.on_message(t(10), "homicro/services/nas", b""));
-    held.apply(&b.on_message(
-        t(10),
-        "homicro/events/nas",
-        br#"{"event":"expired","name":"nas"}"#,
-    ));
+    if let Some(event) = event {
+        held.apply(&b.on_message(t(10), "homicro/events/nas", event));
+    }
+    held
+}
+
+#[test]
+fn a_restart_reads_back_what_it_published_and_republishes_nothing_unchanged() {
+    let held = web_up_nas_gone(Some(br#"{"event":"expired","name":"nas"}"#));
     assert_eq!(held.0.len(), 6);
     // Back an hour later: web was restored by the registry, nas is still
     // gone (since t(10), as its attributes say).
@@ -410,11 +415,7 @@ fn a_restart_reads_back_what_it_published_and_republishes_nothing_unchanged() {
 
 #[test]
 fn a_restart_turns_off_what_vanished_and_removes_what_fell_due_meanwhile() {
-    let mut held = Held::default();
-    let mut b = live(DAY);
-    held.apply(&b.on_message(t(1), "homicro/services/web", WEB));
-    held.apply(&b.on_message(t(1), "homicro/services/nas", br#"{"host":"nas.lan"}"#));
-    held.apply(&b.on_message(t(10), "homicro/services/nas", b""));
+    let held = web_up_nas_gone(None);
     // Two days later, with no records at all: web vanished while homicro
     // was away (off, since now); nas fell due a day ago (removed).
     let now = t(10) + 2 * DAY;
