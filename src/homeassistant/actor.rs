@@ -2,10 +2,12 @@
 //! `mod.rs` and keeps the clock (when gone services fall due).
 //!
 //! After every (re)connection it subscribes to the registry's topics and to
-//! its own, then to a private `PREFIX/sync/ID` topic and publishes there:
-//! that message comes back behind every retained copy (see
-//! [`crate::mqtt::snapshot`]), so the rules know the reading is complete.
-//! Its own topics are read only then: it unsubscribes from them after.
+//! its own, and tells the rules when every retained copy has arrived: on
+//! the embedded router, once its link has handed them all out; through a
+//! broker, when a message to a private `PREFIX/sync/ID` topic, subscribed
+//! and published after the others, comes back behind them (see
+//! [`crate::mqtt::snapshot`]). Its own topics are read only then: it
+//! unsubscribes from them after.
 
 use std::time::{Duration, SystemTime};
 
@@ -25,7 +27,12 @@ enum Transport {
         incoming: mpsc::UnboundedReceiver<Incoming>,
     },
     /// A link of the embedded router: "connected" from the start.
-    Router { link: Link, started: bool },
+    Router {
+        link: Link,
+        started: bool,
+        /// The sync topic to report once the retained copies are taken.
+        syncing: Option<String>,
+    },
 }
 
 impl Transport {
@@ -39,6 +46,7 @@ impl Transport {
             Bus::Embedded(router) => Transport::Router {
                 link: router.link(),
                 started: false,
+                syncing: None,
             },
         }
     }
@@ -50,7 +58,14 @@ impl Transport {
                 *started = true;
                 Some(Incoming::Connected)
             }
-            Transport::Router { link, .. } => {
+            Transport::Router { link, syncing, .. } => {
+                if let Some(topic) = syncing.take_if(|_| !link.has_backlog()) {
+                    return Some(Incoming::Message {
+                        topic,
+                        payload: bytes::Bytes::new(),
+                        retained: false,
+                    });
+                }
                 let f = link.next().await;
                 Some(Incoming::Message {
                     topic: f.msg.topic.to_string(),
@@ -61,13 +76,17 @@ impl Transport {
         }
     }
 
-    /// Subscribes to `filters`; whether a SUBACK will come for them.
-    async fn subscribe(&mut self, filters: &[String]) -> bool {
+    /// Subscribes to `filters` and then to `sync_topic`, which a message
+    /// reaches behind every retained copy of `filters` (see [`ping`]);
+    /// whether a SUBACK will come for them.
+    async fn subscribe(&mut self, filters: &[String], sync_topic: &str) -> bool {
         match self {
             Transport::Mqtt { client, .. } => {
                 let filters = filters
                     .iter()
-                    .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                    .map(String::as_str)
+                    .chain([sync_topic])
+                    .map(|f| rumqttc::SubscribeFilter::new(f.to_string(), QoS::AtLeastOnce));
                 if let Err(e) = client.subscribe_many(filters).await {
                     warn!(error = %e, "Home Assistant bridge: cannot subscribe");
                 }
@@ -151,9 +170,7 @@ pub(super) async fn run(mut bridge: Bridge, bus: Bus) {
                 Some(Incoming::Connected) => {
                     debug!("Home Assistant bridge connected; reading");
                     bridge.on_connected();
-                    let mut filters = bridge.filters();
-                    filters.push(sync_topic.clone());
-                    if !transport.subscribe(&filters).await {
+                    if !transport.subscribe(&bridge.filters(), &sync_topic).await {
                         // Subscribed at once (the embedded router).
                         ping(&mut transport, &sync_topic).await;
                     }
@@ -190,8 +207,14 @@ pub(super) async fn run(mut bridge: Bridge, bus: Bus) {
     debug!("Home Assistant bridge stopped");
 }
 
-/// The message that comes back behind every retained copy.
+/// Asks for the sync message, which comes behind every retained copy: a
+/// publish to the sync topic through a broker; on the embedded router, a
+/// note to report it once the link has handed out its retained copies.
 async fn ping(transport: &mut Transport, sync_topic: &str) {
+    if let Transport::Router { syncing, .. } = transport {
+        *syncing = Some(sync_topic.to_string());
+        return;
+    }
     let ping = Publish {
         topic: sync_topic.to_string(),
         payload: bytes::Bytes::from_static(b"sync"),

@@ -581,3 +581,61 @@ fn with_discovery_off_what_an_earlier_run_published_is_removed_once() {
     assert!(r.on_synced(t(3)).is_empty());
     assert!(r.finished());
 }
+
+/// The actor on a real router: what a watcher of the bus sees.
+#[tokio::test]
+async fn the_actor_on_the_embedded_router() {
+    use crate::bus::router::{Link, Message, Router};
+    let router = Router::new();
+    let publish = |topic: &str, payload: &'static [u8], retain: bool| {
+        router.publish(Message {
+            topic: topic.into(),
+            payload: Bytes::from_static(payload),
+            qos: 1,
+            retain,
+            ..Message::default()
+        })
+    };
+    let mut watcher = router.link();
+    watcher.subscribe("homeassistant/#", true);
+    watcher.subscribe("homicro/#", true);
+    // Before it starts: the registry online, one record.
+    publish("homicro/registry", ONLINE, true);
+    publish("homicro/services/web", WEB, true);
+    let task = tokio::spawn(actor::run(bridge(DAY), Bus::Embedded(router.clone())));
+    async fn next(w: &mut Link) -> (String, Bytes) {
+        let f = tokio::time::timeout(Duration::from_secs(10), w.next())
+            .await
+            .expect("a message within 10 s");
+        (f.msg.topic.to_string(), f.msg.payload.clone())
+    }
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        seen.push(next(&mut watcher).await);
+    }
+    let topics: Vec<&str> = seen.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(
+        topics,
+        [
+            "homicro/registry",
+            "homicro/services/web",
+            ATTRS,
+            STATE,
+            CONFIG
+        ],
+        "no sync message on the bus"
+    );
+    assert_eq!(seen[3].1, "ON");
+    // Expired: the registry's clear, then its event.
+    publish("homicro/services/web", b"", true);
+    publish(
+        "homicro/events/web",
+        br#"{"event":"expired","name":"web"}"#,
+        false,
+    );
+    let mut seen = Vec::new();
+    while !seen.iter().any(|(t, p)| t == STATE && p == "OFF") {
+        seen.push(next(&mut watcher).await);
+    }
+    task.abort();
+}
