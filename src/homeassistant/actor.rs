@@ -161,6 +161,9 @@ pub(super) async fn run(mut bridge: Bridge, bus: Bus) {
         crate::mqtt::client_id("ha")
     );
     let read_back = bridge.layout().read_back_filters();
+    // Whether the last (re)connection is up: a broker that keeps refusing
+    // is logged once, not at every retry.
+    let mut up = false;
     loop {
         let deadline = bridge.next_deadline();
         let wait = deadline.map(|t| t.duration_since(SystemTime::now()).unwrap_or_default());
@@ -168,6 +171,7 @@ pub(super) async fn run(mut bridge: Bridge, bus: Bus) {
             incoming = transport.next() => match incoming {
                 None | Some(Incoming::Closed) => break,
                 Some(Incoming::Connected) => {
+                    up = true;
                     debug!("Home Assistant bridge connected; reading");
                     bridge.on_connected();
                     if !transport.subscribe(&bridge.filters(), &sync_topic).await {
@@ -190,7 +194,10 @@ pub(super) async fn run(mut bridge: Bridge, bus: Bus) {
                     bridge.on_message(SystemTime::now(), &topic, &payload)
                 }
                 Some(Incoming::Disconnected(e)) => {
-                    warn!(error = %e, "Home Assistant bridge lost the broker; retrying");
+                    match std::mem::take(&mut up) {
+                        true => warn!(error = %e, "Home Assistant bridge lost the broker; retrying"),
+                        false => debug!(error = %e, "Home Assistant bridge: no broker yet; retrying"),
+                    }
                     Vec::new()
                 }
             },

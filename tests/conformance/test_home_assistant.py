@@ -33,8 +33,8 @@ import time
 import pytest
 import requests
 
-from harness import (TIMEOUT, V311, V5, Client, free_port, homicro_bin, publish_props,
-                     start_homicro, start_mosquitto)
+from harness import (TIMEOUT, V311, V5, Client, free_port, homicro_bin, mosquitto_bin,
+                     start_homicro, start_mosquitto, wait_for_port)
 
 # -- Home Assistant's schema ---------------------------------------------------
 
@@ -399,7 +399,8 @@ def test_turning_discovery_off_removes_the_entities(tmp_path):
 
 
 def test_against_mosquitto_with_serve_broker(tmp_path):
-    """`serve --broker`: the bridge is a client of Mosquitto like the registry."""
+    """`serve --broker`: the bridge is a client of Mosquitto like the registry,
+    and after the broker came back empty it publishes the entities again."""
     (tmp_path / "m").mkdir()
     m = start_mosquitto(str(tmp_path / "m"))
     path = tmp_path / "homicro.toml"
@@ -421,7 +422,24 @@ def test_against_mosquitto_with_serve_broker(tmp_path):
         assert ha.retained.get(config_topic("printer")) is False, "heard live"
         held = retained_now(m.port, ["homeassistant/#", "homicro/ha/#"])
         assert held[state_topic("printer")] == b"ON" and config_topic("printer") in held
+        svc.stop()
+
+        # Mosquitto restarted without persistence: every retained message is
+        # lost; the registry restores the record, the bridge its entity.
+        ha.stop()
+        m.proc.kill()
+        m.proc.wait()
+        conf = str(tmp_path / "m" / "mosquitto.conf")
+        with open(str(tmp_path / "m" / "mosquitto.log"), "a") as err:
+            m.proc = subprocess.Popen([mosquitto_bin(), "-c", conf], stdout=err, stderr=err)
+        wait_for_port(m.port, m.proc)
+        ha = HomeAssistant(m.port, client_id="home-assistant-2")
+        assert ha.wait(state_topic("printer")) == b"ON"
+        check_config(config_topic("printer"), ha.wait(config_topic("printer")))
+
         # Deregistered: the config goes.
+        svc = Client(m.port, client_id="svc-printer-2", version=V311)
+        svc.connect()
         svc.publish("homicro/services/printer", b"", qos=1, retain=True)
         assert ha.wait(config_topic("printer"), lambda p: p == b"") == b""
         svc.stop()
