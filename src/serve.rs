@@ -49,7 +49,7 @@ pub struct Running {
     /// Where every change is written (`None`: nowhere).
     pub journal: Option<Journal>,
     listener_task: Option<JoinHandle<()>>,
-    /// The Home Assistant bridge (`[home_assistant] discovery`).
+    /// The Home Assistant bridge (with discovery off, its one-shot remover).
     home_assistant: Option<JoinHandle<()>>,
 }
 
