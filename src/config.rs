@@ -14,6 +14,7 @@ use crate::topics::Topics;
 
 /// The default configuration, commented; `homicro config` prints it.
 mod auth;
+mod home_assistant;
 mod tls;
 
 pub const DEFAULT_CONFIG: &str = include_str!("../config/homicro.toml");
@@ -176,6 +177,8 @@ pub struct ServeConfig {
     pub auth: crate::auth::AuthConfig,
     /// TLS on the port (`None`: plaintext only).
     pub tls: Option<crate::bus::tls::TlsConfig>,
+    /// Home Assistant discovery.
+    pub home_assistant: crate::homeassistant::HomeAssistantConfig,
 }
 
 /// Values given on the command line; `None` keeps the file's value.
@@ -193,7 +196,7 @@ pub struct Overrides {
 
 pub const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 
-const TOP_KEYS: [&str; 12] = [
+const TOP_KEYS: [&str; 13] = [
     "listen",
     "broker",
     "prefix",
@@ -206,6 +209,7 @@ const TOP_KEYS: [&str; 12] = [
     "embedded",
     "auth",
     "tls",
+    "home_assistant",
 ];
 const EMBEDDED_KEYS: [&str; 7] = [
     "max_connections",
@@ -237,6 +241,9 @@ impl ServeConfig {
             }
             if let Some(Value::Table(a)) = user.get("tls") {
                 check_keys(path, "tls.", a, &tls::KEYS)?;
+            }
+            if let Some(Value::Table(a)) = user.get("home_assistant") {
+                check_keys(path, "home_assistant.", a, &home_assistant::KEYS)?;
             }
             merge(&mut table, user);
             return Self::from_table(path, &table, flags);
@@ -363,6 +370,7 @@ impl ServeConfig {
 
         let auth = auth::parse(src, t.get("auth"))?;
         let tls = tls::parse(src, t.get("tls"))?;
+        let home_assistant = home_assistant::parse(src, t.get("home_assistant"), &prefix)?;
 
         Ok(ServeConfig {
             listen,
@@ -378,6 +386,7 @@ impl ServeConfig {
             embedded,
             auth,
             tls,
+            home_assistant,
         })
     }
 }

@@ -58,6 +58,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod durable;
+pub mod homeassistant;
 pub mod http;
 pub mod hugetext;
 pub mod identity;

@@ -15,6 +15,7 @@ use crate::bus::tls::Tls;
 use crate::bus::{self, Bus, Limits, Router, listener};
 use crate::config::{BrokerUrl, ServeConfig};
 use crate::durable;
+use crate::homeassistant;
 use crate::journal::Journal;
 use crate::registry::{self, Handle};
 use crate::topics::Topics;
@@ -48,11 +49,16 @@ pub struct Running {
     /// Where every change is written (`None`: nowhere).
     pub journal: Option<Journal>,
     listener_task: Option<JoinHandle<()>>,
+    /// The Home Assistant bridge (with discovery off, its one-shot remover).
+    home_assistant: Option<JoinHandle<()>>,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if let Some(t) = &self.listener_task {
+        for t in [&self.listener_task, &self.home_assistant]
+            .into_iter()
+            .flatten()
+        {
             t.abort();
         }
     }
@@ -84,6 +90,8 @@ pub async fn start(config: &ServeConfig) -> Result<Running, ServeError> {
         ),
         false => None,
     };
+    let home_assistant =
+        homeassistant::start(config, homeassistant::Bus::External(url.clone()), None);
     info!(listen = %url, prefix = %config.prefix, "homicro serving");
     Ok(Running {
         broker: url.clone(),
@@ -91,6 +99,7 @@ pub async fn start(config: &ServeConfig) -> Result<Running, ServeError> {
         bus: None,
         journal,
         listener_task: None,
+        home_assistant,
     })
 }
 
@@ -128,11 +137,7 @@ async fn start_embedded(config: &ServeConfig) -> Result<Running, ServeError> {
         let registry = config.registry;
         router.journal_retained(
             j.clone(),
-            Box::new(move |t| {
-                !registry
-                    || (matches!(own.classify(t), crate::topics::Incoming::Other)
-                        && !bus::gate::reserved(&own, t))
-            }),
+            Box::new(move |t| !registry || bus::gate::journaled_by_router(&own, t)),
         );
     }
     let registry = match config.registry {
@@ -149,6 +154,11 @@ async fn start_embedded(config: &ServeConfig) -> Result<Running, ServeError> {
             None
         }
     };
+    let home_assistant = homeassistant::start(
+        config,
+        homeassistant::Bus::Embedded(router.clone()),
+        Some(listen),
+    );
     let limits = limits(config);
     info!(
         max_sessions = limits.max_sessions,
@@ -174,6 +184,7 @@ async fn start_embedded(config: &ServeConfig) -> Result<Running, ServeError> {
         bus: Some(bus),
         journal,
         listener_task: Some(listener_task),
+        home_assistant,
     })
 }
 
@@ -262,6 +273,10 @@ impl Running {
     /// Announces `offline`, stops the registry, and closes the journal
     /// once everything in it is written (`NotWritten`: what could not be).
     pub async fn stop(&self) -> Result<(), ServeError> {
+        if let Some(t) = &self.home_assistant {
+            // Before the journal closes: it may be publishing.
+            t.abort();
+        }
         if let Some(r) = &self.registry {
             r.shutdown().await;
         }

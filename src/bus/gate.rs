@@ -2,8 +2,10 @@
 //! `PREFIX/heartbeat/NAME` is a question to the registry, answered before
 //! the router stores or forwards anything; a refused record is never seen
 //! by a watcher. Only the registry publishes under `PREFIX/registry`,
-//! `PREFIX/events`, `PREFIX/errors` and `PREFIX/health`, and only the hub
-//! under `PREFIX/rpc` (a request reaches a service through the hub alone).
+//! `PREFIX/events`, `PREFIX/errors` and `PREFIX/health`, only the hub
+//! under `PREFIX/rpc` (a request reaches a service through the hub alone),
+//! and only the Home Assistant bridge under `PREFIX/ha` (a service's state
+//! in Home Assistant cannot be forged).
 
 use std::net::SocketAddr;
 
@@ -70,14 +72,28 @@ pub enum Gated {
     Refused(ErrorCode),
 }
 
-/// Whether `topic` is one only the registry writes (other than
+/// Whether `topic` is one only homicro itself writes (other than
 /// `PREFIX/registry`, which [`Topics::classify`] names).
 pub fn reserved(topics: &Topics, topic: &str) -> bool {
+    kind(topics, topic).is_some_and(|k| matches!(k, "events" | "errors" | "health" | "rpc" | "ha"))
+}
+
+/// Whether the router itself journals a retained message on `topic` while
+/// the registry runs: every topic but homicro's own (the registry journals
+/// its records and publishes the rest anew at start), and `PREFIX/ha/…`,
+/// which the Home Assistant bridge reads back after a restart.
+pub fn journaled_by_router(topics: &Topics, topic: &str) -> bool {
+    matches!(topics.classify(topic), crate::topics::Incoming::Other)
+        && (!reserved(topics, topic) || kind(topics, topic) == Some("ha"))
+}
+
+/// The level after the prefix, when more levels follow.
+fn kind<'a>(topics: &Topics, topic: &'a str) -> Option<&'a str> {
     topic
         .strip_prefix(topics.prefix())
         .and_then(|r| r.strip_prefix('/'))
         .and_then(|r| r.split_once('/'))
-        .is_some_and(|(kind, _)| matches!(kind, "events" | "errors" | "health" | "rpc"))
+        .map(|(kind, _)| kind)
 }
 
 /// The MQTT 5 reason code for a registry error code.
@@ -174,8 +190,17 @@ mod tests {
             "homicro/errors/a",
             "homicro/health/a",
             "homicro/rpc/a/1",
+            "homicro/ha/a/state",
         ] {
             assert!(reserved(&t, yes), "{yes}");
+        }
+        assert!(journaled_by_router(&t, "homicro/ha/a/attributes"));
+        assert!(journaled_by_router(
+            &t,
+            "homeassistant/binary_sensor/x/config"
+        ));
+        for no in ["homicro/health/a", "homicro/services/a", "homicro/registry"] {
+            assert!(!journaled_by_router(&t, no), "{no}");
         }
         for no in [
             "homicro/services/a",

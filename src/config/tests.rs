@@ -162,3 +162,13 @@ fn broker_urls() {
     assert!(ok("ssl://h:1883").tls);
     assert!(!ok("mqtt://h").tls);
 }
+
+#[test]
+fn the_home_assistant_example_loads() {
+    let text = include_str!("../../config/home-assistant.toml");
+    let c = ServeConfig::load(Some(("home-assistant.toml", text)), &Overrides::default()).unwrap();
+    assert!(c.home_assistant.discovery);
+    assert_eq!(c.home_assistant.forget_after, Duration::from_secs(86_400));
+    let c = ServeConfig::load(None, &Overrides::default()).unwrap();
+    assert!(!c.home_assistant.discovery, "off by default");
+}

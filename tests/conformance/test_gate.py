@@ -1,7 +1,8 @@
 """homicro only: the registry is the gate (docs/PROTOCOL.md, "The gate").
 
 Only the registry publishes homicro/registry, events/, errors/ (and
-health/); a record is judged before the broker stores or forwards it.
+health/), and only homicro's Home Assistant bridge ha/; a record is
+judged before the broker stores or forwards it.
 Absence is shown with a marker: a valid registration published after the
 refused publish reaches the watcher after anything the refused one would
 have caused.
@@ -47,7 +48,8 @@ def registry_online(homicro):
 
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("topic", ["homicro/registry", "homicro/events/x",
-                                   "homicro/errors/x", "homicro/health/x"])
+                                   "homicro/errors/x", "homicro/health/x",
+                                   "homicro/ha/x/state"])
 def test_client_publish_to_a_registry_topic_is_refused(homicro, topic, version):
     w = watcher(homicro, "homicro/#")
     w.get_until("homicro/registry")  # its retained state, before anything else

@@ -335,6 +335,12 @@ impl Link {
         }
     }
 
+    /// Whether retained messages of a new subscription are yet to be
+    /// taken (once not, every one of them has been).
+    pub fn has_backlog(&self) -> bool {
+        !self.backlog.is_empty()
+    }
+
     /// The next message for this link.
     pub async fn next(&mut self) -> Forwarded {
         if let Some(f) = self.backlog.pop_front() {
