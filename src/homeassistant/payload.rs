@@ -69,7 +69,7 @@ struct Discovery<'a> {
 #[derive(Serialize)]
 struct Device<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
-    configuration_url: Option<&'a str>,
+    configuration_url: Option<String>,
     identifiers: [String; 1],
     manufacturer: &'static str,
     model: &'a str,
@@ -91,7 +91,7 @@ pub(super) const OFF: &str = "OFF";
 /// NAME's discovery config: a connectivity `binary_sensor` named by its
 /// device class, on a device named NAME whose model is the service's role
 /// and software version its `version`, available while the registry says
-/// `online`.
+/// `online`; its link is the dashboard showing NAME (`DASHBOARD#NAME`).
 pub(super) fn config(
     layout: &Layout,
     name: &Name,
@@ -104,7 +104,8 @@ pub(super) fn config(
         availability_template: "{{ value_json.state }}",
         availability_topic: layout.topics.registry(),
         device: Device {
-            configuration_url: dashboard_url,
+            // The dashboard, its search set to the service's name.
+            configuration_url: dashboard_url.map(|u| format!("{u}#{name}")),
             identifiers: [id.clone()],
             manufacturer: "homicro",
             model: &info.role,

@@ -60,7 +60,7 @@ const ATTRS: &str = "homicro/ha/web/attributes";
 
 fn web_config(sw_version: &str) -> String {
     format!(
-        r#"{{"availability_template":"{{{{ value_json.state }}}}","availability_topic":"homicro/registry","device":{{"configuration_url":"http://hub:1883/","identifiers":["homicro_web"],"manufacturer":"homicro","model":"web","name":"web","sw_version":"{sw_version}"}},"device_class":"connectivity","json_attributes_topic":"homicro/ha/web/attributes","origin":{{"name":"homicro","sw_version":"0.1.0"}},"payload_available":"online","payload_not_available":"offline","payload_off":"OFF","payload_on":"ON","qos":1,"state_topic":"homicro/ha/web/state","unique_id":"homicro_web"}}"#
+        r#"{{"availability_template":"{{{{ value_json.state }}}}","availability_topic":"homicro/registry","device":{{"configuration_url":"http://hub:1883/#web","identifiers":["homicro_web"],"manufacturer":"homicro","model":"web","name":"web","sw_version":"{sw_version}"}},"device_class":"connectivity","json_attributes_topic":"homicro/ha/web/attributes","origin":{{"name":"homicro","sw_version":"0.1.0"}},"payload_available":"online","payload_not_available":"offline","payload_off":"OFF","payload_on":"ON","qos":1,"state_topic":"homicro/ha/web/state","unique_id":"homicro_web"}}"#
     )
 }
 

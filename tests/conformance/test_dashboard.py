@@ -197,11 +197,16 @@ def test_search_role_filter_and_grouping(homicro, browser):
         "return [...document.querySelectorAll('#records tr.group')].map(e => e.dataset.role)")
         == ["api", "postgres"])
     assert names(browser) == ["api-1", "api-2", "db"]
-    # the choice stays through live updates
+    # the choice stays through live updates (and /#NAME, Home Assistant's
+    # link to a service, starts the search as NAME: below)
     requests.put(f"http://127.0.0.1:{homicro.port}/register", timeout=TIMEOUT,
                  json={"name": "api-3", "host": "10.0.0.6", "port": 5000, "role": "api"})
     wait(browser, lambda d: names(d) == ["api-1", "api-2", "api-3", "db"])
     assert browser.find_element(By.ID, "group").is_selected()
+
+    browser.get(f"http://127.0.0.1:{homicro.port}/#db")
+    wait(browser, lambda d: names(d) == ["db"])
+    assert browser.find_element(By.ID, "search").get_attribute("value") == "db"
 
 
 def test_the_page_reconnects_after_serve_restarts(browser, tmp_path):

@@ -273,7 +273,8 @@ def test_a_service_lives_and_goes_in_home_assistant(tmp_path):
         assert ha.wait(state_topic("web")) == b"ON"
         c = check_config(config_topic("web"), ha.wait(config_topic("web")))
         assert c["device"] == {
-            "configuration_url": f"http://127.0.0.1:{b.port}/",  # derived from --listen
+            # derived from --listen; the dashboard's search starts as the name
+            "configuration_url": f"http://127.0.0.1:{b.port}/#web",
             "identifiers": ["homicro_web"], "manufacturer": "homicro", "model": "web",
             "name": "web", "sw_version": "1.2.0"}
         assert (c["state_topic"], c["json_attributes_topic"]) == (

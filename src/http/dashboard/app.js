@@ -187,8 +187,19 @@ function connect() {
   };
 }
 
+// `/#NAME` (Home Assistant's link to a service) starts the search as NAME.
+function searchFromHash() {
+  const wanted = decodeURIComponent(location.hash.slice(1));
+  if (wanted) {
+    $("search").value = wanted;
+    render();
+  }
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   for (const id of ["search", "role", "group"]) $(id).addEventListener("input", render);
+  window.addEventListener("hashchange", searchFromHash);
+  searchFromHash();
   setInterval(tick, 1000);
   connect();
 });
