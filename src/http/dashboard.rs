@@ -8,10 +8,11 @@
 //! ```
 //!
 //! The stream sends a `snapshot` first, then each registry event as an
-//! `event` at once, and a fresh `snapshot` within 200 ms of any change
-//! (and every 10 s regardless, which also finds a closed page). Records
-//! and events the caller's ACL does not let it read are left out, as in
-//! `GET /discover`.
+//! `event` at once, each heartbeat's new countdown as a `ttl`, and a fresh
+//! `snapshot` within 200 ms of any other change (and every 10 s
+//! regardless, which also finds a closed page). Records and events the
+//! caller's ACL does not let it read are left out, as MQTT would. A page
+//! that stops reading holds at most one snapshot and 255 small events.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -31,6 +32,7 @@ use tokio::time::Instant;
 use super::proxy::Body;
 use crate::auth::Access;
 use crate::bus::Bus;
+use crate::record::Name;
 use crate::registry::{Handle, Shown};
 
 /// The most records a snapshot carries (by name); the page says how many
@@ -43,6 +45,9 @@ const SETTLE: Duration = Duration::from_millis(200);
 /// A snapshot goes out at least this often (countdowns stay right when
 /// heartbeats arrive through an external broker; a closed page is found).
 const REFRESH: Duration = Duration::from_secs(10);
+
+/// What one page's queue holds at most: events, and one snapshot.
+const QUEUED: usize = 256;
 
 /// One of the dashboard's files, by path.
 pub fn file(path: &str) -> Option<(&'static str, &'static [u8])> {
@@ -90,7 +95,7 @@ pub struct Watcher {
 
 /// `GET /ui/stream`: the live feed, until the page goes away.
 pub fn stream(shared: Arc<Bus>, watcher: Watcher) -> Response<Body> {
-    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    let (tx, rx) = mpsc::channel::<Bytes>(QUEUED);
     tokio::spawn(feed(shared, watcher, tx));
     let frames = stream::unfold(rx, |mut rx| async move {
         let chunk = rx.recv().await?;
@@ -113,13 +118,13 @@ pub fn stream(shared: Arc<Bus>, watcher: Watcher) -> Response<Body> {
 
 /// Moves the registry's changes to one page until it goes away.
 async fn feed(shared: Arc<Bus>, watcher: Watcher, tx: mpsc::Sender<Bytes>) {
-    let may_read = |name: &str| {
-        let topic = shared.topics.service(name);
+    let may_read = |topic: &str| {
         shared
             .auth
-            .allows(watcher.user.as_deref(), "", &topic, Access::Read)
+            .allows(watcher.user.as_deref(), "", topic, Access::Read)
     };
-    let events = format!("{}/events/", shared.topics.prefix());
+    let prefix = shared.topics.prefix();
+    let (events, heartbeats) = (format!("{prefix}/events/"), format!("{prefix}/heartbeat/"));
     // Subscribed before the first snapshot is read: nothing falls between.
     let mut changes = shared.gate.as_ref().map(Handle::feed);
     // The page reconnects 2 s after the stream ends (a restart of serve).
@@ -134,13 +139,20 @@ async fn feed(shared: Arc<Bus>, watcher: Watcher, tx: mpsc::Sender<Bytes>) {
     let mut due = Some(Instant::now());
     let mut last = Instant::now();
     loop {
-        if due.is_some_and(|d| d <= Instant::now()) || last.elapsed() >= REFRESH {
-            let snap = snapshot(&shared, &may_read).await;
-            if tx.send(sse("snapshot", &snap)).await.is_err() {
-                return;
+        let now = Instant::now();
+        if due.is_some_and(|d| d <= now) || now >= last + REFRESH {
+            if tx.capacity() == tx.max_capacity() {
+                let snap = snapshot(&shared, &may_read).await;
+                if tx.send(sse("snapshot", &snap)).await.is_err() {
+                    return;
+                }
+                due = None;
+                last = Instant::now();
+            } else {
+                // The page has not read what it was sent: it holds no
+                // more than one snapshot, however long it stops reading.
+                due = Some(now + SETTLE);
             }
-            due = None;
-            last = Instant::now();
         }
         let change = async {
             match &mut changes {
@@ -148,30 +160,49 @@ async fn feed(shared: Arc<Bus>, watcher: Watcher, tx: mpsc::Sender<Bytes>) {
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            m = change => match m {
-                Ok(p) => {
-                    if let Some(name) = p.topic.strip_prefix(events.as_str())
-                        && may_read(name)
-                    {
-                        let event = String::from_utf8_lossy(&p.payload).into_owned();
-                        if tx.send(sse("event", &event)).await.is_err() {
-                            return;
-                        }
-                    }
-                    // A burst of changes makes one snapshot.
-                    due.get_or_insert(Instant::now() + SETTLE);
-                }
-                Err(RecvError::Lagged(_)) => {
-                    due.get_or_insert(Instant::now());
-                }
-                // The registry stopped: the page reconnects to the next one.
-                Err(RecvError::Closed) => return,
-            },
-            _ = tokio::time::sleep_until(due.unwrap_or(last + REFRESH)) => {}
+        let next = tokio::select! {
+            m = change => m,
+            _ = tokio::time::sleep_until(due.unwrap_or(last + REFRESH)) => continue,
             _ = tx.closed() => return,
+        };
+        let p = match next {
+            Ok(p) => p,
+            Err(RecvError::Lagged(_)) => {
+                due.get_or_insert(Instant::now());
+                continue;
+            }
+            // Not while the server runs: the bus holds the registry.
+            Err(RecvError::Closed) => return,
+        };
+        let sent = if p.topic.starts_with(&events) {
+            // As MQTT would: a watcher sees the events its ACL lets it read.
+            may_read(&p.topic)
+                .then(|| sse("event", &String::from_utf8_lossy(&p.payload)))
+                .map(|e| tx.try_send(e))
+        } else if let Some(name) = p.topic.strip_prefix(&heartbeats) {
+            // A heartbeat moves one countdown: no snapshot for it.
+            ttl(&shared, name, &may_read).map(|t| tx.try_send(sse("ttl", &t)))
+        } else {
+            // A burst of changes makes one snapshot.
+            due.get_or_insert(Instant::now() + SETTLE);
+            None
+        };
+        // A full queue: the page is not reading; what it misses, its next
+        // snapshot has.
+        if let Some(Err(mpsc::error::TrySendError::Closed(_))) = sent {
+            return;
         }
     }
+}
+
+/// The `ttl` event after NAME's heartbeat: `{"name","ttl_left_ms"}`.
+fn ttl(shared: &Bus, name: &str, may_read: &impl Fn(&str) -> bool) -> Option<String> {
+    let name = Name::parse(name).ok()?;
+    if !may_read(&shared.topics.service(name.as_str())) {
+        return None;
+    }
+    let left = shared.gate.as_ref()?.ttl_left_now(&name)?;
+    Some(json!({"name": name.as_str(), "ttl_left_ms": left.as_millis() as u64}).to_string())
 }
 
 /// One server-sent event; `data` is one line of JSON.
@@ -192,7 +223,7 @@ async fn snapshot(shared: &Bus, may_read: &impl Fn(&str) -> bool) -> String {
         _ => "offline",
     };
     let mut shown = registry.board_now();
-    shown.retain(|s| may_read(s.name.as_str()));
+    shown.retain(|s| may_read(&shared.topics.service(s.name.as_str())));
     let head = json!({"state": state, "version": version, "total": shown.len()});
     board_json(&head.to_string(), shown)
 }
@@ -238,7 +269,6 @@ fn one_line(payload: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::Name;
 
     fn shown(name: &str, payload: &str) -> Shown {
         Shown {

@@ -177,14 +177,20 @@ impl Handle {
         found
     }
 
+    /// What NAME's `ttl` has left (`None`: not registered, or no `ttl`).
+    pub fn ttl_left_now(&self, name: &Name) -> Option<Duration> {
+        self.shared.lock().reg.ttl_left(name, Instant::now())
+    }
+
     /// Every record as the dashboard shows it (see [`Registry::board`]),
     /// read under the lock like [`Handle::records_now`].
     pub fn board_now(&self) -> Vec<Shown> {
         self.shared.lock().reg.board(Instant::now())
     }
 
-    /// Everything the registry publishes from now on, and an empty message
-    /// on `PREFIX/heartbeat/NAME` for each accepted heartbeat. A receiver
+    /// The topic of everything the registry publishes from now on (with
+    /// the payload for events only), and an empty message on
+    /// `PREFIX/heartbeat/NAME` for each accepted heartbeat. A receiver
     /// that falls behind skips what it missed (`Lagged`).
     pub fn feed(&self) -> tokio::sync::broadcast::Receiver<Publish> {
         self.shared.feed.subscribe()

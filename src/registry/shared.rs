@@ -61,6 +61,8 @@ pub(super) struct Shared {
     /// on `PREFIX/heartbeat/NAME` for each accepted heartbeat, for the
     /// dashboard (see [`Shared::tap`]).
     pub feed: broadcast::Sender<Publish>,
+    /// `PREFIX/events/`: the only payloads the feed carries.
+    events: String,
 }
 
 /// How many publishes a slow dashboard may fall behind before it skips
@@ -107,6 +109,7 @@ impl Shared {
         router: Option<Router>,
         journal: Option<crate::journal::Journal>,
     ) -> Shared {
+        let reg_prefix = reg.topics().prefix().to_string();
         Shared {
             locked: Mutex::new(Locked {
                 reg,
@@ -120,6 +123,7 @@ impl Shared {
             wake: Notify::new(),
             stopped: AtomicBool::new(false),
             journal,
+            events: format!("{}/events/", reg_prefix),
             feed: broadcast::channel(FEED_BACKLOG).0,
         }
     }
@@ -221,13 +225,24 @@ impl Shared {
         self.gate_later(sub)?.await.map_err(|_| Stopped)
     }
 
-    /// Copies `out` to the dashboards watching (nothing when none is).
+    /// Copies `out` to the dashboards watching (nothing when none is):
+    /// the topics, and the payloads of events only (a dashboard reads
+    /// records under the lock; the backlog holds no record's bytes).
     pub fn tap(&self, out: &[Publish]) {
         if self.feed.receiver_count() == 0 {
             return;
         }
         for p in out {
-            let _ = self.feed.send(p.clone());
+            let payload = if p.topic.starts_with(&self.events) {
+                p.payload.clone()
+            } else {
+                bytes::Bytes::new()
+            };
+            let _ = self.feed.send(Publish {
+                topic: p.topic.clone(),
+                payload,
+                retain: p.retain,
+            });
         }
     }
 

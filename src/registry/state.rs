@@ -187,6 +187,13 @@ impl Registry {
         self.records.get(name)?.owner.as_ref()
     }
 
+    /// What NAME's `ttl` has left at `now` (`None`: not registered, or no
+    /// `ttl`).
+    pub fn ttl_left(&self, name: &Name, now: Instant) -> Option<Duration> {
+        let deadline = self.records.get(name)?.deadline?;
+        Some(deadline.saturating_duration_since(now))
+    }
+
     /// Every record as the dashboard shows it, at `now`: its bytes, the
     /// time its `ttl` has left, its owner and its last health status.
     pub fn board(&self, now: Instant) -> Vec<Shown> {

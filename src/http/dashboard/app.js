@@ -1,15 +1,19 @@
 // homicro's dashboard: renders the registry's records and events from the
 // server-sent events of /ui/stream (a `snapshot` of every record, then each
-// `event` as it happens), and reconnects by itself when serve restarts.
+// `event` as it happens and a heartbeat's new countdown as a `ttl`), and
+// reconnects by itself when serve restarts.
 "use strict";
 
 const MAX_EVENTS = 200;
-// Schemes never made into links, whatever a record says.
-const UNSAFE_SCHEMES = new Set(["javascript", "data", "vbscript", "blob", "file"]);
+// The only schemes made into links: any other (an OS protocol handler's)
+// is shown as text, whatever a record says.
+const LINKED_SCHEMES = new Set(["http", "https"]);
 
 const $ = (id) => document.getElementById(id);
 let board = { registry: {}, records: [] };
-let receivedAt = performance.now();
+// name → the record shown, and its ttl cell (for the countdown).
+let byName = new Map();
+let ttlCells = new Map();
 let source = null;
 
 function el(tag, attrs, ...children) {
@@ -33,8 +37,8 @@ function endpoint(rec) {
   if (host.includes(":")) host = `[${host}]`;
   const where = Number.isInteger(rec.port) ? `${host}:${rec.port}` : host;
   const scheme = typeof rec.scheme === "string" ? rec.scheme.toLowerCase() : null;
-  if (!scheme || UNSAFE_SCHEMES.has(scheme) || !/^[a-z][a-z0-9+.-]*$/.test(scheme)) {
-    return where;
+  if (!scheme || !LINKED_SCHEMES.has(scheme)) {
+    return scheme ? `${scheme}://${where}` : where;
   }
   const url = `${scheme}://${where}/`;
   return el("a", { href: url, target: "_blank", rel: "noopener noreferrer" }, url);
@@ -50,7 +54,7 @@ function duration(ms) {
 
 function ttlText(r) {
   if (r.ttl_left_ms === null || r.ttl_left_ms === undefined) return "—";
-  const left = r.ttl_left_ms - (performance.now() - receivedAt);
+  const left = r.ttl_left_ms - (performance.now() - r.at);
   return left <= 0 ? "expiring…" : duration(left);
 }
 
@@ -68,13 +72,15 @@ function healthCell(r) {
 
 function row(r) {
   const rec = r.record || {};
+  const ttl = el("td", { class: "c-ttl", "data-label": "ttl" }, ttlText(r));
+  ttlCells.set(r.name, ttl);
   return el("tr", { "data-name": r.name },
     el("td", { class: "c-name", "data-label": "name" }, r.name),
     el("td", { class: "c-endpoint", "data-label": "endpoint" }, endpoint(rec)),
     el("td", { class: "c-role", "data-label": "role" }, roleOf(r)),
     el("td", { class: "c-version", "data-label": "version" },
       typeof rec.version === "string" ? rec.version : "—"),
-    el("td", { class: "c-ttl", "data-label": "ttl" }, ttlText(r)),
+    ttl,
     healthCell(r),
     el("td", { class: "c-owner", "data-label": "owner" }, r.owner || "—"));
 }
@@ -110,6 +116,7 @@ function render() {
   const shown = board.records.filter((r) => (!chosen || roleOf(r) === chosen) && matches(r, words));
   const body = document.querySelector("#records tbody");
   const rows = [];
+  ttlCells = new Map();
   if ($("group").checked) {
     const byRole = new Map();
     for (const r of shown) {
@@ -136,9 +143,9 @@ function render() {
 }
 
 function tick() {
-  for (const r of board.records) {
-    const cell = document.querySelector(`tr[data-name="${CSS.escape(r.name)}"] .c-ttl`);
-    if (cell) cell.textContent = ttlText(r);
+  for (const [name, cell] of ttlCells) {
+    const r = byName.get(name);
+    if (r) cell.textContent = ttlText(r);
   }
 }
 
@@ -172,11 +179,22 @@ function connect() {
   source.onopen = () => connection("live");
   source.addEventListener("snapshot", (m) => {
     board = JSON.parse(m.data);
-    receivedAt = performance.now();
+    const at = performance.now();
+    for (const r of board.records) r.at = at;
+    byName = new Map(board.records.map((r) => [r.name, r]));
     connection("live");
     render();
   });
   source.addEventListener("event", (m) => addEvent(JSON.parse(m.data)));
+  source.addEventListener("ttl", (m) => {
+    const t = JSON.parse(m.data);
+    const r = byName.get(t.name);
+    if (r) {
+      r.ttl_left_ms = t.ttl_left_ms;
+      r.at = performance.now();
+      tick();
+    }
+  });
   source.onerror = () => {
     connection("reconnecting");
     // The browser retries a dropped stream by itself; an answer that is
@@ -189,7 +207,12 @@ function connect() {
 
 // `/#NAME` (Home Assistant's link to a service) starts the search as NAME.
 function searchFromHash() {
-  const wanted = decodeURIComponent(location.hash.slice(1));
+  let wanted = location.hash.slice(1);
+  try {
+    wanted = decodeURIComponent(wanted);
+  } catch (e) {
+    // not percent-encoding: taken as it is
+  }
   if (wanted) {
     $("search").value = wanted;
     render();
@@ -197,9 +220,9 @@ function searchFromHash() {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
+  connect();
+  setInterval(tick, 1000);
   for (const id of ["search", "role", "group"]) $(id).addEventListener("input", render);
   window.addEventListener("hashchange", searchFromHash);
   searchFromHash();
-  setInterval(tick, 1000);
-  connect();
 });
