@@ -488,6 +488,27 @@ def test_against_mosquitto_with_serve_broker(tmp_path):
         assert held[state_topic("printer")] == b"ON" and config_topic("printer") in held
         svc.stop()
 
+        # On an external broker anyone may write homicro/ha/ (without an
+        # ACL): a forged state is put right at once.
+        forger = Client(m.port, client_id="forger", version=V311)
+        forger.connect()
+        forger.subscribe("homicro/events/printer", 1)
+        forger.publish(state_topic("printer"), b"OFF", qos=1, retain=True)
+        assert ha.wait(state_topic("printer"), lambda p: p == b"OFF")
+        assert ha.wait(state_topic("printer"), lambda p: p == b"ON") == b"ON"
+        # A record of another endpoint reaches the broker, and the registry
+        # refuses it (owned) and restores the owner's: the entity ends as
+        # the owner's. Another service, registered after, is the barrier.
+        forger.publish("homicro/services/printer", json.dumps({"host": "10.0.0.99", "port": 631}),
+                       qos=1, retain=True)
+        assert forger.get().json()["event"] == "rejected"
+        scanner = register_over_mqtt(m.port, "scanner", {"host": "10.0.0.21", "port": 80})
+        ha.wait(config_topic("scanner"))
+        assert ha.latest[state_topic("printer")] == b"ON"
+        assert json.loads(ha.latest[attributes_topic("printer")])["endpoint"] == "10.0.0.20:631"
+        forger.stop()
+        scanner.stop()
+
         # Mosquitto restarted without persistence: every retained message is
         # lost; the registry restores the record, the bridge its entity.
         ha.stop()
