@@ -64,6 +64,15 @@ fn web_config(sw_version: &str) -> String {
     )
 }
 
+/// What a bridge publishes to show web (`WEB`).
+fn web_shown() -> Vec<(String, String)> {
+    pairs(&[
+        (ATTRS, WEB_UP),
+        (STATE, "ON"),
+        (CONFIG, &web_config("1.2.0")),
+    ])
+}
+
 const WEB_UP: &str = r#"{"endpoint":"10.0.0.5:8080","role":"web","scheme":"http","status":"registered","version":"1.2.0"}"#;
 
 /// web's attributes once gone at `since` (+ `forget` to `forget_at`).
@@ -91,14 +100,7 @@ fn the_test_clock_reads_as_expected() {
 fn a_registration_publishes_attributes_state_on_and_the_config() {
     let mut b = live(DAY);
     let out = b.on_message(t(1), "homicro/services/web", WEB);
-    assert_eq!(
-        shown(&out),
-        pairs(&[
-            (ATTRS, WEB_UP),
-            (STATE, "ON"),
-            (CONFIG, &web_config("1.2.0"))
-        ])
-    );
+    assert_eq!(shown(&out), web_shown());
     // The same record again (a refresh, a restore): nothing to say.
     assert!(b.on_message(t(2), "homicro/services/web", WEB).is_empty());
     // A new version: the device's sw_version and the attributes change.
@@ -439,14 +441,7 @@ fn a_device_deleted_in_home_assistant_stays_deleted_until_it_registers_anew() {
     assert!(b.on_message(t(20), "homicro/services/web", WEB).is_empty());
     let registered = br#"{"event":"registered","name":"web"}"#;
     let out = b.on_message(t(20), "homicro/events/web", registered);
-    assert_eq!(
-        shown(&out),
-        pairs(&[
-            (ATTRS, WEB_UP),
-            (STATE, "ON"),
-            (CONFIG, &web_config("1.2.0"))
-        ])
-    );
+    assert_eq!(shown(&out), web_shown());
 }
 
 #[test]
@@ -483,15 +478,18 @@ fn a_record_the_registry_refuses_and_clears_leaves_no_device() {
     assert!(b.on_tick(t(1) + DAY).is_empty());
 }
 
-#[test]
-fn a_refused_record_of_a_gone_service_leaves_it_as_it_was() {
+/// A live bridge showing web, registered at t(1) as the registry said.
+fn registered_web() -> Bridge {
     let mut b = live(DAY);
     b.on_message(t(1), "homicro/services/web", WEB);
-    b.on_message(
-        t(1),
-        "homicro/events/web",
-        br#"{"event":"registered","name":"web"}"#,
-    );
+    let registered = br#"{"event":"registered","name":"web"}"#;
+    b.on_message(t(1), "homicro/events/web", registered);
+    b
+}
+
+#[test]
+fn a_refused_record_of_a_gone_service_leaves_it_as_it_was() {
+    let mut b = registered_web();
     b.on_message(t(10), "homicro/services/web", b"");
     b.on_message(
         t(10),
@@ -510,13 +508,7 @@ fn a_refused_record_of_a_gone_service_leaves_it_as_it_was() {
 
 #[test]
 fn a_refused_record_the_registry_answers_with_the_owners_changes_nothing_after() {
-    let mut b = live(DAY);
-    b.on_message(t(1), "homicro/services/web", WEB);
-    b.on_message(
-        t(1),
-        "homicro/events/web",
-        br#"{"event":"registered","name":"web"}"#,
-    );
+    let mut b = registered_web();
     let other = br#"{"host":"10.0.0.9","port":8080}"#;
     b.on_message(t(2), "homicro/services/web", other);
     // The registry restores the owner's record, then says `rejected`.
