@@ -6,8 +6,9 @@
 //! the embedded router, once its link has handed them all out; through a
 //! broker, when a message to a private `PREFIX/sync/ID` topic, subscribed
 //! and published after the others, comes back behind them (see
-//! [`crate::mqtt::snapshot`]). Its own topics are read only then: it
-//! unsubscribes from them after.
+//! [`crate::mqtt::snapshot`]). It stays subscribed to its own topics, so
+//! that it hears what someone else publishes there (see
+//! `Bridge::changed`), its own publishes included.
 
 use std::time::{Duration, SystemTime};
 
@@ -160,7 +161,6 @@ pub(super) async fn run(mut bridge: Bridge, bus: Bus) {
         bridge.layout().topics.prefix(),
         crate::mqtt::client_id("ha")
     );
-    let read_back = bridge.layout().read_back_filters();
     // Whether the last (re)connection is up: a broker that keeps refusing
     // is logged once, not at every retry.
     let mut up = false;
@@ -185,9 +185,7 @@ pub(super) async fn run(mut bridge: Bridge, bus: Bus) {
                     Vec::new()
                 }
                 Some(Incoming::Message { topic, .. }) if topic == sync_topic => {
-                    let mut done = read_back.clone();
-                    done.push(sync_topic.clone());
-                    transport.unsubscribe(&done).await;
+                    transport.unsubscribe(std::slice::from_ref(&sync_topic)).await;
                     bridge.on_synced(SystemTime::now())
                 }
                 Some(Incoming::Message { topic, payload, .. }) => {

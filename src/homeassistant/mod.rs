@@ -25,7 +25,7 @@
 mod actor;
 mod payload;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
@@ -207,8 +207,7 @@ impl Layout {
         ]
     }
 
-    /// Of [`Self::filters`], those it unsubscribes from once it has read
-    /// them: what the broker holds of ours.
+    /// Of [`Self::filters`], those of its own topics: all a remover reads.
     pub fn read_back_filters(&self) -> Vec<String> {
         self.filters().split_off(4)
     }
@@ -297,7 +296,23 @@ pub struct Bridge {
     /// When gone services fall due, in time order (stale entries are
     /// skipped: the service came back, or went again later).
     forget: BTreeSet<(SystemTime, Name)>,
+    /// Our publishes on our topics not heard back yet, oldest first: what
+    /// comes back on those topics is ours until they are all back.
+    inflight: HashMap<String, VecDeque<Bytes>>,
+    /// Services whose config someone else cleared (Home Assistant, when
+    /// its user deletes the device): not published again until the
+    /// service registers anew (event `registered`) or homicro restarts.
+    /// Kept across reconnections.
+    dismissed: HashSet<Name>,
+    /// A record that made NAME registered, not yet judged by the registry:
+    /// what NAME was before it (`None`: nothing). Undone on the registry's
+    /// `rejected` if the record was then cleared (see [`Bridge::on_message`]).
+    unconfirmed: HashMap<Name, Option<Service>>,
 }
+
+/// How many of its publishes per topic the bridge remembers while waiting
+/// for them to come back (more means the bus drops them; the oldest go).
+const MAX_INFLIGHT: usize = 64;
 
 impl Bridge {
     pub fn new(
@@ -319,6 +334,9 @@ impl Bridge {
             deregistered: HashSet::new(),
             retained: HashMap::new(),
             forget: BTreeSet::new(),
+            inflight: HashMap::new(),
+            dismissed: HashSet::new(),
+            unconfirmed: HashMap::new(),
         }
     }
 
@@ -351,7 +369,8 @@ impl Bridge {
 
     /// A new session with the broker (the first, or after a loss): forget
     /// everything and read it all again (what the broker holds is the
-    /// truth; a clean session may have lost publishes in flight).
+    /// truth; a clean session may have lost publishes in flight), but for
+    /// the devices deleted in Home Assistant.
     pub fn on_connected(&mut self) {
         self.reading = true;
         self.synced = false;
@@ -360,6 +379,8 @@ impl Bridge {
         self.deregistered.clear();
         self.retained.clear();
         self.forget.clear();
+        self.inflight.clear();
+        self.unconfirmed.clear();
     }
 
     /// The broker has delivered every retained message of the reading.
@@ -409,14 +430,38 @@ impl Bridge {
                 let Ok(event) = serde_json::from_slice::<EventPayload>(payload) else {
                     return Vec::new();
                 };
+                // The registry's verdict on the record before it.
+                let before = self.unconfirmed.remove(&name);
                 match event.event {
                     EventKind::Expired => self.went(now, &name, Status::Expired, None),
                     EventKind::Unhealthy => self.went(now, &name, Status::Unhealthy, event.detail),
                     EventKind::Deregistered => {
                         self.services.remove(&name);
+                        self.dismissed.remove(&name);
                         if self.reading {
                             self.deregistered.insert(name.clone());
                         }
+                    }
+                    // Registered anew: shown again even if it was deleted
+                    // in Home Assistant.
+                    EventKind::Registered if self.dismissed.remove(&name) => {}
+                    // Refused (through an external broker the record
+                    // reached the bus, and the registry restored the one
+                    // it holds or cleared it): if the record made NAME
+                    // registered and was cleared since, NAME is again what
+                    // it was before it.
+                    EventKind::Rejected => {
+                        let Some(before) = before else {
+                            return Vec::new();
+                        };
+                        let registered = self.services.get(&name).map(|s| s.status);
+                        if registered == Some(Status::Registered) {
+                            return Vec::new();
+                        }
+                        match before {
+                            Some(s) => self.services.insert(name.clone(), s),
+                            None => self.services.remove(&name),
+                        };
                     }
                     _ => return Vec::new(),
                 }
@@ -439,7 +484,8 @@ impl Bridge {
                 self.read_back(topic, &name, payload);
                 return Vec::new();
             }
-            Heard::Ours(_) | Heard::Other => return Vec::new(),
+            Heard::Ours(name) => return self.changed(topic, &name, payload),
+            Heard::Other => return Vec::new(),
         };
         if self.reading {
             return Vec::new();
@@ -453,7 +499,9 @@ impl Bridge {
         self.deregistered.remove(name);
         match self.services.get_mut(name) {
             Some(s) if s.status == Status::Registered => s.info = info,
-            _ => {
+            before => {
+                let before = before.map(|s| s.clone());
+                self.unconfirmed.entry(name.clone()).or_insert(before);
                 self.services.insert(
                     name.clone(),
                     Service {
@@ -492,16 +540,64 @@ impl Bridge {
     /// ours only with our unique id (another program's under our node id
     /// is left alone).
     fn read_back(&mut self, topic: &str, name: &Name, payload: &[u8]) {
-        let ours = topic != self.layout.config(name)
-            || serde_json::from_slice::<serde_json::Value>(payload).is_ok_and(|c| {
-                c.get("unique_id").and_then(|u| u.as_str()) == Some(&self.layout.unique_id(name))
-            });
+        let ours = topic != self.layout.config(name) || self.is_ours(name, payload);
         if payload.is_empty() || !ours {
             self.retained.remove(topic);
         } else {
             self.retained
                 .insert(topic.to_string(), Bytes::copy_from_slice(payload));
         }
+    }
+
+    /// One of our topics changed on the broker, after the reading: our own
+    /// publish coming back, or someone else's. Someone else's, once all of
+    /// ours on that topic are back (else ours lands after it), is repaired
+    /// at once: NAME's config, state and attributes are published again as
+    /// they should be, with one exception: an empty config of a service we
+    /// show is its device deleted in Home Assistant by its user, which is
+    /// respected (see `dismissed`). A config under our node id that is not
+    /// ours (another `unique_id`) for a name we do not show is left alone.
+    fn changed(&mut self, topic: &str, name: &Name, payload: &[u8]) -> Vec<Publish> {
+        if let Some(queue) = self.inflight.get_mut(topic) {
+            // Ours (those before it, if any, were lost on the way).
+            if let Some(i) = queue.iter().position(|p| p == payload) {
+                queue.drain(..=i);
+            }
+            if queue.is_empty() {
+                self.inflight.remove(topic);
+            }
+            return Vec::new();
+        }
+        let config = topic == self.layout.config(name);
+        if payload.is_empty() {
+            self.retained.remove(topic);
+            if config && self.services.contains_key(name) && self.dismissed.insert(name.clone()) {
+                info!(name = %name, "Home Assistant: device deleted there; not published again until it registers anew");
+                // Its state and attributes go too.
+                return self.sync(name);
+            }
+        } else {
+            if config && !self.services.contains_key(name) && !self.is_ours(name, payload) {
+                return Vec::new();
+            }
+            self.retained
+                .insert(topic.to_string(), Bytes::copy_from_slice(payload));
+        }
+        let out = self.sync(name);
+        if !out.is_empty() {
+            warn!(
+                topic,
+                "Home Assistant: someone else changed one of our topics; repaired"
+            );
+        }
+        out
+    }
+
+    /// Whether a discovery config for NAME has our `unique_id`.
+    fn is_ours(&self, name: &Name, config: &[u8]) -> bool {
+        serde_json::from_slice::<serde_json::Value>(config).is_ok_and(|c| {
+            c.get("unique_id").and_then(|u| u.as_str()) == Some(&self.layout.unique_id(name))
+        })
     }
 
     /// Once the reading is complete and the registry online (a remover
@@ -539,6 +635,7 @@ impl Bridge {
             self.services.insert(name.clone(), service);
         }
         self.deregistered.clear();
+        self.dismissed.retain(|n| self.services.contains_key(n));
         let mut out = Vec::new();
         for name in &names {
             out.extend(self.settle(now, name));
@@ -569,6 +666,7 @@ impl Bridge {
             .map(|t| t + self.forget_after);
         if due.is_some_and(|due| due <= now) {
             self.services.remove(name);
+            self.dismissed.remove(name);
         }
         self.sync(name)
     }
@@ -582,7 +680,12 @@ impl Bridge {
             self.layout.state(name),
             self.layout.config(name),
         ];
-        let wanted: [Option<Bytes>; 3] = match self.services.get(name) {
+        let shown = self
+            .services
+            .get(name)
+            .filter(|_| !self.dismissed.contains(name));
+        let removing = shown.is_none();
+        let wanted: [Option<Bytes>; 3] = match shown {
             Some(s) => [
                 Some(payload::attributes(s, self.forget_after)),
                 Some(payload::state(s.status)),
@@ -612,13 +715,18 @@ impl Bridge {
                     Bytes::new()
                 }
             };
+            let queue = self.inflight.entry(topic.clone()).or_default();
+            if queue.len() == MAX_INFLIGHT {
+                queue.pop_front();
+            }
+            queue.push_back(payload.clone());
             out.push(Publish {
                 topic,
                 payload,
                 retain: true,
             });
         }
-        if !self.services.contains_key(name) {
+        if removing {
             out.reverse();
         }
         out

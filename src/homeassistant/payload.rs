@@ -170,9 +170,10 @@ pub(super) struct Attributes {
     pub version: Option<String>,
 }
 
-/// A moment as the attributes say it: `2024-05-01T12:00:00Z`.
+/// A moment as the attributes say it: `2024-05-01T12:00:00.250Z` (to the
+/// millisecond: a restart counts `forget_after` from the moment it went).
 fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 pub(super) fn attributes(s: &Service, forget_after: Duration) -> Bytes {

@@ -12,7 +12,7 @@ const DAY: Duration = Duration::from_secs(86_400);
 const ONLINE: &[u8] = br#"{"state":"online","version":"0.1.0"}"#;
 const WEB: &[u8] = br#"{"host":"10.0.0.5","port":8080,"version":"1.2.0","scheme":"http"}"#;
 
-/// `s` seconds into the test (whole seconds: attributes keep seconds).
+/// `s` seconds into the test.
 fn t(s: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(1_700_000_000 + s)
 }
@@ -64,6 +64,15 @@ fn web_config(sw_version: &str) -> String {
     )
 }
 
+/// What a bridge publishes to show web (`WEB`).
+fn web_shown() -> Vec<(String, String)> {
+    pairs(&[
+        (ATTRS, WEB_UP),
+        (STATE, "ON"),
+        (CONFIG, &web_config("1.2.0")),
+    ])
+}
+
 const WEB_UP: &str = r#"{"endpoint":"10.0.0.5:8080","role":"web","scheme":"http","status":"registered","version":"1.2.0"}"#;
 
 /// web's attributes once gone at `since` (+ `forget` to `forget_at`).
@@ -75,14 +84,14 @@ fn web_gone(status: &str, since: &str, forget_at: &str, detail: Option<&str>) ->
 }
 
 /// t(0) .. as RFC 3339.
-const T10: &str = "2023-11-14T22:13:30Z";
-const T10_PLUS_DAY: &str = "2023-11-15T22:13:30Z";
+const T10: &str = "2023-11-14T22:13:30.000Z";
+const T10_PLUS_DAY: &str = "2023-11-15T22:13:30.000Z";
 
 #[test]
 fn the_test_clock_reads_as_expected() {
-    assert_eq!(humantime::format_rfc3339_seconds(t(10)).to_string(), T10);
+    assert_eq!(humantime::format_rfc3339_millis(t(10)).to_string(), T10);
     assert_eq!(
-        humantime::format_rfc3339_seconds(t(10) + DAY).to_string(),
+        humantime::format_rfc3339_millis(t(10) + DAY).to_string(),
         T10_PLUS_DAY
     );
 }
@@ -91,14 +100,7 @@ fn the_test_clock_reads_as_expected() {
 fn a_registration_publishes_attributes_state_on_and_the_config() {
     let mut b = live(DAY);
     let out = b.on_message(t(1), "homicro/services/web", WEB);
-    assert_eq!(
-        shown(&out),
-        pairs(&[
-            (ATTRS, WEB_UP),
-            (STATE, "ON"),
-            (CONFIG, &web_config("1.2.0"))
-        ])
-    );
+    assert_eq!(shown(&out), web_shown());
     // The same record again (a refresh, a restore): nothing to say.
     assert!(b.on_message(t(2), "homicro/services/web", WEB).is_empty());
     // A new version: the device's sw_version and the attributes change.
@@ -304,7 +306,7 @@ fn what_is_not_a_change_publishes_nothing() {
         ("homicro/events/web", b"forged"),
         ("homicro/health/web", br#"{"status":"passing"}"#),
         ("homicro/services/gone", b""),
-        ("homicro/ha/web/state", b"ON"),
+        // Another program's config under our node id.
         (CONFIG, b"{}"),
         ("elsewhere/services/web", WEB),
     ] {
@@ -337,6 +339,193 @@ fn nothing_is_published_before_the_broker_is_read_and_the_registry_online() {
     b.on_message(t(1), "homicro/registry", offline);
     b.on_message(t(1), "homicro/services/web", WEB);
     assert!(b.on_synced(t(2)).is_empty());
+}
+
+/// Hands `out` back to the bridge as the bus echoes it; nothing to say.
+fn echo(b: &mut Bridge, out: &[Publish]) {
+    for p in out {
+        let again = b.on_message(t(0), &p.topic, &p.payload);
+        assert!(again.is_empty(), "{} {:?}", p.topic, shown(&again));
+    }
+}
+
+/// The config as someone else writes it: ours with their state topic.
+fn forged() -> String {
+    web_config("1.2.0").replace("homicro/ha/web/state", "forger/state")
+}
+
+#[test]
+fn a_forged_config_or_state_is_repaired_at_once() {
+    let mut b = live(DAY);
+    let out = b.on_message(t(1), "homicro/services/web", WEB);
+    echo(&mut b, &out);
+    let out = b.on_message(t(2), CONFIG, forged().as_bytes());
+    assert_eq!(shown(&out), pairs(&[(CONFIG, &web_config("1.2.0"))]));
+    echo(&mut b, &out);
+    // Through an external broker anyone may write PREFIX/ha/ too.
+    let out = b.on_message(t(3), STATE, b"OFF");
+    assert_eq!(shown(&out), pairs(&[(STATE, "ON")]));
+    echo(&mut b, &out);
+    let out = b.on_message(t(3), ATTRS, b"");
+    assert_eq!(shown(&out), pairs(&[(ATTRS, WEB_UP)]));
+    echo(&mut b, &out);
+    // A config with our unique id for a service we do not show: cleared;
+    // another program's under our node id: left alone.
+    let tv = "homeassistant/binary_sensor/homicro/tv/config";
+    let fake = web_config("1.2.0").replace("homicro_web", "homicro_tv");
+    let out = b.on_message(t(4), tv, fake.as_bytes());
+    assert_eq!(shown(&out), pairs(&[(tv, "")]));
+    echo(&mut b, &out);
+    assert!(
+        b.on_message(t(4), tv, br#"{"unique_id":"tv_1"}"#)
+            .is_empty()
+    );
+}
+
+#[test]
+fn someone_elses_publish_before_ours_lands_is_overwritten_by_ours() {
+    let mut b = live(DAY);
+    let out = b.on_message(t(1), "homicro/services/web", WEB);
+    // A forged config reaches the broker before our config.
+    assert!(b.on_message(t(1), CONFIG, forged().as_bytes()).is_empty());
+    echo(&mut b, &out);
+    // Afterwards it counts.
+    assert_eq!(b.on_message(t(2), CONFIG, forged().as_bytes()).len(), 1);
+}
+
+#[test]
+fn our_own_publishes_coming_back_late_are_not_taken_for_someone_elses() {
+    // Registered, removed ("0s") and registered again before any of it
+    // comes back: the empty config coming back is not a deletion in Home
+    // Assistant, nor the config after it a forgery.
+    let mut b = live(Duration::ZERO);
+    let mut sent = b.on_message(t(1), "homicro/services/web", WEB);
+    sent.extend(b.on_message(t(2), "homicro/services/web", b""));
+    sent.extend(b.on_message(t(3), "homicro/services/web", WEB));
+    assert_eq!(sent.len(), 9);
+    echo(&mut b, &sent);
+    // Still shown: the next change is published.
+    assert_eq!(b.on_message(t(4), "homicro/services/web", b"").len(), 3);
+}
+
+#[test]
+fn a_device_deleted_in_home_assistant_stays_deleted_until_it_registers_anew() {
+    let mut b = live(DAY);
+    let out = b.on_message(t(1), "homicro/services/web", WEB);
+    echo(&mut b, &out);
+    // Home Assistant clears the config when its user deletes the device.
+    let out = b.on_message(t(2), CONFIG, b"");
+    assert_eq!(shown(&out), pairs(&[(STATE, ""), (ATTRS, "")]));
+    echo(&mut b, &out);
+    // A refresh, a new version, a forged config, an expiry: nothing shown.
+    let updated = br#"{"event":"updated","name":"web","changed":false}"#;
+    let v2 = br#"{"host":"10.0.0.5","port":8080,"version":"1.3.0","scheme":"http"}"#;
+    assert!(b.on_message(t(3), "homicro/services/web", WEB).is_empty());
+    assert!(b.on_message(t(3), "homicro/events/web", updated).is_empty());
+    assert!(b.on_message(t(4), "homicro/services/web", v2).is_empty());
+    let out = b.on_message(t(4), CONFIG, forged().as_bytes());
+    assert_eq!(shown(&out), pairs(&[(CONFIG, "")]), "not ours to show");
+    echo(&mut b, &out);
+    // A reconnection remembers it.
+    b.on_connected();
+    b.on_message(t(5), "homicro/services/web", v2);
+    b.on_message(t(5), "homicro/registry", ONLINE);
+    assert!(b.on_synced(t(5)).is_empty());
+    assert!(b.on_message(t(10), "homicro/services/web", b"").is_empty());
+    let expired = br#"{"event":"expired","name":"web"}"#;
+    assert!(
+        b.on_message(t(10), "homicro/events/web", expired)
+            .is_empty()
+    );
+    // Back, and registered anew: shown again.
+    assert!(b.on_message(t(20), "homicro/services/web", WEB).is_empty());
+    let registered = br#"{"event":"registered","name":"web"}"#;
+    let out = b.on_message(t(20), "homicro/events/web", registered);
+    assert_eq!(shown(&out), web_shown());
+}
+
+#[test]
+fn a_deleted_device_of_a_gone_service_is_forgotten_with_it() {
+    let mut b = live(DAY);
+    let out = b.on_message(t(1), "homicro/services/web", WEB);
+    echo(&mut b, &out);
+    let out = b.on_message(t(10), "homicro/services/web", b"");
+    echo(&mut b, &out);
+    assert_eq!(b.on_message(t(11), CONFIG, b"").len(), 2);
+    assert!(b.on_tick(t(10) + DAY).is_empty());
+    // Not dismissed any more: a new record is shown at once.
+    assert_eq!(
+        b.on_message(t(20) + DAY, "homicro/services/web", WEB).len(),
+        3
+    );
+}
+
+const REJECTED: &[u8] =
+    br#"{"endpoint":"10.0.0.5:8080","error":"owned","event":"rejected","name":"web"}"#;
+
+#[test]
+fn a_record_the_registry_refuses_and_clears_leaves_no_device() {
+    // Through an external broker a refused record reaches the bus before
+    // the registry clears it and says `rejected`.
+    let mut b = live(DAY);
+    assert_eq!(b.on_message(t(1), "homicro/services/web", WEB).len(), 3);
+    assert_eq!(b.on_message(t(1), "homicro/services/web", b"").len(), 2);
+    let out = b.on_message(t(1), "homicro/events/web", REJECTED);
+    assert_eq!(
+        shown(&out),
+        pairs(&[(CONFIG, ""), (STATE, ""), (ATTRS, "")])
+    );
+    assert!(b.on_tick(t(1) + DAY).is_empty());
+}
+
+/// A live bridge showing web, registered at t(1) as the registry said.
+fn registered_web() -> Bridge {
+    let mut b = live(DAY);
+    b.on_message(t(1), "homicro/services/web", WEB);
+    let registered = br#"{"event":"registered","name":"web"}"#;
+    b.on_message(t(1), "homicro/events/web", registered);
+    b
+}
+
+#[test]
+fn a_refused_record_of_a_gone_service_leaves_it_as_it_was() {
+    let mut b = registered_web();
+    b.on_message(t(10), "homicro/services/web", b"");
+    b.on_message(
+        t(10),
+        "homicro/events/web",
+        br#"{"event":"expired","name":"web"}"#,
+    );
+    b.on_message(t(20), "homicro/services/web", WEB);
+    b.on_message(t(20), "homicro/services/web", b"");
+    let out = b.on_message(t(20), "homicro/events/web", REJECTED);
+    assert_eq!(
+        shown(&out),
+        pairs(&[(ATTRS, &web_gone("expired", T10, T10_PLUS_DAY, None))])
+    );
+    assert_eq!(b.on_tick(t(10) + DAY).len(), 3, "due as before");
+}
+
+#[test]
+fn a_refused_record_the_registry_answers_with_the_owners_changes_nothing_after() {
+    let mut b = registered_web();
+    let other = br#"{"host":"10.0.0.9","port":8080}"#;
+    b.on_message(t(2), "homicro/services/web", other);
+    // The registry restores the owner's record, then says `rejected`.
+    let out = b.on_message(t(2), "homicro/services/web", WEB);
+    assert_eq!(shown(&out)[0], (ATTRS.to_string(), WEB_UP.to_string()));
+    assert!(
+        b.on_message(t(2), "homicro/events/web", REJECTED)
+            .is_empty()
+    );
+    // A new one whose verdict is not in yet, and an unrelated refusal
+    // (on the embedded bus refused publishes never reach it): still on.
+    b.on_message(t(3), "homicro/services/nas", br#"{"host":"nas.lan"}"#);
+    let rejected = br#"{"event":"rejected","name":"nas","error":"not_owner"}"#;
+    assert!(
+        b.on_message(t(3), "homicro/events/nas", rejected)
+            .is_empty()
+    );
 }
 
 /// The broker's retained messages, as a bridge's publishes leave them.
@@ -420,8 +609,8 @@ fn a_restart_turns_off_what_vanished_and_removes_what_fell_due_meanwhile() {
     // was away (off, since now); nas fell due a day ago (removed).
     let now = t(10) + 2 * DAY;
     let (b, out) = held.restart(DAY, &[], now);
-    let since = humantime::format_rfc3339_seconds(now).to_string();
-    let due = humantime::format_rfc3339_seconds(now + DAY).to_string();
+    let since = humantime::format_rfc3339_millis(now).to_string();
+    let due = humantime::format_rfc3339_millis(now + DAY).to_string();
     let mut got = shown(&out);
     got.sort();
     let mut want = pairs(&[

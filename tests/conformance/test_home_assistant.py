@@ -21,7 +21,6 @@ A config with an unknown key, a key of the wrong type, or an abbreviation
 fails the test.
 """
 
-import calendar
 import json
 import os
 import queue
@@ -29,6 +28,7 @@ import re
 import signal
 import subprocess
 import time
+from datetime import datetime, timezone
 
 import pytest
 import requests
@@ -343,7 +343,7 @@ def test_a_restart_keeps_entities_and_forgets_what_fell_due(tmp_path):
     the journal): a restarted serve reads them back, keeps a registered
     service's entity as it was, and removes a gone service once
     forget_after has passed since it went (here 3 s, counted across the
-    restart)."""
+    restart: whether that falls before the new bridge is up or after)."""
     # A fixed dashboard: the derived one names the port, new at each start here.
     config = CONFIG.format(forget="3s") + 'dashboard_url = "http://hub.test:1883/"\n'
     b = start_homicro(str(tmp_path), config=config)
@@ -351,7 +351,7 @@ def test_a_restart_keeps_entities_and_forgets_what_fell_due(tmp_path):
     try:
         web = register_over_mqtt(b.port, "web", {"host": "10.0.0.5", "port": 80})
         brief = register_over_mqtt(b.port, "brief", {"host": "10.0.0.7", "port": 80, "ttl": 1})
-        since = ha.attributes("brief", "expired")["since"]
+        gone = ha.attributes("brief", "expired")
         web.stop()  # no will: web stays registered
         brief.stop()
         before = retained_now(b.port, ["homeassistant/#", "homicro/ha/#"])
@@ -365,14 +365,77 @@ def test_a_restart_keeps_entities_and_forgets_what_fell_due(tmp_path):
         after = retained_now(b.port, ["homeassistant/#", "homicro/ha/#"])
         assert after[state_topic("web")] == b"ON"
         assert after[config_topic("web")] == before[config_topic("web")]
-        ha = HomeAssistant(b.port, client_id="home-assistant-2")
-        # brief went at `since`; 3 s after that its entity goes, restart or not.
-        assert ha.wait(config_topic("brief"), lambda p: p == b"") == b""
-        assert ha.wait(state_topic("brief"), lambda p: p == b"") == b""
+        if config_topic("brief") in after:
+            # Not due yet: kept, off, gone since when it went (not since
+            # the restart).
+            assert after[state_topic("brief")] == b"OFF"
+            assert json.loads(after[attributes_topic("brief")]) == gone
+        # Its config goes 3 s after `since` (to the millisecond), restart or
+        # not. A subscriber never gets a retained topic already cleared, so
+        # ask the broker what it holds until brief is not there.
+        deadline = time.monotonic() + TIMEOUT
+        while config_topic("brief") in retained_now(b.port, [config_topic("brief")]):
+            assert time.monotonic() < deadline, "brief's config is still there"
+            time.sleep(0.05)  # polling the broker's state: no event to wait on
         gone_at = time.time()
-        went = calendar.timegm(time.strptime(since, "%Y-%m-%dT%H:%M:%SZ"))
-        assert gone_at >= went + 3 - 1, (since, gone_at)
+        assert not retained_now(b.port, [state_topic("brief"), attributes_topic("brief")])
+        went = datetime.fromisoformat(gone["since"]).timestamp()
+        assert gone_at >= went + 3, (gone["since"], gone_at)
+        assert gone["forget_at"] == datetime.fromtimestamp(went + 3, timezone.utc) \
+            .isoformat(timespec="milliseconds").replace("+00:00", "Z")
         assert retained_now(b.port, [config_topic("web")]), "web is still there"
+    finally:
+        ha.stop()
+        b.stop()
+    assert "panicked" not in b.stderr()
+
+
+def test_a_forged_config_is_repaired_and_a_deletion_in_home_assistant_respected(tmp_path):
+    """The bridge stays subscribed to its topics: someone else's config on
+    one of them is replaced by its own at once; an empty one, which is what
+    Home Assistant publishes when its user deletes the device, is respected
+    (state and attributes go too) until the service registers anew."""
+    b = start_homicro(str(tmp_path), config=CONFIG.format(forget="1h"))
+    ha = HomeAssistant(b.port)
+    try:
+        web = register_over_mqtt(b.port, "web", {"host": "10.0.0.5", "port": 80})
+        ours = ha.wait(config_topic("web"))
+        forged = json.loads(ours)
+        forged["state_topic"] = "forger/web"
+        forger = Client(b.port, client_id="forger", version=V311)
+        forger.connect()
+        forger.publish(config_topic("web"), json.dumps(forged), qos=1, retain=True)
+        ha.wait(config_topic("web"), lambda p: json.loads(p)["state_topic"] == "forger/web")
+        assert ha.wait(config_topic("web"), lambda p: p == ours) == ours
+        assert retained_now(b.port, [config_topic("web")])[config_topic("web")] == ours
+
+        # Deleted in Home Assistant: its state and attributes go too.
+        ha.c.publish(config_topic("web"), b"", qos=1, retain=True)
+        assert ha.wait(state_topic("web"), lambda p: p == b"") == b""
+        assert ha.wait(attributes_topic("web"), lambda p: p == b"") == b""
+        # Refreshed, and forged again: not shown (the forgery is cleared).
+        # Another service, registered after, shows the bridge got that far.
+        assert web.publish("homicro/services/web", json.dumps(
+            {"host": "10.0.0.5", "port": 80, "version": "2.0.0"}), qos=1, retain=True) == 0
+        assert web.get().json()["event"] == "updated"
+        forger.publish(config_topic("web"), json.dumps(forged), qos=1, retain=True)
+        nas = register_over_mqtt(b.port, "nas", {"host": "10.0.0.6", "port": 80})
+        ha.wait(config_topic("nas"))
+        assert ha.wait(config_topic("web"), lambda p: p == b"") == b""
+        held = retained_now(b.port, ["homeassistant/#", "homicro/ha/#"])
+        assert not [t for t in held if "/web/" in t], held
+
+        # Registered anew: shown again.
+        web.publish("homicro/services/web", b"", qos=1, retain=True)
+        assert web.get().json()["event"] == "deregistered"
+        web.publish("homicro/services/web", json.dumps({"host": "10.0.0.5", "port": 80}),
+                    qos=1, retain=True)
+        assert web.get().json()["event"] == "registered"
+        assert ha.wait(state_topic("web"), lambda p: p == b"ON") == b"ON"
+        check_config(config_topic("web"), ha.wait(config_topic("web"), lambda p: p != b""))
+        forger.stop()
+        web.stop()
+        nas.stop()
     finally:
         ha.stop()
         b.stop()
@@ -424,6 +487,27 @@ def test_against_mosquitto_with_serve_broker(tmp_path):
         held = retained_now(m.port, ["homeassistant/#", "homicro/ha/#"])
         assert held[state_topic("printer")] == b"ON" and config_topic("printer") in held
         svc.stop()
+
+        # On an external broker anyone may write homicro/ha/ (without an
+        # ACL): a forged state is put right at once.
+        forger = Client(m.port, client_id="forger", version=V311)
+        forger.connect()
+        forger.subscribe("homicro/events/printer", 1)
+        forger.publish(state_topic("printer"), b"OFF", qos=1, retain=True)
+        assert ha.wait(state_topic("printer"), lambda p: p == b"OFF")
+        assert ha.wait(state_topic("printer"), lambda p: p == b"ON") == b"ON"
+        # A record of another endpoint reaches the broker, and the registry
+        # refuses it (owned) and restores the owner's: the entity ends as
+        # the owner's. Another service, registered after, is the barrier.
+        forger.publish("homicro/services/printer", json.dumps({"host": "10.0.0.99", "port": 631}),
+                       qos=1, retain=True)
+        assert forger.get().json()["event"] == "rejected"
+        scanner = register_over_mqtt(m.port, "scanner", {"host": "10.0.0.21", "port": 80})
+        ha.wait(config_topic("scanner"))
+        assert ha.latest[state_topic("printer")] == b"ON"
+        assert json.loads(ha.latest[attributes_topic("printer")])["endpoint"] == "10.0.0.20:631"
+        forger.stop()
+        scanner.stop()
 
         # Mosquitto restarted without persistence: every retained message is
         # lost; the registry restores the record, the bridge its entity.
