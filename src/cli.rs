@@ -81,15 +81,25 @@ fn usage(e: impl std::fmt::Display) -> CliError {
     }
 }
 
+/// What to do when nothing answers at the broker's address.
+const START_HINT: &str = " Start it with scripts/serve (or homicro serve), or give --broker \
+     (HOMICRO_BROKER) for another address.";
+
 impl From<ConnectionError> for CliError {
     fn from(e: ConnectionError) -> Self {
-        fail(e)
+        match e {
+            ConnectionError::Unreachable { .. } => fail(format!("{e}{START_HINT}")),
+            e => fail(e),
+        }
     }
 }
 
 impl From<RegisterError> for CliError {
     fn from(e: RegisterError) -> Self {
-        fail(e)
+        match e {
+            RegisterError::Connection(e) => e.into(),
+            e => fail(e),
+        }
     }
 }
 
@@ -213,7 +223,7 @@ pub async fn deregister(broker: &Broker, prefix: &str, name: &str) -> Result<(),
         Err(RegisterError::RegistryOffline) => Err(fail(format!(
             "cleared {name}, but no registry confirmed it: is `homicro serve` running?"
         ))),
-        Err(e) => Err(fail(e)),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 
 #[tokio::test]
@@ -385,4 +387,35 @@ fn passwd_adds_users_that_mosquitto_passwd_can_update() {
         "{text}"
     );
     assert!(!text.contains("second"), "never the password itself");
+}
+
+/// With nothing listening at the broker's address, every client command
+/// gives up at once (as curl and mosquitto_pub do, not after 10 s of
+/// retries) and says what to do.
+#[tokio::test]
+async fn every_command_fails_fast_when_nothing_listens() {
+    let port = free_port();
+    let b = format!("mqtt://127.0.0.1:{port}");
+    let commands: [&[&str]; 8] = [
+        &["list"],
+        &["list", "--json"],
+        &["watch"],
+        &["deregister", "api"],
+        &["register", "api", "--port", "8080"],
+        &["register", "api", "--port", "8080", "--once"],
+        &["call", "api"],
+        &["proxy", "api"],
+    ];
+    for args in commands {
+        let start = std::time::Instant::now();
+        let out = homicro_cmd(&[args, &["--broker", &b]].concat());
+        let took = start.elapsed();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(took < Duration::from_secs(2), "{args:?} took {took:?}");
+        let want = format!("cannot reach the broker at {b} (connection refused)");
+        assert!(err.contains(&want), "{args:?}: {err}");
+        assert!(err.contains("homicro serve` running?"), "{args:?}: {err}");
+        assert!(err.contains("scripts/serve"), "{args:?}: {err}");
+    }
 }

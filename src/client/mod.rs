@@ -83,6 +83,10 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum ConnectionError {
     #[error("cannot connect to {broker}: {reason}")]
     Connect { broker: String, reason: String },
+    /// The first attempt found nothing to connect to (`reason`: connection
+    /// refused, unknown host, no route): given up at once, not retried.
+    #[error("cannot reach the broker at {broker} ({reason}): is `homicro serve` running?")]
+    Unreachable { broker: String, reason: String },
     #[error("lost the broker {broker}: {reason}")]
     Lost { broker: String, reason: String },
     #[error("no answer from {broker} within {wait:?}")]
@@ -99,7 +103,10 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    /// Connects (with an optional will) and waits for the CONNACK.
+    /// Connects (with an optional will) and waits for the CONNACK. A first
+    /// attempt that finds nothing listening (or no such host) fails at once
+    /// with [`ConnectionError::Unreachable`]; other failures are retried for
+    /// up to 10 s. Once connected, the connection reconnects by itself.
     pub async fn open(
         broker: &Broker,
         client_prefix: &str,
@@ -144,6 +151,14 @@ impl Connection {
                             "bad user name or password, or not authorized ({e}); \
                              check the user and its password"
                         ),
+                    });
+                }
+                // Nothing listens there: say so now, as curl does, rather
+                // than after 10 s of trying.
+                Ok(Some(Incoming::Disconnected(e))) if let Some(why) = mqtt::unreachable(&e) => {
+                    return Err(ConnectionError::Unreachable {
+                        broker: broker.to_string(),
+                        reason: why.to_string(),
                     });
                 }
                 Ok(Some(Incoming::Disconnected(e))) => reason = e,
