@@ -30,8 +30,10 @@ enum Command {
     Config,
     /// Register a service and keep it registered until Ctrl-C.
     Register(RegisterCmd),
-    /// Remove a service's record.
+    /// Remove a service's record (its own, or any from the server's machine
+    /// as an admin).
     Deregister {
+        /// The service name whose record goes.
         name: String,
         #[command(flatten)]
         conn: Conn,
@@ -92,9 +94,14 @@ enum Command {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Where the embedded broker listens, IP:PORT [default: 0.0.0.0:1883].
+    /// The one port for everything, IP:PORT: MQTT 3.1.1 and 5, MQTT over
+    /// WebSocket (/mqtt) and the HTTP API [default: 0.0.0.0:1883].
     #[arg(long)]
     listen: Option<String>,
+    /// Not a flag of serve: the port is part of --listen (refused with a
+    /// hint to it).
+    #[arg(long, hide = true)]
+    port: Option<String>,
     /// Use an existing broker, mqtt://HOST:PORT (mqtts:// for TLS), instead
     /// of the embedded one.
     #[arg(long)]
@@ -196,6 +203,8 @@ struct RegisterCmd {
     /// Without it, the MQTT will clears the record when this process dies.
     #[arg(long, value_parser = parse_duration)]
     ttl: Option<Duration>,
+    /// What it does, for lookups by role (`role@range` queries, e.g.
+    /// api@^1.2) [default: the name].
     #[arg(long)]
     role: Option<String>,
     /// A semver version, e.g. 1.2.0.
@@ -306,6 +315,13 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
+    if let Some(port) = &args.port {
+        eprintln!(
+            "homicro: serve has no --port: the port is part of --listen IP:PORT, \
+             e.g. --listen 0.0.0.0:{port}"
+        );
+        return ExitCode::from(2);
+    }
     let file = match &args.config {
         Some(path) => match std::fs::read_to_string(path) {
             Ok(text) => Some((path.display().to_string(), text)),

@@ -419,3 +419,84 @@ async fn every_command_fails_fast_when_nothing_listens() {
         assert!(err.contains("scripts/serve"), "{args:?}: {err}");
     }
 }
+
+/// Help says what `--listen` is (the one port), and documents `--role` and
+/// `deregister NAME`.
+#[test]
+fn help_says_what_each_flag_is() {
+    let serve = stdout(&homicro_cmd(&["serve", "--help"]));
+    assert!(
+        serve.contains("The one port for everything, IP:PORT: MQTT 3.1.1 and 5, MQTT over"),
+        "{serve}"
+    );
+    assert!(
+        serve.contains("HTTP API [default: 0.0.0.0:1883]"),
+        "{serve}"
+    );
+    assert!(!serve.contains("--port"), "a hidden flag: {serve}");
+    let register = stdout(&homicro_cmd(&["register", "--help"]));
+    assert!(register.contains("for lookups by role"), "{register}");
+    let deregister = stdout(&homicro_cmd(&["deregister", "--help"]));
+    assert!(
+        deregister.contains("The service name whose record goes"),
+        "{deregister}"
+    );
+}
+
+/// `serve --port` is a natural guess: it is refused with the flag to use.
+#[test]
+fn serve_port_points_at_listen() {
+    let out = homicro_cmd(&["serve", "--port", "1884"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains(
+            "serve has no --port: the port is part of --listen IP:PORT, e.g. --listen 0.0.0.0:1884"
+        ),
+        "{err}"
+    );
+}
+
+/// A port already taken is named, with a guess at why and what to do.
+#[test]
+fn a_port_in_use_says_how_to_pick_another() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let listen = format!("127.0.0.1:{port}");
+    let out = homicro_cmd(&[
+        "serve",
+        "--listen",
+        &listen,
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    let want = format!(
+        "port {port} is in use (another broker, or homicro already running?): \
+         pick another with --listen 127.0.0.1:{}",
+        port + 1
+    );
+    assert!(err.contains(&want), "{err}");
+}
+
+/// The log names the socket as bound (every interface here), and the URL
+/// a client on this machine uses.
+#[tokio::test]
+async fn the_log_names_the_address_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Serve::start_with(&["--listen", "0.0.0.0:0"], &dir.path().join("state")).await;
+    let port = s.port();
+    let log = s.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("homicro serving"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains(&format!("listen=0.0.0.0:{port}")), "{line}");
+    assert!(
+        line.contains(&format!("url=mqtt://127.0.0.1:{port}")),
+        "{line}"
+    );
+}

@@ -100,7 +100,7 @@ impl Serve {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("homicro serving") {
                     let url = line
-                        .split("listen=")
+                        .split("url=")
                         .nth(1)
                         .and_then(|r| r.split_whitespace().next());
                     let _ = tx.send(url.map(str::to_string));
