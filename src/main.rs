@@ -222,6 +222,12 @@ struct RegisterCmd {
     /// Health check: a TCP connect to host:port.
     #[arg(long)]
     health_tcp: bool,
+    /// How often the registry runs the health check [default: 30s].
+    #[arg(long, value_parser = parse_duration)]
+    health_interval: Option<Duration>,
+    /// Failed checks in a row that clear the record [default: 3].
+    #[arg(long)]
+    health_failures: Option<u32>,
     /// Publish once and exit (no heartbeats, no deregistration).
     #[arg(long)]
     once: bool,
@@ -406,6 +412,8 @@ async fn client(cmd: Command) -> Result<(), CliError> {
                 meta: r.meta,
                 health_http: r.health_http,
                 health_tcp: r.health_tcp,
+                health_interval: r.health_interval,
+                health_failures: r.health_failures,
                 once: r.once,
             };
             cli::register(&r.conn.broker()?, &r.conn.prefix, &args, stop_signal()).await

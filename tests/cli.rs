@@ -500,3 +500,64 @@ async fn the_log_names_the_address_bound() {
         "{line}"
     );
 }
+
+/// A record whose health check fails (nothing listens on its port) is
+/// cleared by the registry as unhealthy and registered again by `register`,
+/// which says both on stderr, with the registry's detail.
+#[tokio::test]
+async fn register_says_when_its_record_is_cleared_unhealthy_and_registered_again() {
+    let s = Serve::start().await;
+    let b = s.url.to_string();
+    let dead = free_port().to_string();
+    let reg = Proc::homicro_with_stderr(&[
+        "register",
+        "api",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &dead,
+        "--health-tcp",
+        "--health-interval",
+        "1s",
+        "--health-failures",
+        "1",
+        "--broker",
+        &b,
+    ]);
+    reg.wait_line(|l| l.starts_with(&format!("registered api at 127.0.0.1:{dead}")))
+        .await;
+    let cleared = reg
+        .wait_line(|l| l.starts_with("api: cleared by the registry as unhealthy ("))
+        .await;
+    assert!(
+        cleared.contains(&format!("tcp 127.0.0.1:{dead}")),
+        "{cleared}"
+    );
+    assert!(cleared.ends_with("); registering it again"), "{cleared}");
+    reg.wait_line(|l| l == format!("api: registered again at 127.0.0.1:{dead}"))
+        .await;
+}
+
+/// The health flags are checked like the record: a bad value or one
+/// without a check is a usage error (exit 2) that says what is wrong.
+#[test]
+fn bad_health_flags_are_usage_errors() {
+    for (args, want) in [
+        (
+            &["--health-interval", "1s"][..],
+            "--health-interval and --health-failures need --health-http or --health-tcp",
+        ),
+        (
+            &["--health-tcp", "--health-interval", "500ms"],
+            "`health.interval` must be at least 1s",
+        ),
+        (
+            &["--health-tcp", "--health-failures", "0"],
+            "`health.failures` must be an integer from 1 to 1000",
+        ),
+    ] {
+        let out = homicro_cmd(&[&["register", "api", "--port", "80"], args].concat());
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(stderr(&out).contains(want), "{args:?}: {}", stderr(&out));
+    }
+}

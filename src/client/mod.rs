@@ -65,7 +65,7 @@ pub use directory::{
     Change, Directory, DirectoryError, Options as DirectoryOptions, Service, Strategy,
 };
 pub use registration::{
-    RegisterError, Registration, RegistrationBuilder, Status as RegistrationStatus,
+    Notice, RegisterError, Registration, RegistrationBuilder, Status as RegistrationStatus,
 };
 pub use rpc::{CallError, Caller, Reply, Request, RequestServer};
 
