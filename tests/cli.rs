@@ -252,7 +252,7 @@ async fn without_a_broker_or_registry_commands_say_so() {
     let out = homicro_cmd(&["list", "--broker", &format!("mqtt://127.0.0.1:{port}")]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("cannot connect to mqtt://127.0.0.1:"),
+        stderr(&out).contains("cannot reach the broker at mqtt://127.0.0.1:"),
         "{}",
         stderr(&out)
     );
