@@ -298,7 +298,7 @@ pub async fn list(broker: &Broker, prefix: &str, as_json: bool) -> Result<(), Cl
         ..Default::default()
     };
     let dir = Directory::connect_with(broker, options).await?;
-    tokio::time::timeout(client::ANSWER_TIMEOUT, dir.ready())
+    tokio::time::timeout(2 * client::ANSWER_TIMEOUT, dir.ready())
         .await
         .map_err(|_| fail(format!("no answer from {broker}")))?;
     let services = dir.list();

@@ -100,6 +100,9 @@ pub(crate) struct Connection {
     pub client: AsyncClient,
     pub rx: UnboundedReceiver<Incoming>,
     pub broker: Broker,
+    /// Whether snapshots sync on `$PREFIX/sync/ID` (false once the broker
+    /// dropped one: then `PREFIX/sync/ID`).
+    dollar_sync: bool,
 }
 
 impl Connection {
@@ -127,6 +130,7 @@ impl Connection {
             client,
             rx,
             broker: broker.clone(),
+            dollar_sync: true,
         };
         // Room for a few attempts (each gives up after 2 s).
         let deadline = Instant::now() + 2 * ANSWER_TIMEOUT;
@@ -218,13 +222,33 @@ impl Connection {
     }
 
     /// Every message up to the end of `filter`'s retained copies (see
-    /// [`mqtt::snapshot`]).
+    /// [`mqtt::snapshot`]), synced on `$PREFIX/sync/ID`, out of the way of
+    /// `#` subscribers. A broker that drops that (Mosquitto does when its
+    /// ACL does not grant it) costs one timeout, a warning, and the plain
+    /// `PREFIX/sync/ID` from then on; so at most twice [`ANSWER_TIMEOUT`].
     pub async fn snapshot(
         &mut self,
         topics: &Topics,
         filter: &str,
     ) -> Result<Vec<mqtt::Message>, ConnectionError> {
-        let sync = format!("{}/sync/{}", topics.prefix(), mqtt::client_id("dir"));
+        let id = mqtt::client_id("dir");
+        if self.dollar_sync {
+            let sync = topics.sync(&id);
+            match mqtt::snapshot(&self.client, &mut self.rx, filter, &sync, ANSWER_TIMEOUT).await {
+                Err(SnapshotError::Timeout(_)) => {
+                    tracing::warn!(
+                        broker = %self.broker,
+                        "no answer on {sync}: a broker drops it when its ACL does not grant \
+                         readwrite on ${}/sync/#; syncing on {} instead",
+                        topics.prefix(),
+                        topics.plain_sync("ID"),
+                    );
+                    self.dollar_sync = false;
+                }
+                r => return r.map_err(|e| self.snapshot_error(e)),
+            }
+        }
+        let sync = topics.plain_sync(&id);
         mqtt::snapshot(&self.client, &mut self.rx, filter, &sync, ANSWER_TIMEOUT)
             .await
             .map_err(|e| self.snapshot_error(e))
