@@ -45,6 +45,8 @@
 //! # Ok(()) }
 //! ```
 
+// The HTTP admin path (for `homicro deregister`) needs hyper: server only.
+#[cfg(feature = "server")]
 mod admin;
 mod directory;
 mod registration;
@@ -60,6 +62,7 @@ use tokio::time::{Instant, timeout_at};
 
 pub use crate::config::BrokerUrl as Broker;
 pub use crate::record::{Endpoint, Name, Record};
+#[cfg(feature = "server")]
 pub use admin::deregister_as_admin;
 pub use directory::{
     Change, Directory, DirectoryError, Options as DirectoryOptions, Service, Strategy,
