@@ -457,31 +457,6 @@ fn serve_port_points_at_listen() {
     );
 }
 
-/// A port already taken is named, with a guess at why and what to do.
-#[test]
-fn a_port_in_use_says_how_to_pick_another() {
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = taken.local_addr().unwrap().port();
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let listen = format!("127.0.0.1:{port}");
-    let out = homicro_cmd(&[
-        "serve",
-        "--listen",
-        &listen,
-        "--state-dir",
-        state.to_str().unwrap(),
-    ]);
-    assert_eq!(out.status.code(), Some(2));
-    let err = stderr(&out);
-    let want = format!(
-        "port {port} is in use (another broker, or homicro already running?): \
-         pick another with --listen 127.0.0.1:{}",
-        port + 1
-    );
-    assert!(err.contains(&want), "{err}");
-}
-
 /// The log names the socket as bound (every interface here), and the URL
 /// a client on this machine uses.
 #[tokio::test]
