@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 
 use crate::client::{
     self, Announcement, Announcements, Broker, ConnectionError, Directory, DirectoryOptions,
-    RegisterError, Registration, RegistrationBuilder, Service,
+    Notice, RegisterError, Registration, RegistrationBuilder, Service,
 };
 use crate::protocol::{EventKind, RegistryState};
 use crate::record::Name;
@@ -81,15 +81,25 @@ fn usage(e: impl std::fmt::Display) -> CliError {
     }
 }
 
+/// What to do when nothing answers at the broker's address.
+const START_HINT: &str = " Start it with scripts/serve (or homicro serve), or give --broker \
+     (HOMICRO_BROKER) for another address.";
+
 impl From<ConnectionError> for CliError {
     fn from(e: ConnectionError) -> Self {
-        fail(e)
+        match e {
+            ConnectionError::Unreachable { .. } => fail(format!("{e}{START_HINT}")),
+            e => fail(e),
+        }
     }
 }
 
 impl From<RegisterError> for CliError {
     fn from(e: RegisterError) -> Self {
-        fail(e)
+        match e {
+            RegisterError::Connection(e) => e.into(),
+            e => fail(e),
+        }
     }
 }
 
@@ -106,6 +116,10 @@ pub struct RegisterArgs {
     pub meta: Vec<(String, String)>,
     pub health_http: Option<String>,
     pub health_tcp: bool,
+    /// The check's `interval` and `failures` (the registry's defaults
+    /// otherwise).
+    pub health_interval: Option<Duration>,
+    pub health_failures: Option<u32>,
     pub once: bool,
 }
 
@@ -133,12 +147,26 @@ impl RegisterArgs {
         for (k, v) in &self.meta {
             b = b.meta(k, v.as_str());
         }
-        b = match (&self.health_http, self.health_tcp) {
+        let mut health = match (&self.health_http, self.health_tcp) {
             (Some(_), true) => return Err(usage("give --health-http or --health-tcp, not both")),
-            (Some(h), false) => b.health_http(h),
-            (None, true) => b.health_tcp(),
-            (None, false) => b,
+            (Some(h), false) => serde_json::json!({ "http": h }),
+            (None, true) => serde_json::json!({ "tcp": true }),
+            (None, false) if self.health_interval.is_some() || self.health_failures.is_some() => {
+                return Err(usage(
+                    "--health-interval and --health-failures need --health-http or --health-tcp",
+                ));
+            }
+            (None, false) => Value::Null,
         };
+        if let Some(i) = self.health_interval {
+            health["interval"] = humantime::format_duration(i).to_string().into();
+        }
+        if let Some(f) = self.health_failures {
+            health["failures"] = f.into();
+        }
+        if !health.is_null() {
+            b = b.field("health", health);
+        }
         // Validate here so that bad input is a usage error (exit 2).
         b.record(self.host.as_deref().unwrap_or("localhost"))
             .map_err(usage)?;
@@ -182,11 +210,57 @@ pub async fn register(
         reg.record().endpoint,
         describe(reg.record())
     );
-    stop.await;
+    let mut notices = reg.notices();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            n = notices.recv() => match n {
+                Ok(n) => {
+                    if let Some(line) = notice_line(&reg, &n) {
+                        eprintln!("{line}");
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            },
+        }
+    }
     let name = reg.name().clone();
     reg.deregister().await?;
     println!("deregistered {name}");
     Ok(())
+}
+
+/// The line `register` prints (on stderr) when the registry clears its
+/// record and when it is registered again; `None` for what the log says
+/// already (a lost broker, a failed attempt, a lost name: warnings).
+fn notice_line(reg: &Registration, n: &Notice) -> Option<String> {
+    let name = reg.name();
+    let line = match n {
+        Notice::Cleared {
+            event: EventKind::Unhealthy,
+            detail,
+        } => format!(
+            "{name}: cleared by the registry as unhealthy ({}); registering it again",
+            detail.as_deref().unwrap_or("its health check failed")
+        ),
+        Notice::Cleared {
+            event: EventKind::Expired,
+            ..
+        } => format!(
+            "{name}: expired (no heartbeat reached the registry within its ttl); \
+             registering it again"
+        ),
+        Notice::Cleared { event, .. } => {
+            format!("{name}: {event} by someone else; registering it again")
+        }
+        Notice::Reasserted(_) => {
+            format!("{name}: registered again at {}", reg.record().endpoint)
+        }
+        Notice::ReassertFailed(_) | Notice::Disconnected(_) | Notice::Lost { .. } => return None,
+    };
+    Some(line)
 }
 
 /// Clears NAME's record and waits for the registry to confirm.
@@ -213,7 +287,7 @@ pub async fn deregister(broker: &Broker, prefix: &str, name: &str) -> Result<(),
         Err(RegisterError::RegistryOffline) => Err(fail(format!(
             "cleared {name}, but no registry confirmed it: is `homicro serve` running?"
         ))),
-        Err(e) => Err(fail(e)),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -224,7 +298,7 @@ pub async fn list(broker: &Broker, prefix: &str, as_json: bool) -> Result<(), Cl
         ..Default::default()
     };
     let dir = Directory::connect_with(broker, options).await?;
-    tokio::time::timeout(client::ANSWER_TIMEOUT, dir.ready())
+    tokio::time::timeout(2 * client::ANSWER_TIMEOUT, dir.ready())
         .await
         .map_err(|_| fail(format!("no answer from {broker}")))?;
     let services = dir.list();

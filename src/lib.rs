@@ -43,6 +43,23 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Features
+//!
+//! `server` (default): `homicro serve` (the embedded broker, the registry,
+//! the HTTP API), the commands for people ([`cli`]) and what only they need
+//! (hyper, tungstenite, clap, toml, jemalloc...). A Rust service that only
+//! registers and discovers depends on the helper alone:
+//!
+//! ```toml
+//! homicro = { git = "…", default-features = false }
+//! ```
+//!
+//! which is [`client`] with [`record`], [`topics`], [`protocol`], [`mqtt`],
+//! [`tls_client`] and `config::BrokerUrl` (of [`rpc`], only its `wire`
+//! rules); `client::deregister_as_admin` needs `server`.
+//!
+//! # Modules
+//!
 //! [`record`] validates names and records for everyone; [`protocol`] types
 //! the registry's payloads; [`registry`] holds the rules and the actor;
 //! [`bus`] is the MQTT server and its router; [`http`] the HTTP API;
@@ -51,24 +68,58 @@
 //! contract is `docs/PROTOCOL.md`; [`protocol`] types the registry's
 //! payloads for all of them.
 
-pub mod alloc;
-pub mod auth;
-pub mod bus;
-pub mod cli;
+// The helper for Rust services, and what it needs: always built.
 pub mod client;
-pub mod config;
-pub mod durable;
-pub mod homeassistant;
-pub mod http;
-pub mod hugetext;
-pub mod identity;
-pub mod journal;
 pub mod mqtt;
 pub mod protocol;
 pub mod record;
-pub mod registry;
-pub mod rpc;
-pub mod serve;
-pub mod statefile;
 pub mod tls_client;
 pub mod topics;
+
+// The server (`homicro serve`), the commands for people, and what only
+// they need: the `server` feature (a default one).
+#[cfg(feature = "server")]
+pub mod alloc;
+#[cfg(feature = "server")]
+pub mod auth;
+#[cfg(feature = "server")]
+pub mod bus;
+#[cfg(feature = "server")]
+pub mod cli;
+#[cfg(feature = "server")]
+pub mod config;
+#[cfg(feature = "server")]
+pub mod durable;
+#[cfg(feature = "server")]
+pub mod homeassistant;
+#[cfg(feature = "server")]
+pub mod http;
+#[cfg(feature = "server")]
+pub mod hugetext;
+#[cfg(feature = "server")]
+pub mod identity;
+#[cfg(feature = "server")]
+pub mod journal;
+#[cfg(feature = "server")]
+pub mod registry;
+#[cfg(feature = "server")]
+pub mod rpc;
+#[cfg(feature = "server")]
+pub mod serve;
+#[cfg(feature = "server")]
+pub mod statefile;
+
+/// Without the `server` feature: of the configuration, only the broker's
+/// address (`crate::config::BrokerUrl`, as with it).
+#[cfg(not(feature = "server"))]
+pub mod config {
+    mod broker;
+    pub use broker::{BrokerUrl, Login};
+}
+
+/// Without the `server` feature: of the calls through the hub, only the
+/// topics' rules, which the helper's `Caller` follows.
+#[cfg(not(feature = "server"))]
+pub mod rpc {
+    pub mod wire;
+}

@@ -30,8 +30,10 @@ enum Command {
     Config,
     /// Register a service and keep it registered until Ctrl-C.
     Register(RegisterCmd),
-    /// Remove a service's record.
+    /// Remove a service's record (its own, or any from the server's machine
+    /// as an admin).
     Deregister {
+        /// The service name whose record goes.
         name: String,
         #[command(flatten)]
         conn: Conn,
@@ -92,9 +94,14 @@ enum Command {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Where the embedded broker listens, IP:PORT [default: 0.0.0.0:1883].
+    /// The one port for everything, IP:PORT: MQTT 3.1.1 and 5, MQTT over
+    /// WebSocket (/mqtt) and the HTTP API [default: 0.0.0.0:1883].
     #[arg(long)]
     listen: Option<String>,
+    /// Not a flag of serve: the port is part of --listen (refused with a
+    /// hint to it).
+    #[arg(long, hide = true)]
+    port: Option<String>,
     /// Use an existing broker, mqtt://HOST:PORT (mqtts:// for TLS), instead
     /// of the embedded one.
     #[arg(long)]
@@ -196,6 +203,8 @@ struct RegisterCmd {
     /// Without it, the MQTT will clears the record when this process dies.
     #[arg(long, value_parser = parse_duration)]
     ttl: Option<Duration>,
+    /// What it does, for lookups by role (`role@range` queries, e.g.
+    /// api@^1.2) [default: the name].
     #[arg(long)]
     role: Option<String>,
     /// A semver version, e.g. 1.2.0.
@@ -213,6 +222,12 @@ struct RegisterCmd {
     /// Health check: a TCP connect to host:port.
     #[arg(long)]
     health_tcp: bool,
+    /// How often the registry runs the health check [default: 30s].
+    #[arg(long, value_parser = parse_duration)]
+    health_interval: Option<Duration>,
+    /// Failed checks in a row that clear the record [default: 3].
+    #[arg(long)]
+    health_failures: Option<u32>,
     /// Publish once and exit (no heartbeats, no deregistration).
     #[arg(long)]
     once: bool,
@@ -306,6 +321,13 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
+    if let Some(port) = &args.port {
+        eprintln!(
+            "homicro: serve has no --port: the port is part of --listen IP:PORT, \
+             e.g. --listen 0.0.0.0:{port}"
+        );
+        return ExitCode::from(2);
+    }
     let file = match &args.config {
         Some(path) => match std::fs::read_to_string(path) {
             Ok(text) => Some((path.display().to_string(), text)),
@@ -390,6 +412,8 @@ async fn client(cmd: Command) -> Result<(), CliError> {
                 meta: r.meta,
                 health_http: r.health_http,
                 health_tcp: r.health_tcp,
+                health_interval: r.health_interval,
+                health_failures: r.health_failures,
                 once: r.once,
             };
             cli::register(&r.conn.broker()?, &r.conn.prefix, &args, stop_signal()).await

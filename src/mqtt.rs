@@ -160,6 +160,27 @@ fn jitter(d: Duration) -> Duration {
     d + d.mul_f64((r % 1000) as f64 / 4000.0)
 }
 
+/// Why a connection attempt failed, when trying again soon cannot help: the
+/// broker's port is closed (connection refused), its host has no address,
+/// or there is no route to it. `reason` is a [`Incoming::Disconnected`]
+/// reason (rumqttc's error, which carries the OS error's text).
+pub fn unreachable(reason: &str) -> Option<&'static str> {
+    let reason = reason.to_ascii_lowercase();
+    if reason.contains("return code") {
+        // A CONNACK's refusal (a bad login, a full server): MQTT's, not TCP's.
+        return None;
+    }
+    [
+        ("connection refused", "connection refused"),
+        ("failed to lookup address", "unknown host"),
+        ("name or service not known", "unknown host"),
+        ("network is unreachable", "network unreachable"),
+        ("no route to host", "no route to host"),
+    ]
+    .into_iter()
+    .find_map(|(text, what)| reason.contains(text).then_some(what))
+}
+
 /// A message as delivered: topic, payload, retain flag.
 pub type Message = (String, Bytes, bool);
 
@@ -224,6 +245,46 @@ pub async fn snapshot(
             out.pop();
             let _ = client.unsubscribe(sync_topic).await;
             return Ok(out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// rumqttc's errors as they read when nothing can be reached, and some
+    /// that deserve a retry.
+    #[test]
+    fn unreachable_is_told_from_a_failure_worth_retrying() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let os = std::io::Error::from_raw_os_error(libc::ECONNREFUSED);
+        for (reason, want) in [
+            (
+                ConnectionError::Io(os).to_string(),
+                Some("connection refused"),
+            ),
+            (format!("I/O: {refused}"), Some("connection refused")),
+            (
+                "I/O: failed to lookup address information: Name or service not known".into(),
+                Some("unknown host"),
+            ),
+            (
+                "I/O: Network is unreachable (os error 101)".into(),
+                Some("network unreachable"),
+            ),
+            ("Timeout".into(), None),
+            ("Connection closed by peer abruptly".into(), None),
+            (
+                "Connection refused, return code: `NotAuthorized`".into(),
+                None,
+            ),
+            (
+                "Connection refused, return code: `ServiceUnavailable`".into(),
+                None,
+            ),
+        ] {
+            assert_eq!(unreachable(&reason), want, "{reason}");
         }
     }
 }

@@ -354,8 +354,8 @@ pub fn parse_duration_str(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{s:?} is not a duration such as \"30s\" or \"5m\" ({e})"))
 }
 
-/// A valid record for tests: NAME and its JSON, parsed.
-#[cfg(test)]
+/// A valid record for the server's tests: NAME and its JSON, parsed.
+#[cfg(all(test, feature = "server"))]
 pub(crate) fn parsed(name: &str, json: &str) -> (Name, Record) {
     let n = Name::parse(name).unwrap();
     let r = Record::parse(&n, Bytes::from(json.to_string())).unwrap();

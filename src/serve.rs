@@ -26,7 +26,7 @@ pub enum ServeError {
     Auth(#[from] crate::auth::FileError),
     #[error("{0}")]
     Tls(#[from] crate::bus::tls::TlsError),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("{}", listen_error(addr, source))]
     Listen {
         addr: SocketAddr,
         source: std::io::Error,
@@ -92,7 +92,7 @@ pub async fn start(config: &ServeConfig) -> Result<Running, ServeError> {
     };
     let home_assistant =
         homeassistant::start(config, homeassistant::Bus::External(url.clone()), None);
-    info!(listen = %url, prefix = %config.prefix, "homicro serving");
+    info!(url = %url, prefix = %config.prefix, "homicro serving");
     Ok(Running {
         broker: url.clone(),
         registry,
@@ -177,7 +177,9 @@ async fn start_embedded(config: &ServeConfig) -> Result<Running, ServeError> {
         tokio::spawn(crate::rpc::watch(bus.clone()));
     }
     let public = url_of(listen);
-    info!(listen = %public, prefix = %config.prefix, "homicro serving");
+    // `listen`: the socket as bound (0.0.0.0: every interface); `url`:
+    // where a client on this machine connects.
+    info!(%listen, url = %public, prefix = %config.prefix, "homicro serving");
     Ok(Running {
         broker: public,
         registry,
@@ -314,6 +316,22 @@ async fn reload_on_hangup(auth: Arc<Auth>, tls: Option<Arc<Tls>>) {
         if let Some(Err(e)) = tls.as_ref().map(|t| t.reload()) {
             tracing::error!(error = %e, "TLS certificate not reloaded; the old one stays");
         }
+    }
+}
+
+/// Why the public port could not be bound, and what to do when it is taken.
+fn listen_error(addr: &SocketAddr, e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            let mut other = *addr;
+            other.set_port(addr.port().checked_add(1).unwrap_or(1883));
+            format!(
+                "port {} is in use (another broker, or homicro already running?): \
+                 pick another with --listen {other}",
+                addr.port()
+            )
+        }
+        _ => format!("cannot listen on {addr}: {e}"),
     }
 }
 

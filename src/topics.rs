@@ -104,6 +104,30 @@ impl Topics {
         format!("{}+", self.services)
     }
 
+    /// `$PREFIX/sync/ID`: a client's private echo topic, which tells it
+    /// that a subscription's retained copies have all arrived (see
+    /// [`crate::mqtt::snapshot`]). `$` keeps it out of every `#` and
+    /// `PREFIX/#` subscription (MQTT 4.7.2).
+    pub fn sync(&self, id: &str) -> String {
+        format!("${}/sync/{id}", self.prefix)
+    }
+
+    /// `PREFIX/sync/ID`: the same echo topic, for a broker that drops
+    /// publishes to `$` topics (seen by `PREFIX/#` subscribers).
+    pub fn plain_sync(&self, id: &str) -> String {
+        format!("{}/sync/{id}", self.prefix)
+    }
+
+    /// Whether `topic` (or a filter) is one `$PREFIX/sync/ID` topic: one
+    /// level of ID, no wildcards.
+    pub fn is_sync(&self, topic: &str) -> bool {
+        topic
+            .strip_prefix('$')
+            .and_then(|t| t.strip_prefix(self.prefix.as_str()))
+            .and_then(|t| t.strip_prefix("/sync/"))
+            .is_some_and(|id| !id.is_empty() && !id.contains(['/', '+', '#']))
+    }
+
     pub fn events_filter(&self) -> String {
         format!("{}/events/+", self.prefix)
     }
@@ -216,6 +240,26 @@ mod tests {
         assert_eq!(t.hub("home/hmx/call/a"), None);
         assert_eq!(t.request("web", "id1"), "home/hm/rpc/web/id1");
         assert_eq!(t.request_filter("web"), "home/hm/rpc/web/+");
+    }
+
+    #[test]
+    fn sync_topics() {
+        let t = Topics::new("home/hm");
+        assert_eq!(t.sync("dir-1"), "$home/hm/sync/dir-1");
+        assert_eq!(t.plain_sync("dir-1"), "home/hm/sync/dir-1");
+        assert!(t.is_sync(&t.sync("dir-1")));
+        for not in [
+            "home/hm/sync/dir-1",
+            "$home/hm/sync/",
+            "$home/hm/sync/+",
+            "$home/hm/sync/#",
+            "$home/hm/sync/a/b",
+            "$home/hmx/sync/a",
+            "$homicro/sync/a",
+            "$home/hm/events/a",
+        ] {
+            assert!(!t.is_sync(not), "{not}");
+        }
     }
 
     #[test]

@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 
 #[tokio::test]
@@ -250,7 +252,7 @@ async fn without_a_broker_or_registry_commands_say_so() {
     let out = homicro_cmd(&["list", "--broker", &format!("mqtt://127.0.0.1:{port}")]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("cannot connect to mqtt://127.0.0.1:"),
+        stderr(&out).contains("cannot reach the broker at mqtt://127.0.0.1:"),
         "{}",
         stderr(&out)
     );
@@ -385,4 +387,152 @@ fn passwd_adds_users_that_mosquitto_passwd_can_update() {
         "{text}"
     );
     assert!(!text.contains("second"), "never the password itself");
+}
+
+/// With nothing listening at the broker's address, every client command
+/// gives up at once (as curl and mosquitto_pub do, not after 10 s of
+/// retries) and says what to do.
+#[tokio::test]
+async fn every_command_fails_fast_when_nothing_listens() {
+    let port = free_port();
+    let b = format!("mqtt://127.0.0.1:{port}");
+    let commands: [&[&str]; 8] = [
+        &["list"],
+        &["list", "--json"],
+        &["watch"],
+        &["deregister", "api"],
+        &["register", "api", "--port", "8080"],
+        &["register", "api", "--port", "8080", "--once"],
+        &["call", "api"],
+        &["proxy", "api"],
+    ];
+    for args in commands {
+        let start = std::time::Instant::now();
+        let out = homicro_cmd(&[args, &["--broker", &b]].concat());
+        let took = start.elapsed();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(took < Duration::from_secs(2), "{args:?} took {took:?}");
+        let want = format!("cannot reach the broker at {b} (connection refused)");
+        assert!(err.contains(&want), "{args:?}: {err}");
+        assert!(err.contains("homicro serve` running?"), "{args:?}: {err}");
+        assert!(err.contains("scripts/serve"), "{args:?}: {err}");
+    }
+}
+
+/// Help says what `--listen` is (the one port), and documents `--role` and
+/// `deregister NAME`.
+#[test]
+fn help_says_what_each_flag_is() {
+    let serve = stdout(&homicro_cmd(&["serve", "--help"]));
+    assert!(
+        serve.contains("The one port for everything, IP:PORT: MQTT 3.1.1 and 5, MQTT over"),
+        "{serve}"
+    );
+    assert!(
+        serve.contains("HTTP API [default: 0.0.0.0:1883]"),
+        "{serve}"
+    );
+    assert!(!serve.contains("--port"), "a hidden flag: {serve}");
+    let register = stdout(&homicro_cmd(&["register", "--help"]));
+    assert!(register.contains("for lookups by role"), "{register}");
+    let deregister = stdout(&homicro_cmd(&["deregister", "--help"]));
+    assert!(
+        deregister.contains("The service name whose record goes"),
+        "{deregister}"
+    );
+}
+
+/// `serve --port` is a natural guess: it is refused with the flag to use.
+#[test]
+fn serve_port_points_at_listen() {
+    let out = homicro_cmd(&["serve", "--port", "1884"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains(
+            "serve has no --port: the port is part of --listen IP:PORT, e.g. --listen 0.0.0.0:1884"
+        ),
+        "{err}"
+    );
+}
+
+/// The log names the socket as bound (every interface here), and the URL
+/// a client on this machine uses.
+#[tokio::test]
+async fn the_log_names_the_address_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Serve::start_with(&["--listen", "0.0.0.0:0"], &dir.path().join("state")).await;
+    let port = s.port();
+    let log = s.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("homicro serving"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains(&format!("listen=0.0.0.0:{port}")), "{line}");
+    assert!(
+        line.contains(&format!("url=mqtt://127.0.0.1:{port}")),
+        "{line}"
+    );
+}
+
+/// A record whose health check fails (nothing listens on its port) is
+/// cleared by the registry as unhealthy and registered again by `register`,
+/// which says both on stderr, with the registry's detail.
+#[tokio::test]
+async fn register_says_when_its_record_is_cleared_unhealthy_and_registered_again() {
+    let s = Serve::start().await;
+    let b = s.url.to_string();
+    let dead = free_port().to_string();
+    let reg = Proc::homicro_with_stderr(&[
+        "register",
+        "api",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &dead,
+        "--health-tcp",
+        "--health-interval",
+        "1s",
+        "--health-failures",
+        "1",
+        "--broker",
+        &b,
+    ]);
+    reg.wait_line(|l| l.starts_with(&format!("registered api at 127.0.0.1:{dead}")))
+        .await;
+    let cleared = reg
+        .wait_line(|l| l.starts_with("api: cleared by the registry as unhealthy ("))
+        .await;
+    assert!(
+        cleared.contains(&format!("tcp 127.0.0.1:{dead}")),
+        "{cleared}"
+    );
+    assert!(cleared.ends_with("); registering it again"), "{cleared}");
+    reg.wait_line(|l| l == format!("api: registered again at 127.0.0.1:{dead}"))
+        .await;
+}
+
+/// The health flags are checked like the record: a bad value or one
+/// without a check is a usage error (exit 2) that says what is wrong.
+#[test]
+fn bad_health_flags_are_usage_errors() {
+    for (args, want) in [
+        (
+            &["--health-interval", "1s"][..],
+            "--health-interval and --health-failures need --health-http or --health-tcp",
+        ),
+        (
+            &["--health-tcp", "--health-interval", "500ms"],
+            "`health.interval` must be at least 1s",
+        ),
+        (
+            &["--health-tcp", "--health-failures", "0"],
+            "`health.failures` must be an integer from 1 to 1000",
+        ),
+    ] {
+        let out = homicro_cmd(&[&["register", "api", "--port", "80"], args].concat());
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(stderr(&out).contains(want), "{args:?}: {}", stderr(&out));
+    }
 }

@@ -345,7 +345,8 @@ async fn typed_errors_callers_can_branch_on() {
         .register(&nowhere)
         .await;
     assert!(matches!(e, Err(RegisterError::Invalid(_))), "{e:?}");
-    // Connection failure.
+    // Nothing listening: given up at once.
+    let start = Instant::now();
     let e = Registration::builder("x")
         .host("h")
         .register(&nowhere)
@@ -353,9 +354,15 @@ async fn typed_errors_callers_can_branch_on() {
     assert!(
         matches!(
             e,
-            Err(RegisterError::Connection(ConnectionError::Connect { .. }))
+            Err(RegisterError::Connection(ConnectionError::Unreachable { ref reason, .. }))
+                if reason == "connection refused"
         ),
         "{e:?}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
     );
     // A broker without a registry.
     let mosq = Mosquitto::start().await;
@@ -589,4 +596,49 @@ async fn a_service_answers_calls_made_with_the_helper() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     reg.deregister().await.unwrap();
+}
+
+/// `Registration::notices`: the registry clearing the record as unhealthy
+/// (with its detail), then the helper registering it again, in that order;
+/// then losing the broker.
+#[tokio::test]
+async fn notices_tell_a_registration_cleared_unhealthy_and_registered_again() {
+    use homicro::client::Notice;
+    use homicro::protocol::EventKind;
+    let mut s = Serve::start().await;
+    let dead = free_port();
+    let reg = Registration::builder("flaky")
+        .host("127.0.0.1")
+        .port(dead)
+        .field(
+            "health",
+            serde_json::json!({"tcp": true, "interval": "1s", "failures": 1}),
+        )
+        .register(&s.url)
+        .await
+        .unwrap();
+    let mut notices = reg.notices();
+    let mut next = async || {
+        tokio::time::timeout(WAIT, notices.recv())
+            .await
+            .expect("a notice")
+            .unwrap()
+    };
+    match next().await {
+        Notice::Cleared {
+            event: EventKind::Unhealthy,
+            detail: Some(d),
+        } => assert!(d.contains(&format!("tcp 127.0.0.1:{dead}")), "{d}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(next().await, Notice::Reasserted(EventKind::Registered));
+    s.kill();
+    loop {
+        match next().await {
+            Notice::Disconnected(_) => break,
+            // The check may clear it once more before serve is gone.
+            Notice::Cleared { .. } | Notice::Reasserted(_) | Notice::ReassertFailed(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -64,20 +64,27 @@ fn bad_flags_and_config_exit_2_naming_the_key() {
             stderr(&out)
         );
     }
-    // A port in use is refused before anything else starts.
+    // A port in use is refused before anything else starts, with a guess
+    // at why and what to do.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = taken.local_addr().unwrap().to_string();
+    let port = taken.local_addr().unwrap().port();
     let out = Command::new(bin())
-        .args(["serve", "--listen", &addr, "--state-dir"])
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--state-dir",
+        ])
         .arg(dir.path().join("s"))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains(&format!("cannot listen on {addr}")),
-        "{}",
-        stderr(&out)
+    let want = format!(
+        "port {port} is in use (another broker, or homicro already running?): \
+         pick another with --listen 127.0.0.1:{}",
+        port + 1
     );
+    assert!(stderr(&out).contains(&want), "{}", stderr(&out));
 }
 
 #[test]

@@ -43,7 +43,7 @@ pub async fn proxy(
         ..Default::default()
     };
     let dir = Directory::connect_with(broker, options).await?;
-    tokio::time::timeout(crate::client::ANSWER_TIMEOUT, dir.ready())
+    tokio::time::timeout(2 * crate::client::ANSWER_TIMEOUT, dir.ready())
         .await
         .map_err(|_| fail(format!("no answer from {broker}")))?;
     println!("proxying {bound} -> {query}");

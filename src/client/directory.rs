@@ -2,7 +2,8 @@
 //! to `PREFIX/services/+`, with lookups by name, role and `role@range`.
 //!
 //! Completeness: the task subscribes, waits for the SUBACK, then subscribes
-//! to a private `PREFIX/sync/ID` topic and publishes to it. Brokers queue a
+//! to a private `$PREFIX/sync/ID` topic and publishes to it (see
+//! [`super::Connection::snapshot`]). Brokers queue a
 //! subscription's retained copies as they acknowledge it, so the sync
 //! message comes back behind the last retained record: at that moment the
 //! copy is complete and `ready()` returns. The same happens after every

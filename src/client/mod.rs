@@ -45,6 +45,8 @@
 //! # Ok(()) }
 //! ```
 
+// The HTTP admin path (for `homicro deregister`) needs hyper: server only.
+#[cfg(feature = "server")]
 mod admin;
 mod directory;
 mod registration;
@@ -60,12 +62,13 @@ use tokio::time::{Instant, timeout_at};
 
 pub use crate::config::BrokerUrl as Broker;
 pub use crate::record::{Endpoint, Name, Record};
+#[cfg(feature = "server")]
 pub use admin::deregister_as_admin;
 pub use directory::{
     Change, Directory, DirectoryError, Options as DirectoryOptions, Service, Strategy,
 };
 pub use registration::{
-    RegisterError, Registration, RegistrationBuilder, Status as RegistrationStatus,
+    Notice, RegisterError, Registration, RegistrationBuilder, Status as RegistrationStatus,
 };
 pub use rpc::{CallError, Caller, Reply, Request, RequestServer};
 
@@ -83,6 +86,10 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum ConnectionError {
     #[error("cannot connect to {broker}: {reason}")]
     Connect { broker: String, reason: String },
+    /// The first attempt found nothing to connect to (`reason`: connection
+    /// refused, unknown host, no route): given up at once, not retried.
+    #[error("cannot reach the broker at {broker} ({reason}): is `homicro serve` running?")]
+    Unreachable { broker: String, reason: String },
     #[error("lost the broker {broker}: {reason}")]
     Lost { broker: String, reason: String },
     #[error("no answer from {broker} within {wait:?}")]
@@ -96,10 +103,16 @@ pub(crate) struct Connection {
     pub client: AsyncClient,
     pub rx: UnboundedReceiver<Incoming>,
     pub broker: Broker,
+    /// Whether snapshots sync on `$PREFIX/sync/ID` (false once the broker
+    /// dropped one: then `PREFIX/sync/ID`).
+    dollar_sync: bool,
 }
 
 impl Connection {
-    /// Connects (with an optional will) and waits for the CONNACK.
+    /// Connects (with an optional will) and waits for the CONNACK. A first
+    /// attempt that finds nothing listening (or no such host) fails at once
+    /// with [`ConnectionError::Unreachable`]; other failures are retried for
+    /// up to 10 s. Once connected, the connection reconnects by itself.
     pub async fn open(
         broker: &Broker,
         client_prefix: &str,
@@ -120,6 +133,7 @@ impl Connection {
             client,
             rx,
             broker: broker.clone(),
+            dollar_sync: true,
         };
         // Room for a few attempts (each gives up after 2 s).
         let deadline = Instant::now() + 2 * ANSWER_TIMEOUT;
@@ -144,6 +158,14 @@ impl Connection {
                             "bad user name or password, or not authorized ({e}); \
                              check the user and its password"
                         ),
+                    });
+                }
+                // Nothing listens there: say so now, as curl does, rather
+                // than after 10 s of trying.
+                Ok(Some(Incoming::Disconnected(e))) if let Some(why) = mqtt::unreachable(&e) => {
+                    return Err(ConnectionError::Unreachable {
+                        broker: broker.to_string(),
+                        reason: why.to_string(),
                     });
                 }
                 Ok(Some(Incoming::Disconnected(e))) => reason = e,
@@ -203,13 +225,33 @@ impl Connection {
     }
 
     /// Every message up to the end of `filter`'s retained copies (see
-    /// [`mqtt::snapshot`]).
+    /// [`mqtt::snapshot`]), synced on `$PREFIX/sync/ID`, out of the way of
+    /// `#` subscribers. A broker that drops that (Mosquitto does when its
+    /// ACL does not grant it) costs one timeout, a warning, and the plain
+    /// `PREFIX/sync/ID` from then on; so at most twice [`ANSWER_TIMEOUT`].
     pub async fn snapshot(
         &mut self,
         topics: &Topics,
         filter: &str,
     ) -> Result<Vec<mqtt::Message>, ConnectionError> {
-        let sync = format!("{}/sync/{}", topics.prefix(), mqtt::client_id("dir"));
+        let id = mqtt::client_id("dir");
+        if self.dollar_sync {
+            let sync = topics.sync(&id);
+            match mqtt::snapshot(&self.client, &mut self.rx, filter, &sync, ANSWER_TIMEOUT).await {
+                Err(SnapshotError::Timeout(_)) => {
+                    tracing::warn!(
+                        broker = %self.broker,
+                        "no answer on {sync}: a broker drops it when its ACL does not grant \
+                         readwrite on ${}/sync/#; syncing on {} instead",
+                        topics.prefix(),
+                        topics.plain_sync("ID"),
+                    );
+                    self.dollar_sync = false;
+                }
+                r => return r.map_err(|e| self.snapshot_error(e)),
+            }
+        }
+        let sync = topics.plain_sync(&id);
         mqtt::snapshot(&self.client, &mut self.rx, filter, &sync, ANSWER_TIMEOUT)
             .await
             .map_err(|e| self.snapshot_error(e))

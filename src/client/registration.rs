@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rumqttc::{LastWill, QoS};
 use serde_json::{Map, Value, json};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::info;
 
 use super::{Broker, Connection, ConnectionError, local_address_towards};
@@ -68,6 +68,30 @@ pub struct Registration {
     pub(super) topics: Topics,
     commands: mpsc::Sender<Command>,
     status: watch::Receiver<Status>,
+    notices: broadcast::Sender<Notice>,
+}
+
+/// What happened to a live registration in the background, as it happens
+/// (see [`Registration::notices`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// The registry removed the record: `event` is `unhealthy` (its health
+    /// check failed; `detail` says how), `expired` or `deregistered`
+    /// (someone else cleared it). The helper registers it again.
+    Cleared {
+        event: EventKind,
+        detail: Option<String>,
+    },
+    /// The record was published again and accepted (`registered` or
+    /// `updated`), after a clear, a reconnection or a registry restart.
+    Reasserted(EventKind),
+    /// Registering again failed for now (`reason`); it is retried.
+    ReassertFailed(String),
+    /// The connection to the broker was lost; it is being reconnected.
+    Disconnected(String),
+    /// Another endpoint now owns the name; the helper stopped asserting it
+    /// (the status is [`Status::Lost`]).
+    Lost { owner: Endpoint },
 }
 
 /// What the background task knows about the registration.
@@ -109,6 +133,13 @@ impl Registration {
 
     pub fn status(&self) -> Status {
         self.status.borrow().clone()
+    }
+
+    /// What happens to the registration from now on: the registry clearing
+    /// it (unhealthy, expired), the helper registering it again, the broker
+    /// lost. A receiver that falls 64 notices behind loses the oldest.
+    pub fn notices(&self) -> broadcast::Receiver<Notice> {
+        self.notices.subscribe()
     }
 
     /// Removes the record and stops keeping it alive.
@@ -255,7 +286,8 @@ impl RegistrationBuilder {
         info!(name = %name, endpoint = %record.endpoint, "registered");
         let (commands, rx) = mpsc::channel(4);
         let (status_tx, status) = watch::channel(Status::Registered);
-        tokio::spawn(session.keep(conn, rx, status_tx));
+        let (notices, _) = broadcast::channel(64);
+        tokio::spawn(session.keep(conn, rx, status_tx, notices.clone()));
         Ok(Registration {
             name,
             record,
@@ -263,6 +295,7 @@ impl RegistrationBuilder {
             topics,
             commands,
             status,
+            notices,
         })
     }
 

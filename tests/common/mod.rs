@@ -100,7 +100,7 @@ impl Serve {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("homicro serving") {
                     let url = line
-                        .split("listen=")
+                        .split("url=")
                         .nth(1)
                         .and_then(|r| r.split_whitespace().next());
                     let _ = tx.send(url.map(str::to_string));
@@ -440,7 +440,6 @@ impl Proc {
     pub fn spawn(cmd: &mut Command) -> Proc {
         let mut child = cmd
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -457,6 +456,19 @@ impl Proc {
     /// `homicro ARGS`.
     pub fn homicro(args: &[&str]) -> Proc {
         Proc::spawn(Command::new(bin()).args(args))
+    }
+
+    /// `homicro ARGS`, its stderr lines collected with its stdout's.
+    pub fn homicro_with_stderr(args: &[&str]) -> Proc {
+        let mut p = Proc::spawn(Command::new(bin()).args(args).stderr(Stdio::piped()));
+        let err = p.child.stderr.take().unwrap();
+        let sink = p.lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        p
     }
 
     /// `mosquitto_sub -v -d ARGS`; waits until subscribed (its SUBACK line).

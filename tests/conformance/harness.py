@@ -300,7 +300,7 @@ def homicro_bin():
     return path
 
 
-SERVING = re.compile(r"homicro serving.*listen=mqtt://127\.0\.0\.1:(\d+)")
+SERVING = re.compile(r"homicro serving.*url=mqtt://127\.0\.0\.1:(\d+)")
 
 
 def start_homicro(tmp, config="", user=None, password=None, listen="127.0.0.1:0"):

