@@ -9,8 +9,8 @@
 //!
 //! The stream sends a `snapshot` first, then each registry event as an
 //! `event` at once, each heartbeat's new countdown as a `ttl`, and a fresh
-//! `snapshot` within 200 ms of any other change (and every 10 s
-//! regardless, which also finds a closed page). Records and events the
+//! `snapshot` at once after any other change, at most one per 200 ms (and
+//! every 10 s regardless, which also finds a closed page). Records and events the
 //! caller's ACL does not let it read are left out, as MQTT would. A page
 //! that stops reading holds at most one snapshot and 255 small events.
 
@@ -39,7 +39,7 @@ use crate::registry::{Handle, Shown};
 /// there are in all.
 pub const MAX_SHOWN: usize = 2000;
 
-/// How soon after a change a fresh snapshot goes out, at the latest.
+/// Snapshots go out no closer together than this.
 const SETTLE: Duration = Duration::from_millis(200);
 
 /// A snapshot goes out at least this often (countdowns stay right when
@@ -135,7 +135,8 @@ async fn feed(shared: Arc<Bus>, watcher: Watcher, tx: mpsc::Sender<Bytes>) {
     {
         return;
     }
-    // When the next snapshot is due: now, then SETTLE after a change.
+    // When the next snapshot is due: now, then after a change (no sooner
+    // than SETTLE after the last).
     let mut due = Some(Instant::now());
     let mut last = Instant::now();
     loop {
@@ -183,8 +184,9 @@ async fn feed(shared: Arc<Bus>, watcher: Watcher, tx: mpsc::Sender<Bytes>) {
             // A heartbeat moves one countdown: no snapshot for it.
             ttl(&shared, name, &may_read).map(|t| tx.try_send(sse("ttl", &t)))
         } else {
-            // A burst of changes makes one snapshot.
-            due.get_or_insert(Instant::now() + SETTLE);
+            // At once, unless one went out within SETTLE: a burst of
+            // changes makes one snapshot per SETTLE.
+            due.get_or_insert((last + SETTLE).max(Instant::now()));
             None
         };
         // A full queue: the page is not reading; what it misses, its next
