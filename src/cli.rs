@@ -216,6 +216,14 @@ pub async fn register(
         tokio::select! {
             _ = &mut stop => break,
             n = notices.recv() => match n {
+                // Another endpoint owns the name now: nothing of ours to
+                // keep or to deregister.
+                Ok(Notice::Lost { owner }) => {
+                    return Err(fail(format!(
+                        "{}: the name now belongs to {owner}; stopped asserting it",
+                        reg.name()
+                    )));
+                }
                 Ok(n) => {
                     if let Some(line) = notice_line(&reg, &n) {
                         eprintln!("{line}");
@@ -234,7 +242,8 @@ pub async fn register(
 
 /// The line `register` prints (on stderr) when the registry clears its
 /// record and when it is registered again; `None` for what the log says
-/// already (a lost broker, a failed attempt, a lost name: warnings).
+/// already (a lost broker, a failed attempt: warnings; a lost name ends
+/// `register`).
 fn notice_line(reg: &Registration, n: &Notice) -> Option<String> {
     let name = reg.name();
     let line = match n {

@@ -46,7 +46,7 @@
 //! # Features
 //!
 //! `server` (default): `homicro serve` (the embedded broker, the registry,
-//! the HTTP API), the commands for people ([`cli`]) and what only they need
+//! the HTTP API), the commands for people (`cli`) and what only they need
 //! (hyper, tungstenite, clap, toml, jemalloc...). A Rust service that only
 //! registers and discovers depends on the helper alone:
 //!
@@ -61,10 +61,11 @@
 //! # Modules
 //!
 //! [`record`] validates names and records for everyone; [`protocol`] types
-//! the registry's payloads; [`registry`] holds the rules and the actor;
-//! [`bus`] is the MQTT server and its router; [`http`] the HTTP API;
-//! [`serve`] wires them; [`client`] is the helper for Rust services;
-//! [`cli`] is the commands for people, built on it. The wire
+//! the registry's payloads; `registry` holds the rules and the actor;
+//! `bus` is the MQTT server and its router; `http` the HTTP API and the
+//! dashboard; `homeassistant` the Home Assistant bridge; `serve` wires
+//! them (these with `server`); [`client`] is the helper for Rust services;
+//! `cli` is the commands for people, built on it. The wire
 //! contract is `docs/PROTOCOL.md`; [`protocol`] types the registry's
 //! payloads for all of them.
 

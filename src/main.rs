@@ -156,9 +156,10 @@ struct Conn {
 }
 
 impl Conn {
-    /// The broker, with the user to connect as.
+    /// The broker, with the user to connect as; a command run by a person
+    /// gives up at once when nothing listens there.
     fn broker(&self) -> Result<BrokerUrl, CliError> {
-        let mut broker = self.broker.clone();
+        let mut broker = self.broker.clone().with_fail_fast();
         if let Some(ca) = &self.cafile {
             if !broker.tls {
                 return Err(CliError {

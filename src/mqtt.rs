@@ -166,8 +166,10 @@ fn jitter(d: Duration) -> Duration {
 /// reason (rumqttc's error, which carries the OS error's text).
 pub fn unreachable(reason: &str) -> Option<&'static str> {
     let reason = reason.to_ascii_lowercase();
-    if reason.contains("return code") {
-        // A CONNACK's refusal (a bad login, a full server): MQTT's, not TCP's.
+    if reason.contains("return code") || reason.contains("temporary failure") {
+        // A CONNACK's refusal (a bad login, a full server): MQTT's, not
+        // TCP's; a name server that could not answer yet (EAI_AGAIN):
+        // worth trying again.
         return None;
     }
     [
@@ -272,6 +274,12 @@ mod tests {
             (
                 "I/O: Network is unreachable (os error 101)".into(),
                 Some("network unreachable"),
+            ),
+            (
+                "I/O: failed to lookup address information: Temporary failure in name \
+                 resolution"
+                    .into(),
+                None,
             ),
             ("Timeout".into(), None),
             ("Connection closed by peer abruptly".into(), None),

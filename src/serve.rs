@@ -350,5 +350,6 @@ fn url_of(addr: SocketAddr) -> BrokerUrl {
         login: None,
         tls: false,
         cafile: None,
+        fail_fast: false,
     }
 }

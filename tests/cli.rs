@@ -536,3 +536,39 @@ fn bad_health_flags_are_usage_errors() {
         assert!(stderr(&out).contains(want), "{args:?}: {}", stderr(&out));
     }
 }
+
+/// `register` whose name another endpoint now owns (an admin gave it to
+/// another host) stops: exit 1, saying who owns it, and deregisters
+/// nothing.
+#[tokio::test]
+async fn register_stops_when_another_endpoint_owns_the_name() {
+    let s = Serve::start().await;
+    let b = s.url.to_string();
+    let mut reg = Proc::homicro_with_stderr(&[
+        "register", "tv", "--host", "10.0.0.4", "--port", "8009", "--broker", &b,
+    ]);
+    reg.wait_line(|l| l.starts_with("registered tv at 10.0.0.4:8009"))
+        .await;
+    // An admin removes it and gives the name to another host, before
+    // `register` re-asserts (it waits a second first).
+    let curl = |args: &[&str]| {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(args)
+            .output()
+            .expect("curl is installed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let api = format!("http://127.0.0.1:{}/register", s.port());
+    assert_eq!(curl(&["-X", "DELETE", &format!("{api}/tv")]), "200");
+    let other = r#"{"name":"tv","host":"10.0.0.5","port":8009}"#;
+    assert_eq!(curl(&["-X", "PUT", "-d", other, &api]), "201");
+    reg.wait_line(|l| {
+        l == "homicro: tv: the name now belongs to 10.0.0.5:8009; stopped asserting it"
+    })
+    .await;
+    assert_eq!(reg.wait_exit().await.code(), Some(1));
+    let (status, body) = http_get(s.port(), "/discover/tv").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("10.0.0.5"), "{body}");
+}

@@ -345,11 +345,11 @@ async fn typed_errors_callers_can_branch_on() {
         .register(&nowhere)
         .await;
     assert!(matches!(e, Err(RegisterError::Invalid(_))), "{e:?}");
-    // Nothing listening: given up at once.
+    // Nothing listening: given up at once when asked to (as the CLI does).
     let start = Instant::now();
     let e = Registration::builder("x")
         .host("h")
-        .register(&nowhere)
+        .register(&nowhere.clone().with_fail_fast())
         .await;
     assert!(
         matches!(
@@ -371,6 +371,33 @@ async fn typed_errors_callers_can_branch_on() {
         .register(&mosq.url)
         .await;
     assert!(matches!(e, Err(RegisterError::RegistryOffline)), "{e:?}");
+}
+
+/// A service started a moment before its broker (compose, systemd) is
+/// not turned away: without `fail_fast` the helper waits for it.
+#[tokio::test]
+async fn a_service_started_before_its_broker_waits_for_it() {
+    let port = free_port();
+    let url = Broker::parse(&format!("mqtt://127.0.0.1:{port}")).unwrap();
+    let early = tokio::spawn(async move {
+        Registration::builder("early")
+            .host("10.0.0.4")
+            .register(&url)
+            .await
+    });
+    // The broker is late: what is tested, not a wait for readiness.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!early.is_finished(), "{:?}", early.await);
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let s = Serve::start_with(&["--listen", &listen], &dir.path().join("state")).await;
+    let reg = early
+        .await
+        .unwrap()
+        .expect("registered once the broker came up");
+    let watcher = directory(&s.url).await;
+    assert!(watcher.get("early").is_some());
+    drop(reg);
 }
 
 #[tokio::test]

@@ -109,10 +109,11 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    /// Connects (with an optional will) and waits for the CONNACK. A first
-    /// attempt that finds nothing listening (or no such host) fails at once
-    /// with [`ConnectionError::Unreachable`]; other failures are retried for
-    /// up to 10 s. Once connected, the connection reconnects by itself.
+    /// Connects (with an optional will) and waits for the CONNACK, trying
+    /// for up to 10 s; when nothing listened (or there was no such host)
+    /// all that time, the error is [`ConnectionError::Unreachable`]. With
+    /// [`Broker::fail_fast`] (the CLI's), the first such attempt gives up
+    /// at once. Once connected, the connection reconnects by itself.
     pub async fn open(
         broker: &Broker,
         client_prefix: &str,
@@ -138,6 +139,7 @@ impl Connection {
         // Room for a few attempts (each gives up after 2 s).
         let deadline = Instant::now() + 2 * ANSWER_TIMEOUT;
         let mut reason = "no answer".to_string();
+        let mut unreachable = None;
         loop {
             match timeout_at(deadline, c.rx.recv()).await {
                 Ok(Some(Incoming::Connected)) => return Ok(c),
@@ -160,20 +162,33 @@ impl Connection {
                         ),
                     });
                 }
-                // Nothing listens there: say so now, as curl does, rather
-                // than after 10 s of trying.
+                // Nothing listens there: a person is told now, as curl
+                // does; a service waits for its broker to come up.
                 Ok(Some(Incoming::Disconnected(e))) if let Some(why) = mqtt::unreachable(&e) => {
-                    return Err(ConnectionError::Unreachable {
-                        broker: broker.to_string(),
-                        reason: why.to_string(),
-                    });
+                    if broker.fail_fast {
+                        return Err(ConnectionError::Unreachable {
+                            broker: broker.to_string(),
+                            reason: why.to_string(),
+                        });
+                    }
+                    unreachable = Some(why);
+                    reason = e;
                 }
-                Ok(Some(Incoming::Disconnected(e))) => reason = e,
+                Ok(Some(Incoming::Disconnected(e))) => {
+                    unreachable = None;
+                    reason = e;
+                }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => {
-                    return Err(ConnectionError::Connect {
-                        broker: broker.to_string(),
-                        reason,
+                    return Err(match unreachable {
+                        Some(why) => ConnectionError::Unreachable {
+                            broker: broker.to_string(),
+                            reason: why.to_string(),
+                        },
+                        None => ConnectionError::Connect {
+                            broker: broker.to_string(),
+                            reason,
+                        },
                     });
                 }
             }
@@ -239,10 +254,11 @@ impl Connection {
             let sync = topics.sync(&id);
             match mqtt::snapshot(&self.client, &mut self.rx, filter, &sync, ANSWER_TIMEOUT).await {
                 Err(SnapshotError::Timeout(_)) => {
+                    let _ = self.client.unsubscribe(&sync).await;
                     tracing::warn!(
                         broker = %self.broker,
-                        "no answer on {sync}: a broker drops it when its ACL does not grant \
-                         readwrite on ${}/sync/#; syncing on {} instead",
+                        "no answer on {sync}: the broker dropped it (a Mosquitto ACL that does \
+                         not grant readwrite on ${}/sync/#) or is slow; syncing on {} instead",
                         topics.prefix(),
                         topics.plain_sync("ID"),
                     );

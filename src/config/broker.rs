@@ -16,6 +16,11 @@ pub struct BrokerUrl {
     /// system's certificate authorities.
     pub tls: bool,
     pub cafile: Option<PathBuf>,
+    /// Give up on a first connection that finds nothing listening (or no
+    /// such host) at once, as curl does, instead of trying for 10 s: for
+    /// commands run by a person. A service started with its broker (compose,
+    /// systemd) leaves it off and waits for the broker to come up.
+    pub fail_fast: bool,
 }
 
 /// A user name and password for a broker.
@@ -70,7 +75,15 @@ impl BrokerUrl {
             login: None,
             tls,
             cafile: None,
+            fail_fast: false,
         })
+    }
+
+    /// The same broker, given up on at once when nothing listens there
+    /// (see [`BrokerUrl::fail_fast`]).
+    pub fn with_fail_fast(mut self) -> BrokerUrl {
+        self.fail_fast = true;
+        self
     }
 
     /// The same broker over TLS, trusting the certificate authorities in

@@ -140,6 +140,7 @@ fn broker_urls() {
             login: None,
             tls: false,
             cafile: None,
+            fail_fast: false,
         }
     );
     assert_eq!(ok("mqtt://10.0.0.2:1884").port, 1884);

@@ -280,6 +280,7 @@ impl Mosquitto {
             login: None,
             tls: false,
             cafile: None,
+            fail_fast: false,
         };
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {

@@ -77,16 +77,34 @@ def test_homicro_delivers_a_sync_message_to_its_one_subscriber_only(homicro):
         assert lines_until_marker(s) == []
     finally:
         s.stop()
-    # A client's publish to a `$` topic other than its echo is refused.
-    spy = subscriber(b, "$homicro/other", "homicro/marker")
+    # A client's publish to a `$` topic other than its echo is refused, as
+    # are a retained echo and one with more than 64 bytes in it.
+    c = b.client("dollar-publisher")
+    assert c.publish("$homicro/other", b"x", qos=1) == 0x87
+    assert c.publish("$homicro/sync/mine", b"x", qos=1, retain=True) == 0x87
+    assert c.publish("$homicro/sync/mine", b"x" * 65, qos=1) == 0x87
+    assert c.publish("$homicro/sync/mine", b"sync", qos=1) == 0
+
+
+def test_a_sync_echo_reaches_its_publisher_alone(tmp_path):
+    """Not a channel between clients: not through `$share/`, and not for
+    two clients an ACL keeps from publishing anything at all."""
+    path = tmp_path / "acl"
+    path.write_text("topic read homicro/#\n")
+    b = harness.start_homicro(
+        str(tmp_path), f'[auth]\nacl_file = "{path}"\nallow_anonymous = true\n')
     try:
-        subprocess.run(["mosquitto_pub", "-p", str(b.port), "-t", "$homicro/other",
-                        "-m", "x"], check=True, timeout=TIMEOUT)
-        subprocess.run(["mosquitto_pub", "-p", str(b.port), "-t", "homicro/marker",
-                        "-m", "end"], check=True, timeout=TIMEOUT)
-        assert lines_until_marker(spy) == []
+        spy = b.client("spy")
+        for f in ["$share/g/$homicro/sync/+", "$share/g/$homicro/sync/chan", "$homicro/sync/chan"]:
+            assert spy.subscribe(f, 1) in ([1], [0x80]), f
+        talker = b.client("talker")
+        assert talker.subscribe("$homicro/sync/chan", 1) == [1]
+        assert talker.publish("$homicro/sync/chan", b"hello", qos=1) == 0
+        # the talker gets its own echo: what the sync needs
+        assert talker.get().topic == "$homicro/sync/chan"
+        assert spy.drain(quiet=0.5) == []
     finally:
-        spy.stop()
+        b.stop()
 
 
 def acl(tmp_path):
@@ -115,7 +133,7 @@ def test_mosquitto_without_the_acl_rule_costs_one_timeout_then_the_plain_topic(t
         p = cli(b, "list", timeout=30)
         assert p.returncode == 0, p.stderr
         assert "no answer on $homicro/sync/" in p.stderr, p.stderr
-        assert "grant readwrite on $homicro/sync/#" in p.stderr, p.stderr
+        assert "not grant readwrite on $homicro/sync/#" in p.stderr, p.stderr
         assert "syncing on homicro/sync/ID instead" in p.stderr, p.stderr
     finally:
         b.stop()

@@ -33,9 +33,15 @@ impl Session {
         let Some(granted) = granted else {
             return; // unsubscribed since
         };
+        // A client's sync echo goes back to that client alone: it is no
+        // channel between clients, whatever they subscribe to (`$share/…`).
+        let sync = self.bus.topics.is_sync(&f.msg.topic);
+        if sync && f.msg.origin != self.number {
+            return;
+        }
         // Through a wildcard, or retained: never a topic the ACL denies.
         if self.bus.auth.has_acl()
-            && !self.bus.topics.is_sync(&f.msg.topic)
+            && !sync
             && !self.bus.auth.allows(
                 self.user.as_deref(),
                 &self.client_id,

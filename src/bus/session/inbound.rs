@@ -483,10 +483,16 @@ impl Session {
     /// record or heartbeat, otherwise to the router. The MQTT 5 reason
     /// code for the acknowledgement.
     pub(super) async fn route(&mut self, p: &Publish, peer: Option<SocketAddr>) -> u8 {
+        /// A sync echo's payload carries nothing (the helper's is `sync`).
+        const MAX_SYNC_PAYLOAD: usize = 64;
         // `$` topics are the server's (MQTT 4.7.2): none are routed but a
         // client's `$PREFIX/sync/ID` echo, kept out of `#` subscriptions so
         // (never retained: nothing of it is kept).
-        if p.topic.starts_with('$') && (p.retain || !self.bus.topics.is_sync(&p.topic)) {
+        if p.topic.starts_with('$')
+            && (p.retain
+                || p.payload.len() > MAX_SYNC_PAYLOAD
+                || !self.bus.topics.is_sync(&p.topic))
+        {
             return reason::NOT_AUTHORIZED;
         }
         if self.bus.gate.is_some()
