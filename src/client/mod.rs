@@ -86,8 +86,9 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum ConnectionError {
     #[error("cannot connect to {broker}: {reason}")]
     Connect { broker: String, reason: String },
-    /// The first attempt found nothing to connect to (`reason`: connection
-    /// refused, unknown host, no route): given up at once, not retried.
+    /// Nothing to connect to (`reason`: connection refused, unknown host,
+    /// no route): through the first 10 s of trying, or at the first
+    /// attempt with [`Broker::fail_fast`].
     #[error("cannot reach the broker at {broker} ({reason}): is `homicro serve` running?")]
     Unreachable { broker: String, reason: String },
     #[error("lost the broker {broker}: {reason}")]
