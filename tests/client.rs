@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use homicro::client::{Broker, ConnectionError};
-use homicro::client::{Change, Directory, DirectoryOptions, RegisterError, Registration, Strategy};
+use homicro::client::{
+    Change, Directory, DirectoryOptions, Notice, RegisterError, Registration, Strategy,
+};
 
 async fn directory(url: &Broker) -> Directory {
     let dir = Directory::connect(url).await.unwrap();
@@ -668,4 +670,81 @@ async fn notices_tell_a_registration_cleared_unhealthy_and_registered_again() {
             other => panic!("{other:?}"),
         }
     }
+}
+
+/// A service may exit the moment it hears that another endpoint took its
+/// name: the helper has disconnected cleanly by then, so its will (an empty
+/// record, from the same address as the new owner here) cannot clear the
+/// new owner's record. The service runs on its own runtime, dropped at
+/// once, as a process exit would. (The helper used to announce `Lost`
+/// first and close after: `register`, a separate process, exited in
+/// between once in CI. In-process the close still won the race, so this
+/// test fails only if the close is missing; `cli.rs` covers the race.)
+#[tokio::test]
+async fn a_service_that_exits_on_losing_its_name_leaves_the_new_owner_alone() {
+    let s = Serve::start().await;
+    let dir = directory(&s.url).await;
+    let mut rx = dir.changes();
+    let sessions = metric(s.port(), "homicro_bus_sessions").await;
+    let url = s.url.clone();
+    let (registered, is_registered) = tokio::sync::oneshot::channel();
+    let service = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let owner = rt.block_on(async {
+            let reg = Registration::builder("tv")
+                .host("10.0.0.4")
+                .register(&url)
+                .await
+                .unwrap();
+            let mut notices = reg.notices();
+            registered.send(()).unwrap();
+            loop {
+                if let Ok(Notice::Lost { owner }) = notices.recv().await {
+                    // Exit now: no deregistration, nothing more runs.
+                    std::mem::forget(reg);
+                    return owner;
+                }
+            }
+        });
+        rt.shutdown_background();
+        owner
+    });
+    is_registered.await.unwrap();
+    change(&mut rx, added("tv")).await;
+    // The name is cleared and given to another endpoint at once (from the
+    // same address: the registry lets that identity change it).
+    mosquitto_pub(&s.url, &["-t", "homicro/services/tv", "-r", "-n"]);
+    mosquitto_pub(
+        &s.url,
+        &[
+            "-t",
+            "homicro/services/tv",
+            "-r",
+            "-m",
+            r#"{"host":"10.0.0.5"}"#,
+        ],
+    );
+    let owner = tokio::task::spawn_blocking(move || service.join().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(owner.host, "10.0.0.5");
+    // Its session has ended (a will, had there been one, went out first)...
+    let start = Instant::now();
+    while metric(s.port(), "homicro_bus_sessions").await > sessions {
+        assert!(start.elapsed() < WAIT, "the service's session never ended");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // ...and the registry has judged everything before this registration.
+    let marker = Registration::builder("marker")
+        .host("10.0.0.9")
+        .register(&s.url)
+        .await
+        .unwrap();
+    change(&mut rx, added("marker")).await;
+    assert_eq!(metric(s.port(), "homicro_bus_wills_total").await, 0);
+    assert_eq!(dir.get("tv").unwrap().endpoint().host, "10.0.0.5");
+    marker.deregister().await.unwrap();
 }

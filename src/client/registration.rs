@@ -90,7 +90,9 @@ pub enum Notice {
     /// The connection to the broker was lost; it is being reconnected.
     Disconnected(String),
     /// Another endpoint now owns the name; the helper stopped asserting it
-    /// (the status is [`Status::Lost`]).
+    /// (the status is [`Status::Lost`]). Its connection is closed cleanly
+    /// by then, so the process may exit at once: its will cannot clear
+    /// the new owner's record.
     Lost { owner: Endpoint },
 }
 

@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
 
@@ -150,14 +150,6 @@ impl Session {
         let notify = |n: Notice| {
             let _ = notices.send(n);
         };
-        let name = self.name.clone();
-        let lose = |owner: Endpoint| {
-            warn!(name = %name, owner = %owner, "name taken by another endpoint; giving up");
-            let _ = status.send(Status::Lost {
-                owner: owner.clone(),
-            });
-            notify(Notice::Lost { owner });
-        };
         let every = self
             .record
             .ttl
@@ -167,22 +159,23 @@ impl Session {
         beat.tick().await;
         let heartbeat = Bytes::from(self.record.endpoint.to_json().to_string());
         let mut last_assert = Instant::now();
-        let mut lost = false;
-        // Some(reply): told to deregister; None: the name was lost.
+        // Another endpoint owns the name: stop, announce it once the
+        // connection is closed.
+        let mut lost: Option<Endpoint> = None;
         let ended = loop {
-            if lost {
-                break None;
+            if let Some(owner) = lost.take() {
+                break Ended::Lost(owner);
             }
             tokio::select! {
                 cmd = commands.recv() => match cmd {
-                    Some(Command::Deregister(reply)) => break Some(reply),
-                    None => break Some(None),
+                    Some(Command::Deregister(reply)) => break Ended::Deregister(reply),
+                    None => break Ended::Deregister(None),
                 },
-                _ = beat.tick(), if every.is_some() && !lost => {
+                _ = beat.tick(), if every.is_some() => {
                     let _ = c.publish(self.topics.heartbeat(self.name.as_str()), heartbeat.clone(), false).await;
                 }
                 m = next_message(&mut self.backlog, &mut c.rx) => {
-                    let Some(m) = m else { break None };
+                    let Some(m) = m else { break Ended::Closed };
                     let reassert = match m {
                         // A new session: subscriptions are gone and the broker
                         // may have lost the record (a restarted registry).
@@ -199,8 +192,7 @@ impl Session {
                                     false
                                 }
                                 Seen::Lost(owner) => {
-                                    lost = true;
-                                    lose(owner);
+                                    lost = Some(owner);
                                     false
                                 }
                             }
@@ -212,7 +204,7 @@ impl Session {
                         }
                         _ => false,
                     };
-                    if reassert && !lost {
+                    if reassert && lost.is_none() {
                         // At most once a second, so that a deliberate
                         // deregistration loop cannot make us spin.
                         let wait = (last_assert + Duration::from_secs(1)).saturating_duration_since(Instant::now());
@@ -228,10 +220,7 @@ impl Session {
                                 }
                                 notify(Notice::Reasserted(how));
                             }
-                            Err(RegisterError::Owned { owner, .. }) => {
-                                lost = true;
-                                lose(owner);
-                            }
+                            Err(RegisterError::Owned { owner, .. }) => lost = Some(owner),
                             Err(e) => {
                                 warn!(name = %self.name, error = %e, "re-registration failed; will retry");
                                 notify(Notice::ReassertFailed(e.to_string()));
@@ -241,17 +230,24 @@ impl Session {
                 }
             }
         };
-        let Some(reply) = ended else {
-            // Another endpoint owns the name. Disconnect cleanly so that our
-            // will (an empty record) never clears the new owner's record, and
-            // answer a later `deregister` with Ok.
-            c.close().await;
-            while let Some(Command::Deregister(reply)) = commands.recv().await {
-                if let Some(reply) = reply {
-                    let _ = reply.send(Ok(()));
-                }
+        let reply = match ended {
+            Ended::Deregister(reply) => reply,
+            Ended::Lost(owner) => {
+                // Disconnect cleanly first, so that our will (an empty
+                // record) never clears the new owner's record, even when
+                // whoever hears `Lost` exits at once.
+                c.close().await;
+                warn!(name = %self.name, owner = %owner, "name taken by another endpoint; giving up");
+                let _ = status.send(Status::Lost {
+                    owner: owner.clone(),
+                });
+                notify(Notice::Lost { owner });
+                return answer_deregisters(commands).await;
             }
-            return;
+            Ended::Closed => {
+                c.close().await;
+                return answer_deregisters(commands).await;
+            }
         };
         let result = c
             .publish(self.topic.clone(), Bytes::new(), true)
@@ -334,6 +330,25 @@ impl Session {
             }
         }
         Seen::Nothing
+    }
+}
+
+/// Why [`Session::keep`] stopped keeping the record.
+enum Ended {
+    /// Told to deregister (and whom to answer).
+    Deregister(Option<oneshot::Sender<Result<(), RegisterError>>>),
+    /// Another endpoint owns the name.
+    Lost(Endpoint),
+    /// The connection's task is gone.
+    Closed,
+}
+
+/// Once nothing is left to deregister: a later `deregister` gets `Ok`.
+async fn answer_deregisters(mut commands: mpsc::Receiver<Command>) {
+    while let Some(Command::Deregister(reply)) = commands.recv().await {
+        if let Some(reply) = reply {
+            let _ = reply.send(Ok(()));
+        }
     }
 }
 
