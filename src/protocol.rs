@@ -59,6 +59,11 @@ pub struct EventPayload {
     pub error: Option<ErrorCode>,
     pub event: EventKind,
     pub name: String,
+    /// `deregistered` only: `true` when the record was cleared by its
+    /// publisher's MQTT will (the broker lost the client), not by a
+    /// deliberate deregistration.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub will: bool,
 }
 
 impl EventPayload {
@@ -71,6 +76,7 @@ impl EventPayload {
             error: None,
             event,
             name: name.to_string(),
+            will: false,
         }
     }
 }
@@ -258,6 +264,13 @@ mod tests {
         pinned(
             EventPayload::new("tv", EventKind::Expired, Some(&ep("TV.local", None))),
             r#"{"endpoint":"tv.local","event":"expired","name":"tv"}"#,
+        );
+        pinned(
+            EventPayload {
+                will: true,
+                ..EventPayload::new("tv", EventKind::Deregistered, Some(&web))
+            },
+            r#"{"endpoint":"10.0.0.5:8080","event":"deregistered","name":"tv","will":true}"#,
         );
     }
 

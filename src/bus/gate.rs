@@ -32,6 +32,8 @@ pub struct Submission {
     pub by: Author,
     /// The publishing session (for NoLocal on the stored copy).
     pub origin: u64,
+    /// The session's will, published after the bus lost its client.
+    pub will: bool,
     /// What the publisher's acknowledgement waits for (see
     /// [`crate::bus::router::After`]).
     pub after: Option<crate::bus::router::After>,
@@ -58,6 +60,7 @@ impl Submission {
             qos: p.qos,
             by,
             origin,
+            will: false,
             after: None,
         }
     }

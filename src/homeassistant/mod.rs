@@ -435,6 +435,11 @@ impl Bridge {
                 match event.event {
                     EventKind::Expired => self.went(now, &name, Status::Expired, None),
                     EventKind::Unhealthy => self.went(now, &name, Status::Unhealthy, event.detail),
+                    // Not deregistered on purpose: its client was lost
+                    // (off, and forgotten after `forget_after`, as expired).
+                    EventKind::Deregistered if event.will => {
+                        self.went(now, &name, Status::Lost, None)
+                    }
                     EventKind::Deregistered => {
                         self.services.remove(&name);
                         self.dismissed.remove(&name);

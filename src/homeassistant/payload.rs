@@ -21,6 +21,9 @@ pub(super) enum Status {
     Expired,
     /// It failed its health check (event `unhealthy`).
     Unhealthy,
+    /// Its client was lost: its MQTT will cleared the record (event
+    /// `deregistered` with `will`).
+    Lost,
     /// Its record went without an event saying why (or before the event
     /// came), or while homicro was not watching.
     Gone,

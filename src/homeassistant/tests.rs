@@ -244,6 +244,26 @@ fn a_deregistration_removes_the_entity_at_once() {
     assert!(b.on_tick(t(10) + DAY).is_empty());
 }
 
+/// Its client was lost and its MQTT will cleared the record: not a
+/// deliberate deregistration, so the entity turns off and stays until
+/// `forget_after`, as an expired one does.
+#[test]
+fn a_service_cleared_by_its_will_turns_off_and_stays() {
+    let mut b = live(DAY);
+    b.on_message(t(1), "homicro/services/web", WEB);
+    b.on_message(t(10), "homicro/services/web", b"");
+    let by_will =
+        br#"{"endpoint":"10.0.0.5:8080","event":"deregistered","name":"web","will":true}"#;
+    let out = b.on_message(t(10), "homicro/events/web", by_will);
+    assert_eq!(
+        shown(&out),
+        pairs(&[(ATTRS, &web_gone("lost", T10, T10_PLUS_DAY, None))])
+    );
+    // Back within forget_after: on again, the same entity.
+    let out = b.on_message(t(20), "homicro/services/web", WEB);
+    assert_eq!(shown(&out), pairs(&[(ATTRS, WEB_UP), (STATE, "ON")]));
+}
+
 #[test]
 fn a_gone_service_is_forgotten_after_forget_after() {
     let mut b = live(DAY);

@@ -462,6 +462,11 @@ fn metrics(
                 "Records cleared after failing their health check.",
                 st.unhealthy,
             ),
+            (
+                "stale_wills",
+                "Wills that cleared nothing: a later connection had written the record since.",
+                st.stale_wills,
+            ),
         ] {
             series(
                 &mut out,

@@ -24,7 +24,7 @@ use tokio::sync::{Notify, broadcast, oneshot};
 use tokio::time::Instant;
 
 use super::Stopped;
-use super::state::{GateKind, Publish, Registry};
+use super::state::{GateKind, Publish, Registry, Source};
 use crate::bus::Router;
 use crate::bus::gate::{Gated, Submission};
 use crate::bus::router::{After, Message, now_ms};
@@ -285,9 +285,18 @@ impl Shared {
     /// Judges one submission and publishes what it says; whether the actor
     /// must look at its deadlines again.
     fn judge(&self, l: &mut Locked, sub: Submission, tx: oneshot::Sender<Gated>) -> bool {
-        let (verdict, out) =
-            l.reg
-                .on_gate(Instant::now(), sub.kind, &sub.raw, sub.payload, &sub.by);
+        let from = Source {
+            session: sub.origin,
+            will: sub.will,
+        };
+        let (verdict, out) = l.reg.on_gate(
+            Instant::now(),
+            sub.kind,
+            &sub.raw,
+            sub.payload,
+            &sub.by,
+            from,
+        );
         let topic = match sub.kind {
             GateKind::Record => l.reg.topics().service(&sub.raw),
             GateKind::Heartbeat => l.reg.topics().heartbeat(&sub.raw),
@@ -379,6 +388,7 @@ mod tests {
             qos: 1,
             by: crate::identity::Author::UNKNOWN,
             origin: task as u64,
+            will: false,
             after: None,
         }
     }

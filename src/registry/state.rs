@@ -23,7 +23,7 @@ use crate::protocol::{ErrorCode, EventKind, EventPayload, RegistryState, Registr
 use crate::record::{Endpoint, Name, Record};
 use crate::topics::Topics;
 pub use broker::Delivery;
-pub use gate::GateKind;
+pub use gate::{GateKind, Source};
 pub use out::Publish;
 use out::to_bytes;
 use persist::ChangeLog;
@@ -53,6 +53,8 @@ pub struct Stats {
     pub deregistrations: u64,
     pub health_failures: u64,
     pub unhealthy: u64,
+    /// Wills ignored: a later connection had written the record since.
+    pub stale_wills: u64,
 }
 
 /// What the registry keeps of a record: its owner, its `ttl` and its bytes
@@ -63,6 +65,10 @@ struct Entry {
     endpoint: Endpoint,
     /// Who wrote it (`None`: not known, as through an external broker).
     owner: Option<Identity>,
+    /// The bus session that last wrote or refreshed it (`None`: written
+    /// otherwise, over HTTP, through an external broker, or restored). An
+    /// earlier session's will does not clear it.
+    writer: Option<u64>,
     ttl: Option<Duration>,
     payload: Bytes,
     deadline: Option<Instant>,
@@ -246,7 +252,7 @@ impl Registry {
                 let ip = record.endpoint.host.parse::<std::net::IpAddr>().ok()?;
                 Some(Identity::address(ip))
             });
-            self.insert(now, name, record, owner);
+            self.insert(now, name, record, owner, None);
         }
     }
 
@@ -334,7 +340,8 @@ impl Registry {
         out
     }
 
-    /// Judges a record publish (empty: a removal) and applies it.
+    /// Judges a record publish (empty: a removal) and applies it. `from`:
+    /// the bus session it comes from, when the bus's gate asks.
     fn on_record(
         &mut self,
         now: Instant,
@@ -342,6 +349,7 @@ impl Registry {
         payload: Bytes,
         delivery: Delivery,
         by: &Author,
+        from: Option<Source>,
     ) -> Judged {
         let name = match Name::parse(raw) {
             Ok(n) => n,
@@ -355,15 +363,30 @@ impl Registry {
             if let Some(refused) = self.not_owner(raw, &name, by, None) {
                 return refused;
             }
+            let will = from.is_some_and(|f| f.will);
+            if let (Some(from), Some(entry)) = (from, self.records.get(&name))
+                && from.will
+                && entry.writer.is_some_and(|w| w != from.session)
+            {
+                // A connection lost after its service came back on another
+                // one (a restart, a half-open socket timing out): its will
+                // must not clear the live record.
+                info!(name = %name, owner = %entry.endpoint, "will ignored: a later connection has written the record since");
+                self.stats.stale_wills += 1;
+                return Judged::Quiet;
+            }
             return match self.remove(&name) {
                 Some(record) => {
                     self.stats.deregistrations += 1;
-                    info!(name = %name, owner = %record.endpoint, "deregistered");
-                    Judged::Accepted(self.event(
-                        &name,
-                        EventKind::Deregistered,
-                        Some(&record.endpoint),
-                    ))
+                    info!(name = %name, owner = %record.endpoint, will, "deregistered");
+                    Judged::Accepted(self.announce(&EventPayload {
+                        will,
+                        ..EventPayload::new(
+                            name.as_str(),
+                            EventKind::Deregistered,
+                            Some(&record.endpoint),
+                        )
+                    }))
                 }
                 None => Judged::Quiet,
             };
@@ -376,7 +399,7 @@ impl Registry {
             self.stats.registrations += 1;
             info!(name = %name, owner = %record.endpoint, "registered");
             let ev = self.event(&name, EventKind::Registered, Some(&record.endpoint));
-            self.insert(now, name, record, by.identity.clone());
+            self.insert(now, name, record, by.identity.clone(), session(from));
             return Judged::Accepted(ev);
         }
         if let Some(refused) = self.not_owner(raw, &name, by, Some(&record.endpoint)) {
@@ -408,9 +431,9 @@ impl Registry {
         // state file) is its next accepted writer's.
         let owner = existing.owner.clone().or_else(|| by.identity.clone());
         if changed || owner != existing.owner {
-            self.insert(now, name, record, owner);
+            self.insert(now, name, record, owner, session(from));
         } else {
-            self.refresh(now, &name);
+            self.refresh(now, &name, from);
         }
         Judged::Accepted(ev)
     }
@@ -421,6 +444,7 @@ impl Registry {
         raw: &str,
         payload: &[u8],
         by: &Author,
+        source: Option<Source>,
     ) -> Vec<Publish> {
         let name = match Name::parse(raw) {
             Ok(n) => n,
@@ -451,7 +475,7 @@ impl Registry {
             let detail = owned_detail(owner, &from);
             return vec![self.error(raw, ErrorCode::Owned, &detail, Some(owner), Some(&from))];
         }
-        self.refresh(now, &name);
+        self.refresh(now, &name, source);
         Vec::new()
     }
 
@@ -493,7 +517,14 @@ impl Registry {
         Some(self.refuse(raw, ErrorCode::NotOwner, detail, Some(&owner), from))
     }
 
-    fn insert(&mut self, now: Instant, name: Name, record: Record, owner: Option<Identity>) {
+    fn insert(
+        &mut self,
+        now: Instant,
+        name: Name,
+        record: Record,
+        owner: Option<Identity>,
+        writer: Option<u64>,
+    ) {
         let old = self.records.remove(&name);
         if let Some(t) = old.as_ref().and_then(|o| o.deadline) {
             self.deadlines.remove(&(t, name.clone()));
@@ -513,6 +544,7 @@ impl Registry {
             payload: record.payload().clone(),
             endpoint: record.endpoint,
             owner,
+            writer,
             ttl: record.ttl,
             deadline,
         };
@@ -533,10 +565,15 @@ impl Registry {
         Some(entry)
     }
 
-    fn refresh(&mut self, now: Instant, name: &Name) {
+    /// Starts a record's `ttl` afresh; `from`: the bus session that
+    /// refreshed it, its writer from now on.
+    fn refresh(&mut self, now: Instant, name: &Name, from: Option<Source>) {
         let Some(entry) = self.records.get_mut(name) else {
             return;
         };
+        if let Some(session) = session(from) {
+            entry.writer = Some(session);
+        }
         if let Some(ttl) = entry.ttl {
             if let Some(old) = entry.deadline {
                 self.deadlines.remove(&(old, name.clone()));
@@ -545,6 +582,11 @@ impl Registry {
             self.deadlines.insert((now + ttl, name.clone()));
         }
     }
+}
+
+/// The bus session a publish comes from, if the bus's gate said.
+fn session(from: Option<Source>) -> Option<u64> {
+    from.map(|f| f.session)
 }
 
 fn not_owner_detail(name: &Name, entry: &Entry, by: &Author) -> String {

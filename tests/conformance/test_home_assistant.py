@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 import pytest
 import requests
 
+import mqtt_raw as R
 from harness import (TIMEOUT, V311, V5, Client, free_port, homicro_bin, mosquitto_bin,
                      start_homicro, start_mosquitto, wait_for_port)
 
@@ -303,6 +304,20 @@ def test_a_service_lives_and_goes_in_home_assistant(tmp_path):
         assert ha.wait(state_topic("brief")) == b"ON"
         assert ha.wait(state_topic("brief"), lambda p: p == b"OFF") == b"OFF"
         assert ha.attributes("brief", "expired")["endpoint"] == "10.0.0.7:80"
+
+        # Its client lost (the socket closed without DISCONNECT): its will
+        # clears the record, and the entity turns OFF (`lost`), kept.
+        lamp = b.raw()
+        clear = {"topic": "homicro/services/lamp", "payload": b"", "qos": 1, "retain": True}
+        assert lamp.connect("lamp", will=clear).fields["reason"] == 0
+        lamp.send(R.publish("homicro/services/lamp", json.dumps({"host": "10.0.0.8"}),
+                            qos=1, retain=True))
+        lamp.expect(R.PUBACK)
+        assert ha.wait(state_topic("lamp")) == b"ON"
+        lamp.close()
+        assert ha.wait(state_topic("lamp"), lambda p: p == b"OFF") == b"OFF"
+        assert ha.attributes("lamp", "lost")["endpoint"] == "10.0.0.8"
+        assert config_topic("lamp") in retained_now(b.port, ["homeassistant/#"])
 
         # Only homicro writes homicro/ha/: a forged state is refused.
         forger = Client(b.port, client_id="forger", version=V5)

@@ -172,7 +172,7 @@ impl Session {
         } else if held {
             reason::SUCCESS
         } else {
-            self.route(&p, Some(peer)).await
+            self.route(&p, Some(peer), false).await
         };
         if journaled && p.qos > 0 {
             // Acknowledged once it is on disk (see `settle`).
@@ -478,11 +478,11 @@ impl Session {
                 || self.bus.topics.hub(topic).is_some())
     }
 
-    /// Hands a publish (a client's, or a will) on: refused when it is for
-    /// the registry's own topics, judged by the registry when it is a
-    /// record or heartbeat, otherwise to the router. The MQTT 5 reason
-    /// code for the acknowledgement.
-    pub(super) async fn route(&mut self, p: &Publish, peer: Option<SocketAddr>) -> u8 {
+    /// Hands a publish (a client's, or with `will` its will) on: refused
+    /// when it is for the registry's own topics, judged by the registry
+    /// when it is a record or heartbeat, otherwise to the router. The MQTT
+    /// 5 reason code for the acknowledgement.
+    pub(super) async fn route(&mut self, p: &Publish, peer: Option<SocketAddr>, will: bool) -> u8 {
         /// A sync echo's payload carries nothing (the helper's is `sync`).
         const MAX_SYNC_PAYLOAD: usize = 64;
         // `$` topics are the server's (MQTT 4.7.2): none are routed but a
@@ -527,6 +527,7 @@ impl Session {
             let mut submission =
                 gate::Submission::new(kind, raw, p, peer, self.author.clone(), self.number);
             submission.after = after;
+            submission.will = will;
             let verdict = registry.gate(submission).await.ok();
             return self.code_for(verdict);
         }

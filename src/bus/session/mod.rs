@@ -490,7 +490,7 @@ impl Session {
             debug!(client_id = %self.client_id, topic = %p.topic, "will not published: the ACL denies its topic");
             return;
         }
-        let code = self.route(&p, self.last_peer).await;
+        let code = self.route(&p, self.last_peer, true).await;
         debug!(client_id = %self.client_id, topic = %p.topic, code, "will published");
     }
 }

@@ -153,6 +153,7 @@ function describe(e) {
   if (e.event === "rejected") return [e.error, e.endpoint && `from ${e.endpoint}`].filter(Boolean).join(" ");
   if (e.event === "unhealthy") return e.detail || "";
   if (e.event === "updated" && e.changed === false) return "refreshed";
+  if (e.event === "deregistered" && e.will) return `by its will: ${e.endpoint || ""} was lost`;
   return e.endpoint || "";
 }
 

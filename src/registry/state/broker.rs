@@ -80,13 +80,16 @@ impl Registry {
                     return Vec::new();
                 }
                 let reassert = delivery == Delivery::Live && self.echoes.pending(&raw);
-                let mut out = match self.on_record(now, &raw, payload, delivery, &Author::UNKNOWN) {
-                    Judged::Accepted(ev) => vec![ev],
-                    // What the broker now holds is the refused publish:
-                    // restore the previous record or clear the topic.
-                    Judged::Refused { error, event, .. } => vec![self.current(&raw), error, event],
-                    Judged::Quiet => Vec::new(),
-                };
+                let mut out =
+                    match self.on_record(now, &raw, payload, delivery, &Author::UNKNOWN, None) {
+                        Judged::Accepted(ev) => vec![ev],
+                        // What the broker now holds is the refused publish:
+                        // restore the previous record or clear the topic.
+                        Judged::Refused { error, event, .. } => {
+                            vec![self.current(&raw), error, event]
+                        }
+                        Judged::Quiet => Vec::new(),
+                    };
                 out.append(&mut self.extra);
                 let topic = self.topics.service(&raw);
                 if reassert && !out.iter().any(|p| p.retain && p.topic == topic) {
@@ -100,7 +103,7 @@ impl Registry {
             }
             // A retained heartbeat is an old one replayed at subscribe time.
             Incoming::Heartbeat(raw) if delivery == Delivery::Live => {
-                self.on_heartbeat(now, raw, &payload, &Author::UNKNOWN)
+                self.on_heartbeat(now, raw, &payload, &Author::UNKNOWN, None)
             }
             Incoming::Heartbeat(_) | Incoming::Registry | Incoming::Other => Vec::new(),
         }

@@ -11,6 +11,15 @@ use crate::identity::Author;
 use crate::protocol::{ErrorCode, ErrorPayload};
 use crate::record::Name;
 
+/// The bus session a gated publish comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Source {
+    /// The publishing session's number (unique in this process).
+    pub session: u64,
+    /// Its will, published by the bus after it lost the client.
+    pub will: bool,
+}
+
 /// What a publish put to the gate is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GateKind {
@@ -43,7 +52,7 @@ impl Registry {
                 return (Err(err.payload), Vec::new());
             }
         };
-        let (answer, mut out) = match self.on_record(now, raw, payload, Delivery::Live, by) {
+        let (answer, mut out) = match self.on_record(now, raw, payload, Delivery::Live, by, None) {
             Judged::Accepted(ev) => (Ok(ev.payload.clone()), vec![self.current(raw), ev]),
             Judged::Refused { error, event, .. } => {
                 (Err(error.payload.clone()), vec![error, event])
@@ -65,7 +74,8 @@ impl Registry {
     /// holds what the bus is to store and forward (the record, its clear,
     /// or the heartbeat) and the event; refused: the error and the
     /// `rejected` event only. An empty publish to a free or bad name is
-    /// accepted and changes nothing.
+    /// accepted and changes nothing, and so is a will from a session that
+    /// no longer wrote the record last.
     pub fn on_gate(
         &mut self,
         now: Instant,
@@ -73,15 +83,17 @@ impl Registry {
         raw: &str,
         payload: Bytes,
         by: &Author,
+        from: Source,
     ) -> (Result<(), ErrorCode>, Vec<Publish>) {
+        let from = Some(from);
         let (verdict, mut out) = match kind {
-            GateKind::Record => match self.on_record(now, raw, payload, Delivery::Live, by) {
+            GateKind::Record => match self.on_record(now, raw, payload, Delivery::Live, by, from) {
                 Judged::Accepted(ev) => (Ok(()), vec![self.current(raw), ev]),
                 Judged::Refused { code, error, event } => (Err(code), vec![error, event]),
                 Judged::Quiet => (Ok(()), Vec::new()),
             },
             GateKind::Heartbeat => {
-                let errors = self.on_heartbeat(now, raw, &payload, by);
+                let errors = self.on_heartbeat(now, raw, &payload, by, from);
                 match errors.first() {
                     None => {
                         let beat = Publish {

@@ -3,6 +3,7 @@
 mod health;
 mod owner;
 mod submit;
+mod wills;
 
 use std::time::Duration;
 

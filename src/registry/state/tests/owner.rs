@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::protocol::ErrorCode;
-use crate::registry::state::GateKind;
+use crate::registry::state::{GateKind, Source};
 
 /// A record whose host is a name, not an address.
 const NAS: &str = r#"{"host":"nas.local","port":5000}"#;
@@ -28,6 +28,10 @@ fn gate(
         raw,
         Bytes::from(payload.to_string()),
         by,
+        Source {
+            session: 1,
+            will: false,
+        },
     )
 }
 
