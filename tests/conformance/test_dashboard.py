@@ -24,6 +24,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 import harness
+import mqtt_raw as R
 from harness import TIMEOUT, V311, V5, free_port, start_homicro
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -141,9 +142,23 @@ def test_an_expiry_disappears_and_a_deregistration_too(homicro, browser):
 
     publish(homicro, "kept", b"")
     wait(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, row(d, "kept")))
-    assert browser.find_elements(By.CSS_SELECTOR,
-                                 '#events li[data-event="deregistered"][data-name="kept"]')
+    kept = '#events li[data-event="deregistered"][data-name="kept"]'
+    assert text(browser, kept + " .why") == "127.0.0.1:10"
     assert not browser.find_element(By.ID, "empty").get_attribute("hidden")
+
+    # A client lost (closed without DISCONNECT): its will clears its record,
+    # and the feed says so.
+    lamp = homicro.raw()
+    clear = {"topic": "homicro/services/lamp", "payload": b"", "qos": 1, "retain": True}
+    assert lamp.connect("lamp", will=clear).fields["reason"] == 0
+    lamp.send(R.publish("homicro/services/lamp", b'{"host":"10.0.0.8","port":80}',
+                        qos=1, retain=True))
+    lamp.expect(R.PUBACK)
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, row(d, "lamp")))
+    lamp.close()
+    wait(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, row(d, "lamp")))
+    why = text(browser, '#events li[data-event="deregistered"][data-name="lamp"] .why')
+    assert why == "by its will: 10.0.0.8:80 was lost", why
 
 
 def test_an_unhealthy_service_shows_its_reason(homicro, browser, tmp_path):
