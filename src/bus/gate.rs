@@ -34,6 +34,9 @@ pub struct Submission {
     pub origin: u64,
     /// The session's will, published after the bus lost its client.
     pub will: bool,
+    /// The session's will would clear this record (see
+    /// [`crate::registry::state::Source::guards`]).
+    pub guards: bool,
     /// What the publisher's acknowledgement waits for (see
     /// [`crate::bus::router::After`]).
     pub after: Option<crate::bus::router::After>,
@@ -61,6 +64,7 @@ impl Submission {
             by,
             origin,
             will: false,
+            guards: false,
             after: None,
         }
     }

@@ -288,6 +288,7 @@ impl Shared {
         let from = Source {
             session: sub.origin,
             will: sub.will,
+            guards: sub.guards,
         };
         let (verdict, out) = l.reg.on_gate(
             Instant::now(),
@@ -389,6 +390,7 @@ mod tests {
             by: crate::identity::Author::UNKNOWN,
             origin: task as u64,
             will: false,
+            guards: false,
             after: None,
         }
     }

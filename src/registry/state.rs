@@ -65,9 +65,10 @@ struct Entry {
     endpoint: Endpoint,
     /// Who wrote it (`None`: not known, as through an external broker).
     owner: Option<Identity>,
-    /// The bus session that last wrote or refreshed it (`None`: written
-    /// otherwise, over HTTP, through an external broker, or restored). An
-    /// earlier session's will does not clear it.
+    /// The bus session whose will guards it: the last to write or refresh
+    /// it with a will that clears it (`None`: none did; over HTTP,
+    /// through an external broker, restored at start). Another session's
+    /// will changes nothing while there is one.
     writer: Option<u64>,
     ttl: Option<Duration>,
     payload: Bytes,
@@ -359,21 +360,21 @@ impl Registry {
             }
             Err(e) => return self.refuse(raw, e.code(), e.to_string(), None, None),
         };
+        let will = from.is_some_and(|f| f.will);
+        if let (Some(from), Some(entry)) = (from, self.records.get(&name))
+            && from.will
+            && entry.writer.is_some_and(|w| w != from.session)
+        {
+            // A session lost after its service came back on another one (a
+            // restart, a half-open socket timing out), whose will guards
+            // the record now: the old will must not clear or replace it.
+            info!(name = %name, owner = %entry.endpoint, "will ignored: another session's will guards the record");
+            self.stats.stale_wills += 1;
+            return Judged::Quiet;
+        }
         if payload.is_empty() {
             if let Some(refused) = self.not_owner(raw, &name, by, None) {
                 return refused;
-            }
-            let will = from.is_some_and(|f| f.will);
-            if let (Some(from), Some(entry)) = (from, self.records.get(&name))
-                && from.will
-                && entry.writer.is_some_and(|w| w != from.session)
-            {
-                // A connection lost after its service came back on another
-                // one (a restart, a half-open socket timing out): its will
-                // must not clear the live record.
-                info!(name = %name, owner = %entry.endpoint, "will ignored: a later connection has written the record since");
-                self.stats.stale_wills += 1;
-                return Judged::Quiet;
             }
             return match self.remove(&name) {
                 Some(record) => {
@@ -399,7 +400,7 @@ impl Registry {
             self.stats.registrations += 1;
             info!(name = %name, owner = %record.endpoint, "registered");
             let ev = self.event(&name, EventKind::Registered, Some(&record.endpoint));
-            self.insert(now, name, record, by.identity.clone(), session(from));
+            self.insert(now, name, record, by.identity.clone(), guard(from));
             return Judged::Accepted(ev);
         }
         if let Some(refused) = self.not_owner(raw, &name, by, Some(&record.endpoint)) {
@@ -431,7 +432,8 @@ impl Registry {
         // state file) is its next accepted writer's.
         let owner = existing.owner.clone().or_else(|| by.identity.clone());
         if changed || owner != existing.owner {
-            self.insert(now, name, record, owner, session(from));
+            let writer = guard(from).or(existing.writer);
+            self.insert(now, name, record, owner, writer);
         } else {
             self.refresh(now, &name, from);
         }
@@ -566,12 +568,12 @@ impl Registry {
     }
 
     /// Starts a record's `ttl` afresh; `from`: the bus session that
-    /// refreshed it, its writer from now on.
+    /// refreshed it, whose will guards it from now on if it would clear it.
     fn refresh(&mut self, now: Instant, name: &Name, from: Option<Source>) {
         let Some(entry) = self.records.get_mut(name) else {
             return;
         };
-        if let Some(session) = session(from) {
+        if let Some(session) = guard(from) {
             entry.writer = Some(session);
         }
         if let Some(ttl) = entry.ttl {
@@ -584,9 +586,10 @@ impl Registry {
     }
 }
 
-/// The bus session a publish comes from, if the bus's gate said.
-fn session(from: Option<Source>) -> Option<u64> {
-    from.map(|f| f.session)
+/// The bus session a publish comes from, when its will would clear the
+/// record (never a will itself).
+fn guard(from: Option<Source>) -> Option<u64> {
+    from.filter(|f| f.guards && !f.will).map(|f| f.session)
 }
 
 fn not_owner_detail(name: &Name, entry: &Entry, by: &Author) -> String {

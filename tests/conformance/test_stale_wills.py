@@ -1,11 +1,13 @@
-"""homicro only: a will clears the record its own connection wrote or
-refreshed last (docs/PROTOCOL.md, "Freshness").
+"""homicro only: a record is guarded by the will of the session that last
+wrote or refreshed it with a will that clears it (docs/PROTOCOL.md,
+"Freshness").
 
 A service without a `ttl` that restarts registers again on a new
 connection; the old connection, half-open, is timed out later and its
 will goes out. On homicro's bus that late will clears nothing; the live
 connection's will still clears the record, and its `deregistered` event
-says `"will": true`. Against an external broker (Mosquitto, `serve
+says `"will": true`. A publish without such a will (mosquitto_pub) leaves
+the keeper's will in charge. Against an external broker (Mosquitto, `serve
 --broker`) the registry cannot tell a will from a deregistration: there
 the late will clears the record, as the documentation says.
 """
@@ -95,6 +97,24 @@ def test_a_restarted_services_record_outlives_the_old_connections_will(homicro):
     assert events.get().json() == {"endpoint": "10.0.0.7:80", "event": "deregistered",
                                    "name": "lamp"}
     again.send(R.disconnect())
+    events.stop()
+
+
+def test_a_one_shot_publish_leaves_the_keepers_will_in_charge(homicro):
+    """`mosquitto_pub -r` of the same record (no will) between: the keeper's
+    will still clears the record when the keeper is lost."""
+    port = homicro.port
+    events = watcher(port)
+    keeper = lamp_connection(port, "lamp-keeper")
+    assert events.get().json()["event"] == "registered"
+    subprocess.run(["mosquitto_pub", "-p", str(port), "-q", "1", "-r",
+                    "-t", "homicro/services/lamp", "-m", json.dumps(LAMP)],
+                   check=True, timeout=TIMEOUT)
+    assert events.get().json()["event"] == "updated"
+    keeper.close()
+    assert events.get().json()["will"] is True
+    assert retained_lamp(port) is None
+    assert metric(port, "homicro_stale_wills_total") == 0
     events.stop()
 
 

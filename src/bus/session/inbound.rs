@@ -260,6 +260,17 @@ impl Session {
             )
     }
 
+    /// Whether this session's will would clear NAME's record (an empty
+    /// publish on its `services/NAME`): then what it writes of NAME is
+    /// guarded by that will (see [`gate::Submission::guards`]).
+    fn guards(&self, raw: &str) -> bool {
+        let Some(will) = self.conn.as_ref().and_then(|c| c.will.as_ref()) else {
+            return false;
+        };
+        will.payload.is_empty()
+            && matches!(self.bus.topics.classify(&will.topic), Incoming::Service(r) if r == raw)
+    }
+
     /// Puts `p` (see [`Self::pipelined`]) to the gate; its verdict is
     /// awaited by [`Self::settle`].
     async fn submit(&mut self, p: &Publish, peer: SocketAddr) -> Result<(), End> {
@@ -275,6 +286,7 @@ impl Session {
         let mut submission =
             gate::Submission::new(kind, raw, p, Some(peer), self.author.clone(), self.number);
         submission.after = after;
+        submission.guards = self.guards(raw);
         let verdict = registry.gate_later(submission).ok();
         self.pending.push_back(Pending {
             verdict: Verdict::Gate(verdict),
@@ -528,6 +540,7 @@ impl Session {
                 gate::Submission::new(kind, raw, p, peer, self.author.clone(), self.number);
             submission.after = after;
             submission.will = will;
+            submission.guards = self.guards(raw);
             let verdict = registry.gate(submission).await.ok();
             return self.code_for(verdict);
         }

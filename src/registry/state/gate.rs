@@ -18,6 +18,10 @@ pub struct Source {
     pub session: u64,
     /// Its will, published by the bus after it lost the client.
     pub will: bool,
+    /// The session's will would clear this record (an empty publish on
+    /// its `services/NAME`): the session keeps the record alive, and a
+    /// record it writes is guarded by that will alone.
+    pub guards: bool,
 }
 
 /// What a publish put to the gate is for.

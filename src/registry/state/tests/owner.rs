@@ -31,6 +31,7 @@ fn gate(
         Source {
             session: 1,
             will: false,
+            guards: false,
         },
     )
 }
