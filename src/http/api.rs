@@ -464,7 +464,7 @@ fn metrics(
             ),
             (
                 "stale_wills",
-                "Wills that cleared nothing: a later connection had written the record since.",
+                "Wills that changed nothing: another session's will guards the record.",
                 st.stale_wills,
             ),
         ] {

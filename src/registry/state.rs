@@ -53,7 +53,7 @@ pub struct Stats {
     pub deregistrations: u64,
     pub health_failures: u64,
     pub unhealthy: u64,
-    /// Wills ignored: a later connection had written the record since.
+    /// Owners' wills ignored: another session's will guards the record.
     pub stale_wills: u64,
 }
 
@@ -364,10 +364,12 @@ impl Registry {
         if let (Some(from), Some(entry)) = (from, self.records.get(&name))
             && from.will
             && entry.writer.is_some_and(|w| w != from.session)
+            && by.may_change(entry.owner.as_ref())
         {
             // A session lost after its service came back on another one (a
             // restart, a half-open socket timing out), whose will guards
-            // the record now: the old will must not clear or replace it.
+            // the record now: the old will must not clear or replace it. (A
+            // stranger's will is refused below, as any stranger's publish.)
             info!(name = %name, owner = %entry.endpoint, "will ignored: another session's will guards the record");
             self.stats.stale_wills += 1;
             return Judged::Quiet;

@@ -160,3 +160,32 @@ async fn a_record_no_session_guards_is_cleared_by_its_owners_will() {
     assert_eq!(json(find(&out, "homicro/events/lamp"))["will"], true);
     assert!(r.get(&name("lamp")).is_none());
 }
+
+/// A stranger's will is refused as any stranger's publish is, guard or not.
+#[tokio::test(start_paused = true)]
+async fn a_strangers_will_is_refused_not_ignored() {
+    let mut r = reg();
+    record(&mut r, LAMP, By::Guard(7));
+    let stranger = Author::new(Identity::address("10.0.0.66".parse().unwrap()));
+    let will = Source {
+        session: 5,
+        will: true,
+        guards: false,
+    };
+    let (verdict, out) = r.on_gate(
+        Instant::now(),
+        GateKind::Record,
+        "lamp",
+        Bytes::new(),
+        &stranger,
+        will,
+    );
+    assert_eq!(
+        verdict,
+        Err(crate::protocol::ErrorCode::NotOwner),
+        "{out:?}"
+    );
+    assert_eq!(json(find(&out, "homicro/events/lamp"))["event"], "rejected");
+    assert_eq!(r.stats().stale_wills, 0);
+    assert!(r.get(&name("lamp")).is_some());
+}
