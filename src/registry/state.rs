@@ -75,6 +75,13 @@ struct Entry {
     deadline: Option<Instant>,
 }
 
+impl Entry {
+    /// What its `ttl` has left at `now` (`None`: no `ttl`).
+    fn ttl_left(&self, now: Instant) -> Option<Duration> {
+        Some(self.deadline?.saturating_duration_since(now))
+    }
+}
+
 /// One record as the dashboard shows it (see [`Registry::board`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shown {
@@ -197,8 +204,7 @@ impl Registry {
     /// What NAME's `ttl` has left at `now` (`None`: not registered, or no
     /// `ttl`).
     pub fn ttl_left(&self, name: &Name, now: Instant) -> Option<Duration> {
-        let deadline = self.records.get(name)?.deadline?;
-        Some(deadline.saturating_duration_since(now))
+        self.records.get(name)?.ttl_left(now)
     }
 
     /// Every record as the dashboard shows it, at `now`: its bytes, the
@@ -209,7 +215,7 @@ impl Registry {
             .map(|(name, e)| Shown {
                 name: name.clone(),
                 payload: e.payload.clone(),
-                ttl_left: e.deadline.map(|d| d.saturating_duration_since(now)),
+                ttl_left: e.ttl_left(now),
                 owner: e.owner.clone(),
                 health: self.health.status(name).cloned(),
             })
